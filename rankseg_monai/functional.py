@@ -1,0 +1,206 @@
+"""The one entry to every RankSEG solver: :func:`rankseg`.
+
+Layout is ``(batch, classes, *spatial)``; any number of spatial dims.  numpy in gives numpy out; a torch
+tensor gives a tensor on the same device.  See ``docs/solvers.md`` for the formulas and for where (and why)
+the decisions differ from the authors' package ``rankseg`` 0.0.8.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from .solvers import multiclass as _multiclass
+from .solvers import rma as _rma
+from .solvers.validation import (
+    check_choice,
+    check_int,
+    check_probability_tensor,
+    check_real,
+)
+
+__all__ = ["rankseg", "METRICS", "SOLVERS", "OUTPUT_MODES"]
+
+METRICS = ("dice", "iou", "acc")
+SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
+OUTPUT_MODES = ("multiclass", "multilabel")
+UNASSIGNED_POLICIES = ("max_score", "void")
+_METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
+_DISPLAY = {"rma": "RMA", "ba": "BA", "trna": "TRNA", "ba+trna": "BA+TRNA", "exact": "exact", "tr": "TR",
+            "argmax": "argmax"}
+
+
+def supported_solvers(metric: str, output_mode: str, num_classes: int) -> tuple[str, ...]:
+    """Solvers accepted for a metric/output-mode pair (rankseg 0.0.8's table, plus ``exact`` for Dice)."""
+    if metric == "dice":
+        return ("rma",) if output_mode == "multiclass" else ("rma", "ba", "trna", "ba+trna", "exact")
+    if metric == "iou":
+        return ("rma",)
+    if num_classes == 1:
+        return ("tr",)
+    return ("argmax",) if output_mode == "multiclass" else ("tr", "argmax")
+
+
+def _to_tensor(probs: Any) -> tuple[torch.Tensor, bool]:
+    if isinstance(probs, np.ndarray):
+        if probs.dtype.kind not in "f":
+            if probs.dtype.kind == "c":
+                raise TypeError("probs is complex: pass real-valued probabilities")
+            raise TypeError(
+                f"probs has dtype {probs.dtype}: pass floating-point probabilities; for a label map use "
+                "monai.transforms.AsDiscrete(to_onehot=C) instead of RankSEG"
+            )
+        return torch.from_numpy(np.ascontiguousarray(probs)), True
+    if isinstance(probs, torch.Tensor):
+        return probs.as_subclass(torch.Tensor) if type(probs) is not torch.Tensor else probs, False
+    raise TypeError(f"probs must be a torch.Tensor or numpy.ndarray, got {type(probs).__name__}")
+
+
+@torch.no_grad()
+def rankseg(
+    probs: torch.Tensor | np.ndarray,
+    metric: str = "dice",
+    smooth: float = 0.0,
+    output_mode: str = "multiclass",
+    solver: str = "rma",
+    pruning_prob: float = 0.5,
+    unassigned_policy: str = "max_score",
+    void_index: int = 255,
+    *,
+    eps: float = 1e-4,
+    clamp: bool = False,
+    device: str | torch.device | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor | np.ndarray:
+    r"""Turn class probabilities into the segmentation that maximises expected Dice or IoU.
+
+    Args:
+        probs: probabilities of shape ``(B, C, *spatial)``; float16, bfloat16, float32 or float64; CPU or
+            CUDA tensor, or a numpy array.  Values must lie in ``[0, 1]`` (``clamp=True`` clips small
+            overshoots).  Classes need not sum to one (multilabel sigmoid outputs are fine).
+        metric: ``"dice"``, ``"iou"`` or ``"acc"`` (case-insensitive).
+        smooth: the smoothing constant of the metric (``>= 0``).
+        output_mode: ``"multiclass"`` (non-overlapping label map, int64 ``(B, *spatial)``) or
+            ``"multilabel"`` (one bool mask per class, ``(B, C, *spatial)``).
+        solver: ``"rma"`` (RankSEG-RMA, default), ``"ba"``, ``"trna"``, ``"ba+trna"``, ``"exact"`` (Dice,
+            multilabel), ``"argmax"``/``"tr"`` (``metric="acc"``).
+        pruning_prob: a class is kept only if its maximum probability is strictly greater than this;
+            otherwise its mask is empty (rankseg 0.0.8's rule).  ``0`` disables pruning.
+        unassigned_policy: multiclass only; ``"max_score"`` gives voxels selected by no class to the active
+            class with the largest RMA increment, ``"void"`` labels them ``void_index``.
+        void_index: label for unassigned voxels with ``unassigned_policy="void"``; must lie outside
+            ``[0, C)``.
+        eps: tail probability of the truncated refined normal law (BA/TRNA only).
+        clamp: clip values to ``[0, 1]`` first (for spline-interpolated probabilities after ``Invertd``);
+            NaN/inf still raise.
+        device: where to compute.  ``None`` computes where ``probs`` lives; a CUDA device with CPU ``probs``
+            streams chunks to the GPU (the output comes back on ``probs``' device).
+        chunk_size: voxels per class and chunk for the streaming passes (``None``: automatic).  Results do
+            not depend on it.
+
+    Returns:
+        int64 label map ``(B, *spatial)`` (multiclass) or bool masks ``(B, C, *spatial)`` (multilabel); a
+        numpy array when ``probs`` was one.
+
+    Example:
+        >>> import torch
+        >>> from rankseg_monai.functional import rankseg
+        >>> p = torch.tensor([[[0.9, 0.6, 0.45, 0.1]]])  # (B=1, C=1, N=4)
+        >>> rankseg(p, output_mode="multilabel", pruning_prob=0.0)
+        tensor([[[ True,  True,  True, False]]])
+    """
+    x, was_numpy = _to_tensor(probs)
+    check_probability_tensor(x)
+    metric = check_choice("metric", metric, METRICS, _METRIC_ALIASES)
+    output_mode = check_choice("output_mode", output_mode, OUTPUT_MODES)
+    solver = check_choice("solver", solver, SOLVERS)
+    unassigned_policy = check_choice("unassigned_policy", unassigned_policy, UNASSIGNED_POLICIES)
+    smooth = check_real("smooth", smooth, low=0.0)
+    pruning_prob = check_real("pruning_prob", pruning_prob, low=0.0, high=1.0)
+    eps = check_real("eps", eps)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie strictly between 0 and 1, got {eps}")
+    void_index = check_int("void_index", void_index)
+    if chunk_size is not None and check_int("chunk_size", chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+    num_classes = x.shape[1]
+    if output_mode == "multiclass" and num_classes == 1:
+        raise ValueError(
+            "a single-channel input cannot give a multiclass label map: use output_mode='multilabel' for a "
+            "foreground mask, or pass background and foreground channels"
+        )
+    allowed = supported_solvers(metric, output_mode, num_classes)
+    if solver not in allowed:
+        raise ValueError(
+            f"solver {_DISPLAY[solver]!r} is not supported for metric={metric!r} with output_mode={output_mode!r}"
+            f"{', single-channel input' if num_classes == 1 else ''}; supported solvers: "
+            f"{', '.join(_DISPLAY[s] for s in allowed)}"
+        )
+    if output_mode == "multilabel" and unassigned_policy != "max_score":
+        raise ValueError("unassigned_policy='void' only applies to output_mode='multiclass'")
+    if void_index != 255 and (output_mode != "multiclass" or unassigned_policy != "void"):
+        raise ValueError("a non-default void_index requires output_mode='multiclass' and unassigned_policy='void'")
+    if output_mode == "multiclass" and unassigned_policy == "void":
+        if not -(2**63) <= void_index < 2**63:
+            raise ValueError("void_index must fit in int64")
+        if 0 <= void_index < num_classes:
+            raise ValueError(f"void_index={void_index} is a class index; choose a value outside [0, {num_classes})")
+
+    compute_device = torch.device(device) if device is not None else x.device
+    out = _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, unassigned_policy, void_index, eps,
+                    clamp, compute_device, chunk_size)
+    return out.numpy() if was_numpy else out
+
+
+def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void_index, eps, clamp, device,
+              chunk_size):
+    batch, num_classes, *spatial = x.shape
+    if batch == 0:
+        shape = (0, *spatial) if output_mode == "multiclass" and num_classes > 1 else (0, num_classes, *spatial)
+        return torch.zeros(shape, dtype=torch.int64 if len(shape) == len(spatial) + 1 else torch.bool,
+                           device=x.device)
+    flat = x.reshape(batch, num_classes, -1)
+    stats = _rma.row_statistics(flat, device=device, chunk_size=chunk_size, clamp=clamp)
+    if metric == "acc":
+        return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp).reshape(
+            (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))
+    active = stats.vmax > pruning_prob
+    if solver == "rma":
+        thr = _rma.rma_thresholds(flat, stats, metric, smooth, active, device=device, chunk_size=chunk_size,
+                                  clamp=clamp)
+    elif solver == "exact":
+        from .solvers import exact as _exact
+
+        thr = _exact.exact_thresholds(flat, stats, smooth, active)
+    else:
+        from .solvers import ba as _ba
+
+        thr = _ba.ba_thresholds(flat, stats, solver, smooth, eps, active)
+    if output_mode == "multilabel":
+        return _rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size,
+                                    clamp=clamp).reshape(batch, num_classes, *spatial)
+    labels = _multiclass.assign(flat, thr, stats, metric, smooth, active, policy, void_index, device=device,
+                                chunk_size=chunk_size, clamp=clamp)
+    return labels.reshape(batch, *spatial)
+
+
+def _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp):
+    if solver == "tr":
+        half = torch.full(flat.shape[:2], 0.5, dtype=torch.float64)
+        return _rma.threshold_masks(flat, _rma.floor_to_dtype(half, flat.dtype).to(flat.device), device=device,
+                                    chunk_size=chunk_size, clamp=clamp)
+    labels = _multiclass.argmax_labels(flat, device=device, chunk_size=chunk_size)
+    if output_mode == "multiclass":
+        return labels
+    warnings.warn(
+        "solver='argmax' with output_mode='multilabel' returns non-overlapping one-hot masks; use solver='tr' to "
+        "threshold each class independently",
+        stacklevel=4,
+    )
+    onehot = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    onehot.scatter_(1, labels.unsqueeze(1), True)
+    return onehot

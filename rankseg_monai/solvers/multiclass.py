@@ -1,0 +1,93 @@
+"""Non-overlapping labels from per-class RankSEG masks (pure torch), and a chunked argmax.
+
+A voxel selected by exactly one class gets that class.  Elsewhere the label is the eligible class with the
+largest exact RMA increment (``objectives.increment_score``), lowest index on ties:
+
+* selected by several classes: only those classes are eligible;
+* selected by none: ``'max_score'`` makes the active (unpruned) classes eligible, or every class when the
+  sample has no active class; ``'void'`` labels the voxel ``void_index``.
+
+Increments are computed in float64 and only at the voxels that need them (overlaps and unassigned).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .objectives import increment_score
+from .rma import RowStats, iter_chunks
+
+__all__ = ["assign", "argmax_labels"]
+
+
+def _selection(chunk: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sel = chunk > thr
+    return sel, sel.sum(1, dtype=torch.int32)
+
+
+@torch.no_grad()
+def assign(
+    flat: torch.Tensor,
+    thr: torch.Tensor,
+    stats: RowStats,
+    metric: str,
+    smooth: float,
+    active: torch.Tensor,
+    policy: str = "max_score",
+    void_index: int = 255,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """int64 labels (B, N) from ``flat`` (B, C, N) and per-class thresholds ``thr`` (B, C): mask = flat > thr."""
+    device = flat.device if device is None else torch.device(device)
+    batch, num_classes, _ = flat.shape
+    thr_d = thr.to(device).unsqueeze(-1)
+    # pass 1: sum and size of the voxels each class selects alone
+    M = torch.zeros((batch, num_classes), dtype=torch.float64, device=device)
+    T = torch.zeros((batch, num_classes), dtype=torch.int64, device=device)
+    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        sel, k = _selection(chunk, thr_d)
+        alone = sel & (k == 1).unsqueeze(1)
+        M += torch.where(alone, chunk.double(), 0.0).sum(-1)
+        T += alone.sum(-1)
+    T = T.double()
+    mu = stats.mu.to(device)
+    active_d = active.to(device)
+    fallback = active_d | ~active_d.any(dim=1, keepdim=True)
+    classes = torch.arange(num_classes, device=device, dtype=torch.int64).view(1, -1, 1)
+    out = torch.empty((batch, flat.shape[-1]), dtype=torch.int64, device=flat.device)
+    # pass 2: labels
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        sel, k = _selection(chunk, thr_d)
+        labels = (sel * classes).sum(1)  # the selecting class where k == 1
+        b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
+        if b_idx.numel():
+            p = chunk[b_idx, :, v_idx].double()  # (P, C)
+            score = increment_score(metric, p, M[b_idx], T[b_idx], mu[b_idx], smooth)
+            kk = k[b_idx, v_idx].unsqueeze(1)
+            eligible = torch.where(kk > 0, sel[b_idx, :, v_idx], fallback[b_idx])
+            best = torch.where(eligible, score, float("-inf")).argmax(1)
+            if policy == "void":
+                best = torch.where(kk.squeeze(1) == 0, torch.full_like(best, void_index), best)
+            labels[b_idx, v_idx] = best
+        out[:, start:stop] = labels.to(flat.device, non_blocking=True)
+    return out
+
+
+@torch.no_grad()
+def argmax_labels(
+    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None
+) -> torch.Tensor:
+    """``flat.argmax(1)`` (first maximum wins), computed chunk by chunk with a running maximum over classes."""
+    device = flat.device if device is None else torch.device(device)
+    out = torch.empty((flat.shape[0], flat.shape[-1]), dtype=torch.int64, device=flat.device)
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size):
+        best = chunk[:, 0].clone()
+        idx = torch.zeros(best.shape, dtype=torch.int64, device=device)
+        for c in range(1, chunk.shape[1]):
+            better = chunk[:, c] > best
+            best = torch.where(better, chunk[:, c], best)
+            idx.masked_fill_(better, c)
+        out[:, start:stop] = idx.to(flat.device, non_blocking=True)
+    return out

@@ -1,0 +1,328 @@
+"""RankSEG-RMA thresholds: exact (float64 accumulations), sort-free, memory-light.
+
+The volume is read in chunks of voxels (all rows at once, rows = batch x classes), so the extra memory is a
+few chunk-sized temporaries plus a compacted "band" of the probabilities that can still change the decision.
+The same chunk loop streams a CPU volume through a GPU when ``device`` differs from the data's device.
+
+Algorithm per row (see ``docs/solvers.md``):
+
+1. One pass: min/max (validation, pruning), ``mu = sum p``, and the sum/count of ``p > 1/2``.
+2. Dice (s = 0) and IoU are quasi-concave: the optimum is ``{p > t*}``, ``t* <= 1/2``.  A lower bound
+   ``l = g(f(A))`` from any set ``A`` excludes every ``p <= l``; one pass extracts the band ``(l, 1/2]``.
+   Dinkelbach iterations on the band alone converge to ``t*`` exactly (a fixed point of ``A -> {p > g(f(A))}``
+   is optimal, and ``{p > t*}`` is the smallest optimal set: tie groups are never split).
+3. Dice with s > 0 is not quasi-concave.  Its first term alone (Dice s = 0 with ``mu + s``) has threshold
+   ``t_A``; the optimum selects nothing ``<= t_A`` and everything above ``dice_increment_bound``, a band of
+   width about ``s / (2 (mu + s))``.  Only that band is sorted; the objective is evaluated at every tie-group
+   boundary and the first maximum wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .objectives import dice_increment_bound, dinkelbach_threshold, rma_score
+from .validation import check_probability_values
+
+__all__ = [
+    "RowStats",
+    "row_statistics",
+    "rma_thresholds",
+    "threshold_masks",
+    "floor_to_dtype",
+    "iter_chunks",
+    "band_select",
+]
+
+#: values within this distance outside [0, 1] are clipped when ``clamp=True``; larger ones still raise
+CLAMP_TOLERANCE = 1e-2
+_MAX_DINKELBACH = 200
+_REL_MARGIN = 1e-9
+
+
+@dataclass
+class RowStats:
+    """Per-row statistics from one pass over the volume (rows = (batch, class), tensors of shape (B, C)).
+
+    ``vmin``/``vmax`` are float64 (after clamping when requested), ``mu`` the float64 sum of the row,
+    ``s_half``/``n_half`` the float64 sum and int64 count of probabilities ``> 1/2``.
+    """
+
+    vmin: torch.Tensor
+    vmax: torch.Tensor
+    mu: torch.Tensor
+    s_half: torch.Tensor
+    n_half: torch.Tensor
+
+
+def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
+    target = (1 << 26) if device.type == "cuda" else (1 << 18)
+    return max(1024, min(n, target // max(rows, 1)))
+
+
+def iter_chunks(
+    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, chunk)`` with chunk ``flat[..., start:stop]`` on ``device`` (clipped if ``clamp``)."""
+    device = flat.device if device is None else torch.device(device)
+    n = flat.shape[-1]
+    step = chunk_size or _auto_chunk(flat.shape[0] * flat.shape[1], n, device)
+    streaming = device != flat.device
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk = flat[..., start:stop]
+        if streaming:
+            chunk = chunk.contiguous()
+            if flat.device.type == "cpu" and device.type == "cuda":
+                chunk = chunk.pin_memory()
+            chunk = chunk.to(device, non_blocking=True)
+        if clamp:
+            chunk = chunk.clamp(0.0, 1.0)
+        yield start, stop, chunk
+
+
+def floor_to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Largest ``dtype`` value ``<= t`` (float64 in): then ``x > t  <=>  x > floor_to_dtype(t)`` for ``dtype`` x."""
+    if dtype == torch.float64:
+        return t.clone()
+    td = t.to(dtype)
+    over = td.double() > t
+    if bool(over.any()):
+        td = torch.where(over, torch.nextafter(td, torch.full_like(td, float("-inf"))), td)
+    return td
+
+
+def row_statistics(
+    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
+) -> RowStats:
+    """One pass: value checks, per-row min/max, float64 sum, and the sum/count above one half."""
+    device = flat.device if device is None else torch.device(device)
+    shape = flat.shape[:2]
+    f64 = dict(dtype=torch.float64, device=device)
+    vmin = torch.full(shape, float("inf"), **f64)
+    vmax = torch.full(shape, float("-inf"), **f64)
+    raw_min = torch.full(shape, float("inf"), **f64)
+    raw_max = torch.full(shape, float("-inf"), **f64)
+    mu = torch.zeros(shape, **f64)
+    s_half = torch.zeros(shape, **f64)
+    n_half = torch.zeros(shape, dtype=torch.int64, device=device)
+    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp=False):
+        lo, hi = torch.aminmax(chunk, dim=-1)
+        raw_min = torch.minimum(raw_min, lo.double())
+        raw_max = torch.maximum(raw_max, hi.double())
+        if clamp:
+            chunk = chunk.clamp(0.0, 1.0)
+        c64 = chunk.double()
+        mu += c64.sum(-1)
+        above = chunk > 0.5
+        s_half += torch.where(above, c64, 0.0).sum(-1)
+        n_half += above.sum(-1)
+    gmin, gmax = float(raw_min.min()), float(raw_max.max())
+    check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
+    vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
+    vmax = raw_max.clamp(0.0, 1.0) if clamp else raw_max
+    return RowStats(vmin=vmin, vmax=vmax, mu=mu, s_half=s_half, n_half=n_half)
+
+
+def band_select(
+    flat: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities in ``(low, high]`` per row, plus the float64 sum and count of those ``> high``.
+
+    ``low``/``high`` are float64 (B, C).  Returns ``(values, rows, s_above, n_above)`` with ``values`` float64,
+    ``rows`` the int64 flat row index ``b * C + c`` of each value.
+    """
+    device = flat.device if device is None else torch.device(device)
+    dtype = flat.dtype
+    lo = floor_to_dtype(low, dtype).to(device).unsqueeze(-1)
+    hi = floor_to_dtype(high, dtype).to(device).unsqueeze(-1)
+    shape = flat.shape[:2]
+    rows_total = shape[0] * shape[1]
+    row_ids = torch.arange(rows_total, device=device)
+    s_above = torch.zeros(shape, dtype=torch.float64, device=device)
+    n_above = torch.zeros(shape, dtype=torch.int64, device=device)
+    values, rows = [], []
+    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        above = chunk > hi
+        s_above += torch.where(above, chunk.double(), 0.0).sum(-1)
+        n_above += above.sum(-1)
+        band = (chunk > lo) & ~above
+        counts = band.sum(-1).reshape(-1)
+        values.append(chunk[band].double())
+        rows.append(torch.repeat_interleave(row_ids, counts))
+    return torch.cat(values), torch.cat(rows), s_above, n_above
+
+
+def _segment_sum(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+
+
+def _dinkelbach(
+    metric: str,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    s_fixed: torch.Tensor,
+    n_fixed: torch.Tensor,
+    mu: torch.Tensor,
+    smooth: float,
+    t0: torch.Tensor,
+) -> torch.Tensor:
+    """Iterate ``t <- g(f({p > t}))`` on the band (flat rows); return the converged threshold per row.
+
+    The set ``{p > t}`` at the fixed point is the smallest maximiser of the quasi-concave objective.
+    """
+    t = t0.clone()
+    size = t.numel()
+    n_prev = torch.full_like(n_fixed, -1)
+    for _ in range(_MAX_DINKELBACH):
+        keep = values > t[rows]
+        values, rows = values[keep], rows[keep]
+        S = s_fixed + _segment_sum(values, rows, size)
+        n = n_fixed + torch.bincount(rows, minlength=size)
+        t_new = dinkelbach_threshold(metric, rma_score(metric, S, n.double(), mu, smooth))
+        changed = n != n_prev
+        if not bool(changed.any()):
+            break
+        # rounding can make g(f) dip below t on a converged row; the set must only shrink
+        t = torch.where(changed, torch.maximum(t, t_new), t)
+        n_prev = n
+    return t
+
+
+def _sorted_band_argmax(
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    s_fixed: torch.Tensor,
+    n_fixed: torch.Tensor,
+    mu: torch.Tensor,
+    smooth: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact first argmax of Dice over ``fixed + top-k of band`` at tie-group boundaries (flat rows).
+
+    Returns ``(take_band, cut)``: whether the best set includes band values, and the smallest band value
+    included (select ``p >= cut``).
+    """
+    size = s_fixed.numel()
+    best_empty = rma_score("dice", s_fixed, n_fixed.double(), mu, smooth)
+    take = torch.zeros(size, dtype=torch.bool, device=values.device)
+    cut = torch.zeros(size, dtype=torch.float64, device=values.device)
+    if values.numel() == 0:
+        return take, cut
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    v, r = values[order], rows[order]
+    counts = torch.bincount(r, minlength=size)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(v.numel(), device=v.device)
+    csum = torch.cumsum(v, 0)
+    base = torch.where(starts > 0, csum[(starts - 1).clamp(min=0)], 0.0)
+    S = s_fixed[r] + csum - base[r]
+    n = n_fixed[r] + (pos - starts[r] + 1)
+    f = rma_score("dice", S, n.double(), mu[r], smooth)
+    last = torch.ones_like(pos, dtype=torch.bool)
+    last[:-1] = (r[1:] != r[:-1]) | (v[1:] != v[:-1])
+    f = torch.where(last, f, float("-inf"))
+    row_best = torch.full((size,), float("-inf"), dtype=torch.float64, device=v.device)
+    row_best = row_best.scatter_reduce(0, r, f, reduce="amax")
+    first = torch.where(f == row_best[r], pos, v.numel())
+    idx = torch.full((size,), v.numel(), dtype=torch.int64, device=v.device).scatter_reduce(
+        0, r, first, reduce="amin"
+    )
+    take = row_best > best_empty
+    cut = torch.where(take, v[idx.clamp(max=v.numel() - 1)], 0.0)
+    return take, cut
+
+
+def _margin_down(t: torch.Tensor) -> torch.Tensor:
+    return t - _REL_MARGIN * t.abs() - 1e-300
+
+
+def _margin_up(t: torch.Tensor) -> torch.Tensor:
+    return t + _REL_MARGIN * t.abs() + 1e-300
+
+
+def _quasi_concave_threshold(
+    flat: torch.Tensor,
+    stats: RowStats,
+    metric: str,
+    mu: torch.Tensor,
+    smooth: float,
+    active: torch.Tensor,
+    device: torch.device,
+    chunk_size: int | None,
+    clamp: bool,
+) -> torch.Tensor:
+    """Exact ``t*`` (float64, (B, C)) of Dice s=0 (with ``mu`` given) or IoU; the optimum is ``{p > t*}``."""
+    half = torch.full_like(mu, 0.5)
+    f_half = rma_score(metric, stats.s_half, stats.n_half.double(), mu, smooth)
+    f_top = rma_score(metric, stats.vmax, torch.ones_like(mu), mu, smooth)
+    f_empty = rma_score(metric, torch.zeros_like(mu), torch.zeros_like(mu), mu, smooth)
+    t0 = dinkelbach_threshold(metric, torch.maximum(torch.maximum(f_half, f_top), f_empty))
+    low = torch.where(active, _margin_down(t0), half)
+    values, rows, s_fix, n_fix = band_select(flat, low, half, device, chunk_size, clamp)
+    t = _dinkelbach(metric, values, rows, s_fix.reshape(-1), n_fix.reshape(-1), mu.reshape(-1), smooth,
+                    low.reshape(-1))
+    return t.reshape(mu.shape)
+
+
+@torch.no_grad()
+def rma_thresholds(
+    flat: torch.Tensor,
+    stats: RowStats,
+    metric: str,
+    smooth: float,
+    active: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """Per-row thresholds (dtype of ``flat``, on ``flat``'s device): the RMA mask of row (b, c) is
+    ``flat[b, c] > thr[b, c]``.  Inactive (pruned) rows get ``+inf`` (empty mask)."""
+    device = flat.device if device is None else torch.device(device)
+    mu = stats.mu
+    if metric == "iou" or smooth == 0:
+        t = _quasi_concave_threshold(flat, stats, metric, mu, smooth, active, device, chunk_size, clamp)
+    else:
+        # stage A: the first Dice term alone is Dice s=0 with mu + s
+        t_a = _quasi_concave_threshold(flat, stats, "dice", mu + smooth, 0.0, active, device, chunk_size, clamp)
+        low = torch.where(active, _margin_down(t_a), 2.0)
+        high = torch.where(active, _margin_up(dice_increment_bound(t_a, mu, smooth)), 2.0)
+        values, rows, s_fix, n_fix = band_select(flat, low, high, device, chunk_size, clamp)
+        take, cut = _sorted_band_argmax(values, rows, s_fix.reshape(-1), n_fix.reshape(-1), mu.reshape(-1),
+                                        smooth)
+        take, cut = take.reshape(mu.shape), cut.reshape(mu.shape)
+        # select p >= cut (a value of the data) or, without band values, p > high
+        cut_d = cut.to(flat.dtype)
+        below_cut = torch.nextafter(cut_d, torch.full_like(cut_d, float("-inf")))
+        thr = torch.where(take, below_cut, floor_to_dtype(high, flat.dtype))
+        thr = torch.where(active, thr, torch.full_like(thr, float("inf")))
+        return thr.to(flat.device)
+    thr = floor_to_dtype(t, flat.dtype)
+    thr = torch.where(active, thr, torch.full_like(thr, float("inf")))
+    return thr.to(flat.device)
+
+
+def threshold_masks(
+    flat: torch.Tensor,
+    thr: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """Bool masks ``flat > thr[..., None]`` (same device as ``flat``)."""
+    device = flat.device if device is None else torch.device(device)
+    thr_d = thr.to(device).unsqueeze(-1)
+    if device == flat.device and not clamp:
+        return flat > thr_d
+    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        out[..., start:stop] = (chunk > thr_d).to(flat.device, non_blocking=True)
+    return out
