@@ -1,0 +1,362 @@
+"""``rankseg-monai demo``: argmax vs RankSEG on held-out synthetic CT phantoms, end to end in about a minute.
+
+What it does, all on seeded data so every run prints the same numbers on the same machine:
+
+1. generates held-out phantoms (a large organ, class 1, with small low-contrast lesions, class 2; see
+   :mod:`rankseg_monai.synthetic`), seeds from 1 000 000 up (the shipped model was trained on seeds < 100 000);
+2. loads the shipped 3D UNet (``rankseg_monai/data/demo_unet.pt``, trained with cross-entropy by
+   ``scripts/train_demo_model.py``) and runs ``monai.inferers.SlidingWindowInferer`` (CUDA if available);
+3. softmax, then ``argmax`` vs :func:`rankseg_monai.functional.rankseg` with ``metric="dice"`` and
+   ``metric="iou"``;
+4. scores every case with MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)`` (in mm, with
+   the phantom's anisotropic spacing) through :mod:`rankseg_monai.evaluation` (IoU is ``D / (2 - D)`` of the
+   same masks), prints a per-class table with paired differences, wins/losses and empty-mask counts, and writes
+   ``per_case_metrics.csv`` and ``demo_figure.png`` to ``--output-dir``.
+
+Run ``rankseg-monai demo`` or ``python -m rankseg_monai.demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["add_arguments", "run", "main", "load_demo_model", "infer_probabilities", "per_case_rows", "table_rows",
+           "format_table", "make_figure", "DEMO_SEED", "METHODS", "CLASS_NAMES"]
+
+DEMO_SEED = 1_000_000
+CLASS_NAMES = ("background", "organ", "lesion")
+METHODS = ("argmax", "rankseg_dice", "rankseg_iou")
+CSV_NAME = "per_case_metrics.csv"
+PNG_NAME = "demo_figure.png"
+
+
+def default_checkpoint() -> Path:
+    """Path of the shipped demo checkpoint (package data)."""
+    return Path(str(resources.files("rankseg_monai") / "data" / "demo_unet.pt"))
+
+
+def load_demo_model(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """Load the demo UNet; returns ``(model in eval mode, checkpoint dict without the weights)``.
+
+    The checkpoint is a dict ``{"arch": UNet kwargs, "state_dict": ..., "roi_size": ..., "training": ...}``.
+    """
+    from monai.networks.nets import UNet
+
+    ckpt = torch.load(path or default_checkpoint(), map_location="cpu", weights_only=True)
+    net = UNet(**ckpt["arch"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return net, meta
+
+
+@torch.no_grad()
+def infer_probabilities(net: torch.nn.Module, image: np.ndarray | torch.Tensor, roi_size: Sequence[int],
+                        device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 4
+                        ) -> torch.Tensor:
+    """Sliding-window inference on one ``(1, X, Y, Z)`` image; returns softmax probabilities ``(1, C, X, Y, Z)``
+    (float32, on ``device``)."""
+    from monai.inferers import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
+                                   mode="gaussian")
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None].to(device)
+    return torch.softmax(inferer(x, net).float(), dim=1)
+
+
+@dataclass
+class _Example:
+    """What the figure needs from one case."""
+
+    case: int
+    image: np.ndarray
+    label: np.ndarray
+    lesion_prob: np.ndarray
+    preds: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the demo's options on ``parser`` (used by ``rankseg-monai demo``)."""
+    parser.add_argument("--output-dir", type=Path, default=Path("rankseg_demo_output"),
+                        help="folder for the CSV and the PNG (created; default: ./rankseg_demo_output)")
+    parser.add_argument("--cases", type=int, default=8, help="number of held-out phantoms (default: 8)")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED,
+                        help=f"seed of the first phantom (default: {DEMO_SEED}; training used seeds < 100000)")
+    parser.add_argument("--pruning-prob", type=float, default=0.5,
+                        help="RankSEG keeps a class only if its max probability exceeds this (default: 0.5, "
+                             "rankseg's default; 0 disables pruning)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for inference and RankSEG (default: cuda if available, else cpu)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="model checkpoint (default: the shipped rankseg_monai/data/demo_unet.pt)")
+    parser.add_argument("--fast", action="store_true",
+                        help="quick smoke run: no window overlap and a low-resolution figure")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed ``args`` (see :func:`add_arguments`); returns the process exit code."""
+    from tqdm import tqdm
+
+    from . import evaluation as ev
+    from .functional import rankseg
+    from .synthetic import make_phantom
+
+    if args.cases < 1:
+        print("error: --cases must be >= 1", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, meta = load_demo_model(args.checkpoint, device)
+    roi = tuple(meta["roi_size"])
+    overlap = 0.0 if args.fast else args.overlap
+    num_classes = int(meta["arch"]["out_channels"])
+    classes = list(range(1, num_classes))
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"RankSEG demo: {args.cases} held-out phantoms (seeds {args.seed}..{args.seed + args.cases - 1}), "
+          f"3D UNet trained with {meta['training']['loss']}, SlidingWindowInferer(roi={roi}, overlap={overlap}) "
+          f"on {device}; RankSEG-RMA pruning_prob={args.pruning_prob}")
+    results: list[dict[str, Any]] = []
+    timing = dict.fromkeys(("inference", *METHODS, "metrics"), 0.0)
+    examples: list[_Example] = []
+    for case in tqdm(range(args.cases), desc="cases", unit="case", disable=args.no_progress, file=sys.stderr):
+        seed = args.seed + case
+        ph = make_phantom(seed)
+        t = time.perf_counter()
+        probs = infer_probabilities(net, ph.image, roi, device=device, overlap=overlap)
+        timing["inference"] += time.perf_counter() - t
+        preds = {}
+        for method in METHODS:
+            t = time.perf_counter()
+            if method == "argmax":
+                pred = probs.argmax(dim=1)
+            else:
+                pred = rankseg(probs, metric=method.split("_")[1], pruning_prob=args.pruning_prob)
+            preds[method] = pred[0].cpu().numpy()
+            timing[method] += time.perf_counter() - t
+        t = time.perf_counter()
+        res = ev.evaluate_masks(preds, ph.label[0], ph.spacing, classes, case=str(case))
+        res["seed"] = seed
+        res["max_prob"] = [float(v) for v in probs.amax(dim=(2, 3, 4))[0, classes].cpu()]
+        results.append(res)
+        timing["metrics"] += time.perf_counter() - t
+        examples.append(_Example(case, ph.image[0], ph.label[0], probs[0, -1].cpu().numpy(), preds))
+
+    csv_path = write_csv(results, out_dir / CSV_NAME)
+    print()
+    print(format_table(results))
+    print()
+    total = time.perf_counter() - t_start
+    n = args.cases
+    print(f"time: {total:.1f} s in all; per case: inference {timing['inference'] / n:.2f} s, argmax "
+          f"{timing['argmax'] / n:.3f} s, RankSEG dice {timing['rankseg_dice'] / n:.3f} s, RankSEG iou "
+          f"{timing['rankseg_iou'] / n:.3f} s, metrics {timing['metrics'] / n:.2f} s")
+    print(f"wrote {csv_path}")
+    if not args.no_plot:
+        png_path = out_dir / PNG_NAME
+        make_figure(results, examples, png_path, dpi=60 if args.fast else 110,
+                    title=f"argmax vs RankSEG (dice, pruning_prob={args.pruning_prob}) on {n} held-out phantoms")
+        print(f"wrote {png_path}")
+    return 0
+
+
+def _class_name(c: Any) -> str:
+    return CLASS_NAMES[c] if isinstance(c, int) and 0 <= c < len(CLASS_NAMES) else str(c)
+
+
+def iou_from_dice(dice: float) -> float:
+    """IoU of the same two masks: ``J = D / (2 - D)`` (exact for sets; NaN stays NaN)."""
+    return dice / (2.0 - dice) if math.isfinite(dice) else math.nan
+
+
+def per_case_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`rankseg_monai.evaluation.case_rows` (argmax vs RankSEG-dice) plus the demo's own columns:
+    ``seed``, ``class_name``, ``max_prob`` of the class, ``iou_<method>`` and ``iou_gain`` (RankSEG-iou minus
+    argmax)."""
+    from .evaluation import case_rows
+
+    rows = []
+    for res in results:
+        for i, row in enumerate(case_rows(res, "argmax", "rankseg_dice")):
+            row = {"case": row.pop("case"), "seed": res["seed"], "class": row.pop("class"), **row}
+            row["class_name"] = _class_name(row["class"])
+            row["max_prob"] = res["max_prob"][i]
+            for m in res["methods"]:
+                row[f"iou_{m}"] = iou_from_dice(res["metrics"][m]["dice"][i])
+            row["iou_gain"] = row["iou_rankseg_iou"] - row["iou_argmax"]
+            rows.append(row)
+    return rows
+
+
+def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write :func:`per_case_rows` (one row per case and foreground class; floats exactly, ``repr``)."""
+    rows = per_case_rows(results)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def _paired(a: np.ndarray, b: np.ndarray, higher_is_better: bool) -> dict[str, Any]:
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = b[ok] - a[ok]
+    signed = d if higher_is_better else -d
+    return {"diff": float(d.mean()) if d.size else math.nan, "lo": float(d.min()) if d.size else math.nan,
+            "hi": float(d.max()) if d.size else math.nan, "n": int(d.size), "wins": int(np.sum(signed > 1e-9)),
+            "losses": int(np.sum(signed < -1e-9)), "ties": int(np.sum(np.abs(signed) <= 1e-9))}
+
+
+def _mean(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (class, metric) of the printed table: Dice and HD95 compare argmax with RankSEG-dice, IoU
+    with RankSEG-iou.  Means skip undefined values (HD95 of an empty mask); paired statistics use the cases
+    where both are defined.  Counts come from :func:`rankseg_monai.evaluation.summarize`."""
+    from .evaluation import summarize
+
+    summary = {row["class"]: row for row in summarize(results, "argmax", "rankseg_dice")}
+    out = []
+    for c in results[0]["classes"]:
+        def values(method: str, metric: str, c: int = c) -> np.ndarray:
+            vals = []
+            for res in results:
+                i = res["classes"].index(c)
+                v = res["metrics"][method]["dice" if metric == "iou" else metric][i]
+                vals.append(iou_from_dice(v) if metric == "iou" else v)
+            return np.asarray(vals, dtype=float)
+
+        s = summary[c]
+        for metric, other, high in (("dice", "rankseg_dice", True), ("hd95", "rankseg_dice", False),
+                                    ("iou", "rankseg_iou", True)):
+            a, b = values("argmax", metric), values(other, metric)
+            out.append({"class": c, "class_name": _class_name(c), "metric": metric, "rankseg": other,
+                        "mean_argmax": _mean(a), "mean_rankseg": _mean(b), **_paired(a, b, high),
+                        "empty_argmax": s["empty_pred_argmax"], "empty_rankseg": s[f"empty_pred_{other}"],
+                        "cases": s["cases"]})
+    return out
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """The printed per-class comparison table."""
+    labels = {"dice": "Dice", "hd95": "HD95 mm", "iou": "IoU*"}
+    head = (f"{'class':<8}{'metric':<9}{'argmax':>8}{'RankSEG':>9}{'paired diff':>13}  {'[min, max]':<19}"
+            f"{'wins/losses/ties':>17}{'empty masks':>13}")
+    lines = [head, "-" * len(head)]
+    for s in table_rows(results):
+        fmt = ".2f" if s["metric"] == "hd95" else ".4f"
+        rng = f"[{s['lo']:+{fmt}}, {s['hi']:+{fmt}}]" if s["n"] else "-"
+        wlt = f"{s['wins']}/{s['losses']}/{s['ties']}"
+        empty = f"{s['empty_argmax']}/{s['empty_rankseg']}"
+        lines.append(f"{s['class_name']:<8}{labels[s['metric']]:<9}{s['mean_argmax']:>8{fmt}}"
+                     f"{s['mean_rankseg']:>9{fmt}}{s['diff']:>+13{fmt}}  {rng:<19}{wlt:>17}{empty:>13}")
+    lines.append(f"{len(results)} cases.  Dice, HD95: RankSEG(metric='dice'); IoU*: RankSEG(metric='iou').  paired "
+                 "diff = RankSEG - argmax (HD95: negative is better);\nwins/losses/ties count cases where RankSEG is "
+                 "better/worse/equal; empty masks = cases with an empty predicted mask (argmax/RankSEG); HD95 of an "
+                 "empty mask is undefined\nand left out of the HD95 means and paired statistics.")
+    return "\n".join(lines)
+
+
+def _metric(results: Sequence[dict[str, Any]], c: int, method: str, metric: str) -> np.ndarray:
+    return np.asarray([res["metrics"][method][metric][res["classes"].index(c)] for res in results], dtype=float)
+
+
+def make_figure(results: Sequence[dict[str, Any]], examples: Sequence[_Example], path: Path, dpi: int = 110,
+                title: str = "") -> Path:
+    """Slice overlay (image, truth, lesion probability, argmax, RankSEG-dice) of the case whose lesion Dice
+    changes most (either sign), and per-case Dice / HD95 changes of every case and class."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    lesion = max(results[0]["classes"])
+    change = np.abs(_metric(results, lesion, "rankseg_dice", "dice") - _metric(results, lesion, "argmax", "dice"))
+    k = int(np.argmax(np.nan_to_num(change, nan=-1.0)))
+    ex, res = examples[k], results[k]
+    fg = (ex.label == lesion) | (ex.preds["argmax"] == lesion) | (ex.preds["rankseg_dice"] == lesion)
+    z = int(np.argmax((ex.label == lesion).sum(axis=(0, 1)) + 0.01 * fg.sum(axis=(0, 1))))
+    cmap = ListedColormap([(0, 0, 0, 0), (0.1, 0.6, 1.0, 0.35), (1.0, 0.15, 0.1, 0.75)])
+
+    fig = Figure(figsize=(15, 7.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 5, height_ratios=[1.1, 1])
+    panels = [(f"case {ex.case}, slice z={z}\n(largest lesion Dice change)", None), ("truth", ex.label),
+              ("P(lesion) and true outline", None), ("argmax", ex.preds["argmax"]),
+              ("RankSEG (dice)", ex.preds["rankseg_dice"])]
+    for i, (name, mask) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(ex.image[:, :, z].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        if i == 2:
+            im = ax.imshow(ex.lesion_prob[:, :, z].T, cmap="magma", origin="lower", vmin=0, vmax=1)
+            if (ex.label[:, :, z] == lesion).any():
+                ax.contour(ex.label[:, :, z].T == lesion, levels=[0.5], colors="cyan", linewidths=0.8)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        elif mask is not None:
+            ax.imshow(mask[:, :, z].T, cmap=cmap, origin="lower", vmin=0, vmax=2, interpolation="nearest")
+            if i > 1:
+                if (ex.label[:, :, z] == lesion).any():
+                    ax.contour(ex.label[:, :, z].T == lesion, levels=[0.5], colors="yellow", linewidths=0.8)
+                d = res["metrics"]["argmax" if i == 3 else "rankseg_dice"]["dice"]
+                name = f"{name}: Dice organ {d[0]:.3f},\nlesion {d[-1]:.3f} (whole volume)"
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    cases = [int(r["case"]) for r in results]
+    x = np.arange(len(cases))
+    width = 0.8 / len(results[0]["classes"])
+    colors = ("tab:blue", "tab:red", "tab:green", "tab:orange")
+    spans = ((0, 2), (2, 5))
+    for j, (metric, ylab) in enumerate((("dice", "Dice change (RankSEG - argmax)"),
+                                        ("hd95", "HD95 change, mm (RankSEG - argmax; < 0 is better)"))):
+        ax = fig.add_subplot(grid[1, spans[j][0]:spans[j][1]])
+        for k, c in enumerate(results[0]["classes"]):
+            a, b = _metric(results, c, "argmax", metric), _metric(results, c, "rankseg_dice", metric)
+            d = b - a
+            pos = x + (k - (len(results[0]["classes"]) - 1) / 2) * width
+            ax.bar(pos, np.nan_to_num(d), width, color=colors[k % 4], label=_class_name(c))
+            for xi, di, bi in zip(pos, d, b):
+                if np.isnan(di):  # HD95 undefined: an empty mask
+                    ax.text(xi, 0, " empty RankSEG mask" if np.isnan(bi) else " empty argmax mask", ha="center",
+                            va="bottom", fontsize=7, rotation=90, color=colors[k % 4])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, [str(c) for c in cases])
+        ax.set_xlabel("case")
+        ax.set_ylabel(ylab, fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title + "   (blue: organ, red: lesion; yellow/cyan outline: true lesion)", fontsize=11)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m rankseg_monai.demo``."""
+    parser = argparse.ArgumentParser(prog="rankseg-monai demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
