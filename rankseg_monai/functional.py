@@ -119,7 +119,10 @@ def rankseg(
     solver = check_choice("solver", solver, SOLVERS)
     unassigned_policy = check_choice("unassigned_policy", unassigned_policy, UNASSIGNED_POLICIES)
     smooth = check_real("smooth", smooth, low=0.0)
-    pruning_prob = check_real("pruning_prob", pruning_prob, low=0.0, high=1.0)
+    if isinstance(pruning_prob, str):
+        pruning_prob = check_choice("pruning_prob", pruning_prob, ("auto",))
+    else:
+        pruning_prob = check_real("pruning_prob", pruning_prob, low=0.0, high=1.0)
     eps = check_real("eps", eps)
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must lie strictly between 0 and 1, got {eps}")
@@ -168,7 +171,8 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
     if metric == "acc":
         return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp).reshape(
             (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))
-    active = stats.vmax > pruning_prob
+    auto_prune = pruning_prob == "auto"
+    active = stats.vmax > (0.0 if auto_prune else pruning_prob)
     if solver == "rma":
         thr = _rma.rma_thresholds(flat, stats, metric, smooth, active, device=device, chunk_size=chunk_size,
                                   clamp=clamp)
@@ -180,6 +184,12 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         from .solvers import ba as _ba
 
         thr = _ba.ba_thresholds(flat, stats, solver, smooth, eps, active)
+    if auto_prune:  # keep a class only if its mask beats the empty one in expectation (solvers/pruning.py)
+        from .solvers import pruning as _pruning
+
+        active = _pruning.auto_active_from_thresholds(flat, thr, stats, metric, smooth, device=device,
+                                                      chunk_size=chunk_size, clamp=clamp)
+        thr = torch.where(active.to(thr.device), thr, torch.full_like(thr, float("inf")))
     if output_mode == "multilabel":
         return _rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size,
                                     clamp=clamp).reshape(batch, num_classes, *spatial)
@@ -199,7 +209,7 @@ def _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp):
     warnings.warn(
         "solver='argmax' with output_mode='multilabel' returns non-overlapping one-hot masks; use solver='tr' to "
         "threshold each class independently",
-        stacklevel=4,
+        stacklevel=5,
     )
     onehot = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     onehot.scatter_(1, labels.unsqueeze(1), True)

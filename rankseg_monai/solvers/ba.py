@@ -1,0 +1,399 @@
+"""RankSEG-BA, RankSEG-TRNA and BA+TRNA (Dai & Li, JMLR 2023) for Dice, multilabel, vectorised over tau.
+
+Per active (batch, class) row with probabilities sorted descending ``p(1) >= ... >= p(N)``,
+``S_tau = p(1) + ... + p(tau)``, ``Gamma = sum of Bernoulli(p)`` and smoothing ``s``, the expected Dice of the
+top-``tau`` mask is ``pi(tau) = 2 sum_{j <= tau} p(j) E[1 / (Gamma_-j + tau + 1 + s)] + s E[1 / (Gamma + tau + s)]``
+(``Gamma_-j`` leaves voxel ``j`` out).  The formulas follow rankseg 0.0.8 (``rankdice_ba``) exactly:
+
+* ``Gamma`` is replaced by the refined normal approximation (mean ``mu``, variance ``sum p(1-p)`` clamped at the
+  machine epsilon of the reference's working dtype, skewness ``sum p(1-p)(1-2p) / sigma^3``):
+  ``F(k) = clip(Phi(x) + skew (1 - x^2) phi(x) / 6, 0, 1)``, ``x = (k + 1/2 - mu) / sigma``,
+  ``pmf(k) = clip(F(k) - F(k-1), 0, 1)``, kept on ``[lq, uq]`` (SciPy's ``interval(1 - eps)`` of the standardised
+  law, ``lq = max(0, floor(sigma z_lo + mu) - 1)``, ``uq = min(N, ceil(sigma z_hi + mu))``) and renormalised.
+* The search stops at ``up_tau`` (JMLR Lemma 3): the first ``tau < N`` with ``S_tau >= (tau + s + N) p(tau+1)``.
+* BA: ``pi(tau) = 2 S_tau E[1/(Gamma + tau + 1 + s)] + s E[1/(Gamma + tau + s)]``, ``pi(0) = s E[1/(Gamma + s)]``.
+* TRNA: the leave-one-out law of ``Gamma_-j`` has the moments of ``Gamma`` minus voxel ``j``'s terms and is
+  evaluated on ``Gamma``'s ``[lq, uq]``; ``w_tau = sum_{j <= tau} p(j) pmf_-j`` is a cumulative sum over ``j``.
+* BA+TRNA: BA for a row when ``sigma > 5`` (Cohen's d ``1/sigma < 0.2``), TRNA otherwise.
+* For ``s >= 1`` the scores are ``s (pi - 1)`` (same argmax, no loss of the differences when ``pi`` rounds to 1).
+
+Differences from 0.0.8 (all documented in ``docs/solvers_jmlr.md``):
+
+* Everything after the sort runs in float64, whatever the input dtype (0.0.8 works in float32 for float16,
+  bfloat16 and float32 inputs).  The decisions equal 0.0.8's on the float64 copy of the input; the variance clamp
+  still uses the epsilon of 0.0.8's working dtype, as 0.0.8 does.
+* The mask is a threshold, ``p > thr``: a tie group of equal probabilities is never split.  ``tau`` is chosen
+  only at tie-group boundaries: the first maximum of the same score over the boundaries ``tau <= up_tau`` plus,
+  when ``up_tau`` falls inside a tie group, the end of that group.  Where 0.0.8's ``tau`` is a boundary (always,
+  for untied probabilities) the decision is 0.0.8's.
+* The loop over ``tau`` is gone: BA scores blocks of ``tau`` by branch and bound (both kernels decrease in
+  ``tau``), then the surviving blocks exactly by correlation; TRNA's leave-one-out PMFs are built as a
+  ``(tau, support)`` matrix in chunks.  Only the probabilities above a bound below which Lemma 3 provably has
+  stopped are sorted (numpy's sort, on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.fft
+import scipy.optimize
+import scipy.special
+import torch
+
+from .rma import RowStats
+
+__all__ = [
+    "ba_thresholds",
+    "refined_normal_interval",
+    "sorted_head",
+    "threshold_from_tau",
+    "row_values",
+    "first_argmax",
+]
+
+#: scores are rescaled to ``s * (pi - 1)`` for ``s >= 1`` (rankseg 0.0.8's rule)
+SCALED_SCORE_SMOOTH = 1.0
+#: above this smooth the Lemma-3 stop is tested by division, as in rankseg 0.0.8
+_DIVISION_SMOOTH = 1e6
+#: correlations with more than this many (tau, support) products use an FFT (BA prunes above a quarter of it)
+_FFT_MIN_WORK = 1 << 22
+#: (tau, support) entries per TRNA chunk
+_TRNA_CHUNK = 1 << 18
+_SQRT2 = math.sqrt(2.0)
+_LOG_SQRT_2PI = math.log(math.sqrt(2.0 * math.pi))
+_NORM_PDF_C = np.sqrt(2 * np.pi)
+_XTOL = 1e-14  # scipy.stats.rv_continuous default
+
+
+# ----------------------------------------------------------------------------------------------- interval
+def _refined_cdf_minus(x: float, skew: np.ndarray, q: float) -> float:
+    """``RefinedNormal().cdf(x, skew) - q`` with SciPy's arithmetic (1-element arrays, ndtr, its pdf)."""
+    xa = np.asarray([x], dtype=np.float64)
+    pdf = np.exp(-xa**2 / 2.0) / _NORM_PDF_C
+    prob = scipy.special.ndtr(xa) + skew * (1 - xa**2) * pdf / 6
+    return float(np.minimum(np.maximum(prob, 0.0), 1.0)[0]) - q  # np.clip's values, without its overhead
+
+
+def _refined_ppf(q: float, skew: float) -> float:
+    """SciPy's generic ``rv_continuous._ppf_single`` (bracket by factors of 10, then brentq, xtol 1e-14)."""
+    sk = np.asarray([skew], dtype=np.float64)
+    factor = 10.0
+    left, right = -factor, factor
+    while _refined_cdf_minus(left, sk, q) > 0.0:
+        left, right = left * factor, left
+    right = max(factor, left)
+    while _refined_cdf_minus(right, sk, q) < 0.0:
+        left, right = right, right * factor
+    return float(scipy.optimize.brentq(_refined_cdf_minus, left, right, args=(sk, q), xtol=_XTOL))
+
+
+def refined_normal_interval(skew: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised quantiles ``(z_lo, z_hi)`` of the refined normal law with mass ``1 - eps`` between them.
+
+    Reproduces ``RefinedNormal().interval(1 - eps, skew=skew)`` of rankseg 0.0.8 (SciPy's generic root finder on
+    the clipped CDF ``Phi(x) + skew (1 - x^2) phi(x) / 6``) value for value, without SciPy's per-call overhead.
+    """
+    alpha = np.asarray(1 - np.float64(eps))
+    q1 = float((1.0 - alpha) / 2)
+    q2 = float((1.0 + alpha) / 2)
+    skew = np.asarray(skew, dtype=np.float64).reshape(-1)
+    lo = np.array([_refined_ppf(q1, s) for s in skew], dtype=np.float64)
+    hi = np.array([_refined_ppf(q2, s) for s in skew], dtype=np.float64)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------- sorting
+def row_values(row: torch.Tensor) -> np.ndarray:
+    """One row as a numpy array of its own values (zero-copy on the CPU; float16/bfloat16 widened exactly).
+
+    Values outside ``[0, 1]`` can only reach a solver when the entry was called with ``clamp=True`` (the value
+    check raises otherwise), so they are clipped here, as the entry's mask pass clips them.
+    """
+    if row.dtype in (torch.float16, torch.bfloat16):
+        row = row.float()
+    values = row.detach().cpu().numpy()
+    if values.size and (values.min() < 0 or values.max() > 1):
+        values = np.clip(values, 0, 1)
+    return values
+
+
+def _stop(S: np.ndarray, tau: np.ndarray, p_next: np.ndarray, smooth: float, n: int) -> np.ndarray:
+    """Lemma 3's stop condition ``S_tau >= (tau + s + N) p(tau+1)`` (by division for huge s, as 0.0.8)."""
+    denom = tau + smooth + n
+    if smooth > _DIVISION_SMOOTH:
+        return S / denom >= p_next
+    return S >= denom * p_next
+
+
+def sorted_head(
+    values: np.ndarray, mu: float, smooth: float, values64: np.ndarray | None = None
+) -> tuple[np.ndarray, int, bool]:
+    """Descending float64 values of one row, as far as the Lemma-3 search needs them.
+
+    Returns ``(head, up, at_boundary)``: ``head`` holds ``p(1) .. p(m)`` for some ``m >= up``, ``up`` is 0.0.8's
+    ``up_tau`` and ``at_boundary`` whether ``p(up) > p(up+1)`` (or ``up = N``).
+
+    Only values above ``t2 = g(g(0))``, ``g(t) = sum (p - t)_+ / (s + N)``, are sorted: ``g`` is decreasing, so
+    ``t2 <= t0 = g(t0)``, which means ``S_m >= (m + s + N) t2`` for the ``m`` values above ``t2``, and the stop
+    condition holds at ``tau = m`` at the latest.  A full sort is the fallback if rounding defeats that bound.
+    """
+    n = values.size
+    denom = smooth + n
+    t2 = -1.0
+    if mu > 0 and math.isfinite(denom):
+        t1 = mu / denom
+        v64 = values.astype(np.float64) if values64 is None else values64
+        t2 = float(np.maximum(v64 - t1, 0.0).sum()) / denom
+        t2 = t2 * (1.0 - 1e-9) if t2 > 0 else -1.0
+    for threshold in (t2, -1.0):
+        sel = values[values > threshold] if threshold >= 0 else values
+        head = np.sort(sel.astype(np.float64).reshape(-1))[::-1]
+        m = head.size
+        if n == 1:
+            return head, 1, True
+        S = np.cumsum(head)
+        if m > 1:
+            taus = np.arange(1, m, dtype=np.float64)
+            hit = np.flatnonzero(_stop(S[:-1], taus, head[1:], smooth, n))
+            if hit.size:
+                return head, int(hit[0]) + 1, bool(head[hit[0]] > head[hit[0] + 1])
+        if m == n:
+            return head, n, True
+        p_next = float(values[values <= threshold].max())
+        if bool(_stop(S[-1:], np.array([float(m)]), np.array([p_next]), smooth, n)[0]):
+            return head, m, True
+    raise AssertionError("unreachable: the full sort always stops")  # pragma: no cover
+
+
+def _boundaries(head: np.ndarray, up: int, at_boundary: bool) -> tuple[int, np.ndarray]:
+    """Candidate sizes: ``U`` (``up`` extended to the end of its tie group) and a bool mask over ``0..U``."""
+    U = up
+    if not at_boundary:
+        U = int(np.searchsorted(-head, -head[up - 1], side="right"))
+    cand = np.ones(U + 1, dtype=bool)
+    if U > 1:
+        cand[1:U] = head[: U - 1] > head[1:U]
+    return U, cand
+
+
+def threshold_from_tau(head: np.ndarray, tau: int, dtype: torch.dtype) -> torch.Tensor:
+    """Threshold (0-d, ``dtype``) whose mask ``p > thr`` is the top-``tau`` set (``+inf`` for ``tau = 0``)."""
+    if tau == 0:
+        return torch.tensor(float("inf"), dtype=dtype)
+    v = torch.tensor(float(head[tau - 1]), dtype=torch.float64).to(dtype)
+    return torch.nextafter(v, torch.tensor(float("-inf"), dtype=dtype))
+
+
+def first_argmax(scores: np.ndarray, cand: np.ndarray) -> int:
+    """First index of the maximum of ``scores`` over the candidates (NaN scores never win)."""
+    masked = np.where(cand & ~np.isnan(scores), scores, -np.inf)
+    return int(np.argmax(masked))
+
+
+# --------------------------------------------------------------------------------------- refined normal
+def _refined_cdf(k: np.ndarray, loc, scale, skew) -> np.ndarray:
+    """``RefinedNormalPB.cdf`` of rankseg 0.0.8 in float64 (same operation order)."""
+    x = (k + 0.5 - loc) / scale
+    phi = np.exp(-(x**2) / 2.0 - _LOG_SQRT_2PI)
+    prob = 0.5 * (1 + scipy.special.erf(x / _SQRT2)) + skew * (1 - x**2) * phi / 6
+    return np.clip(prob, 0.0, 1.0)
+
+
+def _pmf_on_support(lq: int, uq: int, loc, scale, skew) -> np.ndarray:
+    """Unnormalised refined-normal PMF on ``lq..uq``; ``loc``/``scale``/``skew`` floats or ``(R, 1)`` arrays."""
+    k = np.arange(lq - 1, uq + 1, dtype=np.float64)
+    cdf = _refined_cdf(k, loc, scale, skew)
+    return np.clip(cdf[..., 1:] - cdf[..., :-1], 0.0, 1.0)
+
+
+def _normalise(pmf: np.ndarray) -> np.ndarray:
+    """Rows divided by their sums; a row summing to 0 becomes 0 (0.0.8 would give NaN scores)."""
+    total = pmf.sum(-1, keepdims=True)
+    return np.divide(pmf, total, out=np.zeros_like(pmf), where=total > 0)
+
+
+# ------------------------------------------------------------------------------------------ correlations
+def _correlate(pmf: np.ndarray, g: np.ndarray, count: int) -> np.ndarray:
+    """``out[t] = sum_i pmf[i] g[i + t]`` for ``t < count`` (``g`` has ``len(pmf) + count - 1`` entries)."""
+    L = pmf.size
+    if L * count <= _FFT_MIN_WORK:
+        return np.correlate(g, pmf, mode="valid")[:count]
+    size = scipy.fft.next_fast_len(L + g.size - 1, real=True)
+    spec = scipy.fft.rfft(pmf[::-1], size) * scipy.fft.rfft(g, size)
+    return scipy.fft.irfft(spec, size)[L - 1 : L - 1 + count]
+
+
+def _nu_scores(pmf: np.ndarray, lq: int, U: int, smooth: float, scaled: bool) -> np.ndarray:
+    """The smoothing term for ``tau = 1..U``: ``s E[1/(Gamma + tau + s)]`` (or its scaled form)."""
+    if smooth == 0 and not scaled:
+        return np.zeros(U)
+    m = np.arange(lq, lq + pmf.size + U - 1, dtype=np.float64) + 1.0  # k + tau for k = lq + i, tau = t + 1
+    g = -m / (1.0 + m / smooth) if scaled else smooth / (m + smooth)
+    return _correlate(pmf, g, U)
+
+
+def _score_zero(pmf: np.ndarray, lq: int, smooth: float, scaled: bool) -> float:
+    support = np.arange(lq, lq + pmf.size, dtype=np.float64)
+    if scaled:
+        return float(-np.sum((support / (1.0 + support / smooth)) * pmf))
+    if smooth > 0:
+        return float(smooth * np.sum((1.0 / (support + smooth)) * pmf))
+    return 0.0  # the Dice convention 0/0 := 0
+
+
+def _ba_kernels(smooth: float, scaled: bool):
+    """BA's two kernels of ``m = k + tau``: ``a`` (times ``2 S_tau``) and ``nu`` (both decreasing in ``m``)."""
+    if scaled:
+        return (lambda m: 1.0 / (1.0 + (m + 1.0) / smooth)), (lambda m: -m / (1.0 + m / smooth))
+    if smooth > 0:
+        return (lambda m: 1.0 / (m + 1.0 + smooth)), (lambda m: smooth / (m + smooth))
+    return (lambda m: 1.0 / (m + 1.0 + smooth)), None
+
+
+def _ba_range(pmf: np.ndarray, lq: int, S: np.ndarray, start: int, stop: int, smooth: float, scaled: bool):
+    """Exact BA scores for ``tau = start..stop-1`` (``start >= 1``; ``S[t - 1] = S_t``)."""
+    ka, knu = _ba_kernels(smooth, scaled)
+    count = stop - start
+    m = np.arange(lq + start, lq + start + pmf.size + count - 1, dtype=np.float64)  # k + tau
+    out = 2.0 * _correlate(pmf, ka(m), count) * S[start - 1 : stop - 1]
+    if knu is not None:
+        out = out + _correlate(pmf, knu(m), count)
+    return out
+
+
+def _ba_scores(head, U, pmf, lq, smooth, scaled) -> np.ndarray:
+    """BA scores for ``tau = 0..U`` (all of them; see :func:`_ba_best` for the search)."""
+    scores = np.empty(U + 1)
+    scores[0] = _score_zero(pmf, lq, smooth, scaled)
+    scores[1:] = _ba_range(pmf, lq, np.cumsum(head[:U]), 1, U + 1, smooth, scaled)
+    return scores
+
+
+def _ba_best(head, U, cand, pmf, lq, smooth, scaled) -> int:
+    """First maximiser of the BA score over the candidates, by branch and bound on blocks of ``tau``.
+
+    Both kernels decrease in ``tau`` and ``S_tau`` increases, so on a block ``[t1, t2]`` the score is at most
+    ``2 a(t1) S_t2 + nu(t1)``; blocks whose bound is below the best candidate found so far (less a relative
+    margin of 1e-9, far above rounding) cannot hold the maximum and are dropped.  Surviving blocks are split by
+    8 until they are small, then scored exactly; the result is the first argmax over all candidates, as with
+    :func:`_ba_scores`.
+    """
+    if U * pmf.size <= _FFT_MIN_WORK // 4:
+        return first_argmax(_ba_scores(head, U, pmf, lq, smooth, scaled), cand)
+    S = np.cumsum(head[:U])
+    ka, knu = _ba_kernels(smooth, scaled)
+    k = np.arange(lq, lq + pmf.size, dtype=np.float64)
+
+    def at(taus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = k[None, :] + taus[:, None].astype(np.float64)
+        a = (ka(m) * pmf).sum(1)
+        nu = (knu(m) * pmf).sum(1) if knu is not None else np.zeros(taus.size)
+        return a, nu
+
+    best = _score_zero(pmf, lq, smooth, scaled)
+    starts = np.arange(1, U + 1, 4096)
+    size = 4096
+    while True:
+        stops = np.minimum(starts + size, U + 1)
+        a, nu = at(starts)
+        exact = 2.0 * a * S[starts - 1] + nu
+        ok = cand[starts]
+        if ok.any():
+            best = max(best, float(exact[ok].max()))
+        bound = 2.0 * a * S[stops - 2] + nu
+        keep = bound >= best - 1e-9 * abs(best) - 1e-300
+        starts, stops = starts[keep], stops[keep]
+        if size <= 64 or starts.size == 0:
+            break
+        size //= 8
+        starts = (starts[:, None] + size * np.arange(8)[None, :]).reshape(-1)
+        starts = starts[starts <= U]
+    scores = np.full(U + 1, -np.inf)
+    scores[0] = _score_zero(pmf, lq, smooth, scaled)
+    for t1, t2 in zip(starts.tolist(), stops.tolist()):
+        scores[t1:t2] = _ba_range(pmf, lq, S, t1, t2, smooth, scaled)
+    return first_argmax(scores, cand)
+
+
+def _trna_scores(head, U, pmf, lq, uq, mu, var, m3, var_eps, smooth, scaled) -> np.ndarray:
+    """TRNA scores for ``tau = 0..U`` with the leave-one-out PMFs as a ``(tau, support)`` matrix in chunks."""
+    L = uq - lq + 1
+    k = np.arange(lq, uq + 1, dtype=np.float64)
+    chunk = max(1, _TRNA_CHUNK // (L + 1))
+    ma = np.empty(U)
+    carry = np.zeros(L)
+    for start in range(0, U, chunk):
+        stop = min(U, start + chunk)
+        p = head[start:stop, None]
+        q = p * (1 - p)
+        safe = np.maximum(var - q, var_eps)
+        loc, scale = mu - p, np.sqrt(safe)
+        skew = (m3 - q * (1 - 2 * p)) / safe ** (3 / 2)
+        excluded = _normalise(_pmf_on_support(lq, uq, loc, scale, skew))
+        w = np.cumsum(p * excluded, axis=0) + carry
+        carry = w[-1].copy()
+        tau = np.arange(start + 1, stop + 1, dtype=np.float64)[:, None]
+        weight = 2.0 / (1.0 + (k + tau + 1) / smooth) if scaled else 2.0 / (k + tau + smooth + 1)
+        ma[start:stop] = (weight * w).sum(-1)
+    scores = np.empty(U + 1)
+    scores[0] = _score_zero(pmf, lq, smooth, scaled)
+    scores[1:] = ma + _nu_scores(pmf, lq, U, smooth, scaled)
+    return scores
+
+
+def _working_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of rankseg 0.0.8's working dtype (float16/bfloat16 are promoted to float32)."""
+    return float(torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).eps)
+
+
+def row_moments(values: np.ndarray) -> tuple[float, float]:
+    """float64 ``sum p(1-p)`` and ``sum p(1-p)(1-2p)`` of one row."""
+    r = values.astype(np.float64, copy=False)
+    q = r * (1 - r)
+    return float(q.sum()), float((q * (1 - 2 * r)).sum())  # no BLAS: its threads contend on shared cores
+
+
+@torch.no_grad()
+def ba_thresholds(
+    flat: torch.Tensor,
+    stats: RowStats,
+    solver: str,
+    smooth: float,
+    eps: float,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row thresholds of RankSEG-BA / TRNA / BA+TRNA (Dice): the mask of row (b, c) is ``flat[b, c] > thr``.
+
+    ``solver`` is ``"ba"``, ``"trna"`` or ``"ba+trna"``; inactive rows get ``+inf`` (empty mask).  Returns a
+    ``(B, C)`` tensor of ``flat.dtype`` on ``flat.device``.
+    """
+    if solver not in ("ba", "trna", "ba+trna"):
+        raise ValueError(f"unknown JMLR solver {solver!r}: use 'ba', 'trna' or 'ba+trna'")
+    batch, num_classes, n = flat.shape
+    thr = torch.full((batch, num_classes), float("inf"), dtype=flat.dtype)
+    var_eps = _working_eps(flat.dtype)
+    scaled = smooth >= SCALED_SCORE_SMOOTH
+    mu_all = stats.mu.detach().to("cpu", torch.float64)
+    for b, c in active.detach().to("cpu").nonzero().tolist():
+        values = row_values(flat[b, c])
+        values64 = values.astype(np.float64)
+        mu = float(mu_all[b, c])
+        var, m3 = row_moments(values64)
+        safe = max(var, var_eps)
+        scale = math.sqrt(safe)
+        skew = m3 / safe ** (3 / 2)
+        head, up, at_boundary = sorted_head(values, mu, smooth, values64)
+        U, cand = _boundaries(head, up, at_boundary)
+        zlo, zhi = refined_normal_interval(np.array([skew]), eps)
+        lq = int(min(max(math.floor(scale * zlo[0] + mu) - 1, 0), n))
+        uq = int(min(max(math.ceil(scale * zhi[0] + mu), 0), n))
+        pmf = _normalise(_pmf_on_support(lq, uq, mu, scale, skew))
+        use_ba = solver == "ba" or (solver == "ba+trna" and 1.0 / max(scale, 1e-8) < 0.2)
+        if use_ba:
+            tau = _ba_best(head, U, cand, pmf, lq, smooth, scaled)
+        else:
+            tau = first_argmax(_trna_scores(head, U, pmf, lq, uq, mu, var, m3, var_eps, smooth, scaled), cand)
+        thr[b, c] = threshold_from_tau(head, tau, flat.dtype)
+    return thr.to(flat.device)
