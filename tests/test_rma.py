@@ -228,3 +228,13 @@ def test_requires_grad_input():
     p = torch.softmax(torch.randn(1, 3, 8, 8, requires_grad=True), 1)
     out = rankseg(p)
     assert out.dtype == torch.int64 and not out.requires_grad
+
+
+@pytest.mark.parametrize("metric", ["dice", "iou"])
+def test_diffuse_rows_bounded_band_path(metric):
+    """Nearly uniform probabilities put almost every voxel in the band: the capped, full-data Dinkelbach path."""
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn((1, 2, 1 << 20), generator=g) * 0.3, 1)
+    out = rankseg(probs, metric=metric, output_mode="multilabel", pruning_prob=0.0)[0].numpy()
+    for c in range(2):
+        np.testing.assert_array_equal(out[c], best_threshold_mask(probs[0, c].double().numpy(), metric, 0.0))

@@ -20,9 +20,16 @@ from .rma import RowStats, iter_chunks
 __all__ = ["assign", "argmax_labels"]
 
 
-def _selection(chunk: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sel = chunk > thr
-    return sel, sel.sum(1, dtype=torch.int32)
+def _selection(chunk: torch.Tensor, thr: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-class masks (contiguous class slices), selection count ``k`` and the class of single selections."""
+    sel = [chunk[:, c] > thr[:, c] for c in range(chunk.shape[1])]
+    k = torch.zeros(sel[0].shape, dtype=torch.int16 if len(sel) < 2**15 else torch.int32, device=chunk.device)
+    labels = torch.zeros(sel[0].shape, dtype=torch.int64, device=chunk.device)
+    for c, m in enumerate(sel):
+        k += m
+        if c:
+            labels.masked_fill_(m, c)
+    return sel, k, labels
 
 
 @torch.no_grad()
@@ -42,31 +49,32 @@ def assign(
     """int64 labels (B, N) from ``flat`` (B, C, N) and per-class thresholds ``thr`` (B, C): mask = flat > thr."""
     device = flat.device if device is None else torch.device(device)
     batch, num_classes, _ = flat.shape
-    thr_d = thr.to(device).unsqueeze(-1)
+    thr_d = thr.to(device).unsqueeze(-1)  # (B, C, 1): thr_d[:, c] is (B, 1)
     # pass 1: sum and size of the voxels each class selects alone
     M = torch.zeros((batch, num_classes), dtype=torch.float64, device=device)
     T = torch.zeros((batch, num_classes), dtype=torch.int64, device=device)
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        sel, k = _selection(chunk, thr_d)
-        alone = sel & (k == 1).unsqueeze(1)
-        M += torch.where(alone, chunk.double(), 0.0).sum(-1)
-        T += alone.sum(-1)
+        sel, k, _ = _selection(chunk, thr_d)
+        single = k == 1
+        for c, m in enumerate(sel):
+            alone = m & single
+            M[:, c] += torch.where(alone, chunk[:, c], 0.0).sum(-1, dtype=torch.float64)
+            T[:, c] += torch.count_nonzero(alone, dim=-1)
     T = T.double()
     mu = stats.mu.to(device)
     active_d = active.to(device)
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
-    classes = torch.arange(num_classes, device=device, dtype=torch.int64).view(1, -1, 1)
     out = torch.empty((batch, flat.shape[-1]), dtype=torch.int64, device=flat.device)
     # pass 2: labels
     for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        sel, k = _selection(chunk, thr_d)
-        labels = (sel * classes).sum(1)  # the selecting class where k == 1
+        sel, k, labels = _selection(chunk, thr_d)  # labels: the selecting class where k == 1
         b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
         if b_idx.numel():
             p = chunk[b_idx, :, v_idx].double()  # (P, C)
             score = increment_score(metric, p, M[b_idx], T[b_idx], mu[b_idx], smooth)
             kk = k[b_idx, v_idx].unsqueeze(1)
-            eligible = torch.where(kk > 0, sel[b_idx, :, v_idx], fallback[b_idx])
+            picked = torch.stack([m[b_idx, v_idx] for m in sel], 1)
+            eligible = torch.where(kk > 0, picked, fallback[b_idx])
             best = torch.where(eligible, score, float("-inf")).argmax(1)
             if policy == "void":
                 best = torch.where(kk.squeeze(1) == 0, torch.full_like(best, void_index), best)

@@ -59,7 +59,7 @@ class RowStats:
 
 
 def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
-    target = (1 << 26) if device.type == "cuda" else (1 << 18)
+    target = (1 << 26) if device.type == "cuda" else (1 << 21)
     return max(1024, min(n, target // max(rows, 1)))
 
 
@@ -115,11 +115,10 @@ def row_statistics(
         raw_max = torch.maximum(raw_max, hi.double())
         if clamp:
             chunk = chunk.clamp(0.0, 1.0)
-        c64 = chunk.double()
-        mu += c64.sum(-1)
+        mu += chunk.sum(-1, dtype=torch.float64)
         above = chunk > 0.5
-        s_half += torch.where(above, c64, 0.0).sum(-1)
-        n_half += above.sum(-1)
+        s_half += torch.where(above, chunk, 0.0).sum(-1, dtype=torch.float64)
+        n_half += torch.count_nonzero(above, dim=-1)
     gmin, gmax = float(raw_min.min()), float(raw_max.max())
     check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
     vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
@@ -134,11 +133,15 @@ def band_select(
     device: torch.device | None = None,
     chunk_size: int | None = None,
     clamp: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probabilities in ``(low, high]`` per row, plus the float64 sum and count of those ``> high``.
+    cap: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities in ``(low, high]`` per row, plus float64 sums and counts.
 
-    ``low``/``high`` are float64 (B, C).  Returns ``(values, rows, s_above, n_above)`` with ``values`` float64,
-    ``rows`` the int64 flat row index ``b * C + c`` of each value.
+    ``low``/``high`` are float64 (B, C).  Returns ``(values, rows, s_above, n_above, s_band, n_band)``:
+    ``values`` in the input dtype and ``rows`` the int32 flat row index ``b * C + c`` of each value (int64
+    beyond 2^31 rows); ``s_above``/``n_above`` the float64 sum and count of ``p > high``, ``s_band``/``n_band``
+    those of the band.  If the band holds more than ``cap`` values in total, extraction stops (memory stays
+    bounded) and ``values``/``rows`` are ``None``; the sums and counts are still complete.
     """
     device = flat.device if device is None else torch.device(device)
     dtype = flat.dtype
@@ -146,19 +149,37 @@ def band_select(
     hi = floor_to_dtype(high, dtype).to(device).unsqueeze(-1)
     shape = flat.shape[:2]
     rows_total = shape[0] * shape[1]
-    row_ids = torch.arange(rows_total, device=device)
+    row_ids = torch.arange(rows_total, device=device, dtype=torch.int32 if rows_total < 2**31 else torch.int64)
     s_above = torch.zeros(shape, dtype=torch.float64, device=device)
     n_above = torch.zeros(shape, dtype=torch.int64, device=device)
-    values, rows = [], []
+    s_band = torch.zeros(shape, dtype=torch.float64, device=device)
+    n_band = torch.zeros(shape, dtype=torch.int64, device=device)
+    values: list[torch.Tensor] | None = []
+    rows: list[torch.Tensor] = []
+    total = 0
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
         above = chunk > hi
-        s_above += torch.where(above, chunk.double(), 0.0).sum(-1)
-        n_above += above.sum(-1)
+        s_above += torch.where(above, chunk, 0.0).sum(-1, dtype=torch.float64)
+        n_above += torch.count_nonzero(above, dim=-1)
         band = (chunk > lo) & ~above
-        counts = band.sum(-1).reshape(-1)
-        values.append(chunk[band].double())
-        rows.append(torch.repeat_interleave(row_ids, counts))
-    return torch.cat(values), torch.cat(rows), s_above, n_above
+        counts = torch.count_nonzero(band, dim=-1)
+        n_band += counts
+        if values is not None:
+            total += int(counts.sum())
+            if cap is not None and total > cap:  # too many: from here on only sums (the caller raises ``low``)
+                if values:
+                    s_band += _segment_sum(torch.cat(values).double(), torch.cat(rows), rows_total).reshape(shape)
+                values, rows = None, []
+        if values is None:
+            s_band += torch.where(band, chunk, 0.0).sum(-1, dtype=torch.float64)
+        else:
+            values.append(chunk[band])
+            rows.append(torch.repeat_interleave(row_ids, counts.reshape(-1)))
+    if values is None:
+        return None, None, s_above, n_above, s_band, n_band
+    vals, rws = torch.cat(values), torch.cat(rows)
+    s_band = _segment_sum(vals.double(), rws, rows_total).reshape(shape)
+    return vals, rws, s_above, n_above, s_band, n_band
 
 
 def _segment_sum(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
@@ -183,9 +204,9 @@ def _dinkelbach(
     size = t.numel()
     n_prev = torch.full_like(n_fixed, -1)
     for _ in range(_MAX_DINKELBACH):
-        keep = values > t[rows]
+        keep = values > floor_to_dtype(t, values.dtype)[rows]
         values, rows = values[keep], rows[keep]
-        S = s_fixed + _segment_sum(values, rows, size)
+        S = s_fixed + _segment_sum(values.double(), rows, size)
         n = n_fixed + torch.bincount(rows, minlength=size)
         t_new = dinkelbach_threshold(metric, rma_score(metric, S, n.double(), mu, smooth))
         changed = n != n_prev
@@ -216,9 +237,10 @@ def _sorted_band_argmax(
     cut = torch.zeros(size, dtype=torch.float64, device=values.device)
     if values.numel() == 0:
         return take, cut
+    values = values.double()
     order = torch.argsort(values, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]
-    v, r = values[order], rows[order]
+    v, r = values[order], rows[order].long()
     counts = torch.bincount(r, minlength=size)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(v.numel(), device=v.device)
@@ -267,7 +289,24 @@ def _quasi_concave_threshold(
     f_empty = rma_score(metric, torch.zeros_like(mu), torch.zeros_like(mu), mu, smooth)
     t0 = dinkelbach_threshold(metric, torch.maximum(torch.maximum(f_half, f_top), f_empty))
     low = torch.where(active, _margin_down(t0), half)
-    values, rows, s_fix, n_fix = band_select(flat, low, half, device, chunk_size, clamp)
+    cap: int | None = max(1 << 20, flat.numel() // 8)
+    high = half
+    n_prev = None
+    for attempt in range(_MAX_DINKELBACH):
+        if attempt == _MAX_DINKELBACH - 1:
+            cap = None  # give up bounding the memory rather than loop
+        values, rows, s_fix, n_fix, s_band, n_band = band_select(flat, low, high, device, chunk_size, clamp, cap)
+        if values is not None:
+            break
+        # diffuse rows: the band is too large to hold; one Dinkelbach step on the full data raises ``low``
+        n_set = n_fix + n_band
+        t_next = dinkelbach_threshold(metric, rma_score(metric, s_fix + s_band, n_set.double(), mu, smooth))
+        if n_prev is not None and bool((n_set == n_prev).all()):
+            # the set {p > low} is a fixed point: t* = t_next up to rounding; only a sliver is left to check
+            high = torch.where(active, torch.minimum(half, _margin_up(t_next)), half)
+            cap = None
+        n_prev = n_set
+        low = torch.where(active, torch.maximum(low, _margin_down(t_next)), half)
     t = _dinkelbach(metric, values, rows, s_fix.reshape(-1), n_fix.reshape(-1), mu.reshape(-1), smooth,
                     low.reshape(-1))
     return t.reshape(mu.shape)
@@ -295,7 +334,7 @@ def rma_thresholds(
         t_a = _quasi_concave_threshold(flat, stats, "dice", mu + smooth, 0.0, active, device, chunk_size, clamp)
         low = torch.where(active, _margin_down(t_a), 2.0)
         high = torch.where(active, _margin_up(dice_increment_bound(t_a, mu, smooth)), 2.0)
-        values, rows, s_fix, n_fix = band_select(flat, low, high, device, chunk_size, clamp)
+        values, rows, s_fix, n_fix, _, _ = band_select(flat, low, high, device, chunk_size, clamp)
         take, cut = _sorted_band_argmax(values, rows, s_fix.reshape(-1), n_fix.reshape(-1), mu.reshape(-1),
                                         smooth)
         take, cut = take.reshape(mu.shape), cut.reshape(mu.shape)
