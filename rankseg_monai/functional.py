@@ -119,8 +119,10 @@ def rankseg(
     solver = check_choice("solver", solver, SOLVERS)
     unassigned_policy = check_choice("unassigned_policy", unassigned_policy, UNASSIGNED_POLICIES)
     smooth = check_real("smooth", smooth, low=0.0)
-    if isinstance(pruning_prob, str):
-        pruning_prob = check_choice("pruning_prob", pruning_prob, ("auto",))
+    if isinstance(pruning_prob, str):  # "auto" (recommended), "auto-independent", "auto-correlated"
+        from .solvers.pruning import AUTO_MODES
+
+        pruning_prob = check_choice("pruning_prob", pruning_prob, tuple(AUTO_MODES))
     else:
         pruning_prob = check_real("pruning_prob", pruning_prob, low=0.0, high=1.0)
     eps = check_real("eps", eps)
@@ -171,7 +173,7 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
     if metric == "acc":
         return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp).reshape(
             (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))
-    auto_prune = pruning_prob == "auto"
+    auto_prune = isinstance(pruning_prob, str)
     active = stats.vmax > (0.0 if auto_prune else pruning_prob)
     if solver == "rma":
         thr = _rma.rma_thresholds(flat, stats, metric, smooth, active, device=device, chunk_size=chunk_size,
@@ -188,7 +190,8 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         from .solvers import pruning as _pruning
 
         active = _pruning.auto_active_from_thresholds(flat, thr, stats, metric, smooth, device=device,
-                                                      chunk_size=chunk_size, clamp=clamp)
+                                                      chunk_size=chunk_size, clamp=clamp,
+                                                      absence=_pruning.AUTO_MODES[pruning_prob])
         thr = torch.where(active.to(thr.device), thr, torch.full_like(thr, float("inf")))
     if output_mode == "multilabel":
         return _rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size,
