@@ -1,0 +1,102 @@
+"""Small helpers shared by the benchmarks: per-process peak memory, timing, and the child-process protocol.
+
+Each measurement runs in a fresh child process that prints one ``RESULT {json}`` line on stdout; the parent
+parses it with :func:`run_child`.  Peak memory is the process's resident high-water mark (``VmHWM``), reset
+just before the measured section where the kernel allows it (``/proc/self/clear_refs``, Linux >= 4.0), so
+that transient peaks of imports or of loading the input do not hide or inflate the method's own peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["rss_mb", "reset_peak_rss", "peak_rss_mb", "mem_available_mb", "timed", "emit_result", "run_child"]
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (falls back to the high-water mark where /proc is missing)."""
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the resident high-water mark to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Resident high-water mark in MiB since the last :func:`reset_peak_rss` (or process start)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if os.uname().sysname == "Darwin" else 1)
+    return kb / 1024
+
+
+def mem_available_mb() -> float | None:
+    """``MemAvailable`` of /proc/meminfo in MiB (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def timed(fn: Callable[[], Any], cuda: bool = False) -> tuple[float, float, Any]:
+    """``(wall seconds, process CPU seconds, fn())``, synchronising CUDA around the call when ``cuda``.
+
+    On a shared machine the CPU time of a single-threaded call is a steadier measure of its cost than the wall
+    time (it does not count the time the process waits for a core); on CUDA it is meaningless.
+    """
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def emit_result(result: dict) -> None:
+    """Print the child's result line (the parent reads the last ``RESULT`` line)."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[dict | None, str]:
+    """Run a child benchmark process; ``(result dict or None, error text)``."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return None, f"exit code {proc.returncode}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[-1][len("RESULT "):]), ""
