@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import io as rio
+from .functional import parse_pruning_prob
 
 __all__ = ["main", "build_parser"]
 
@@ -42,8 +43,10 @@ def _add_decision_options(p: argparse.ArgumentParser) -> None:
     act.add_argument("--softmax", action="store_true", help="the files hold logits: apply softmax over classes")
     act.add_argument("--sigmoid", action="store_true", help="the files hold logits: apply a sigmoid per class")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where RankSEG computes (default: cpu)")
-    g.add_argument("--pruning-prob", type=float, default=0.5,
-                   help="a class is kept only if its maximum probability exceeds this (default 0.5; 0 disables)")
+    g.add_argument("--pruning-prob", type=_pruning_arg, default="auto",
+                   help="'auto' (default): keep a class when its best mask beats the empty mask's expected Dice; "
+                        "a number p: keep it only if its maximum probability exceeds p (rankseg 0.0.8: 0.5); "
+                        "0 disables pruning")
     g.add_argument("--smooth", type=float, default=0.0, help="smoothing constant of the metric (default 0)")
     ch = g.add_mutually_exclusive_group()
     ch.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=None,
@@ -113,9 +116,14 @@ def _check_device(device: str) -> None:
             raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
 
 
+def _pruning_arg(text: str) -> float | str:
+    try:
+        return parse_pruning_prob(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.pruning_prob <= 1.0:
-        raise UsageError(f"--pruning-prob must lie in [0, 1], got {args.pruning_prob}")
     if args.smooth < 0:
         raise UsageError(f"--smooth must be >= 0, got {args.smooth}")
     if args.sum_tolerance < 0:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .functional import parse_pruning_prob
+
 __all__ = ["add_arguments", "run", "main", "load_demo_model", "infer_probabilities", "per_case_rows", "table_rows",
            "format_table", "make_figure", "DEMO_SEED", "METHODS", "CLASS_NAMES"]
 
@@ -94,9 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=8, help="number of held-out phantoms (default: 8)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED,
                         help=f"seed of the first phantom (default: {DEMO_SEED}; training used seeds < 100000)")
-    parser.add_argument("--pruning-prob", type=float, default=0.5,
-                        help="RankSEG keeps a class only if its max probability exceeds this (default: 0.5, "
-                             "rankseg's default; 0 disables pruning)")
+    parser.add_argument("--pruning-prob", type=parse_pruning_prob, default="auto",
+                        help="'auto' (default): RankSEG keeps a class when its best mask beats the empty mask's "
+                             "expected Dice; a number p: only if its max probability exceeds p (rankseg 0.0.8: "
+                             "0.5); 0 disables pruning")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
     parser.add_argument("--device", default=None,
                         help="torch device for inference and RankSEG (default: cuda if available, else cpu)")

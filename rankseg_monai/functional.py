@@ -22,7 +22,7 @@ from .solvers.validation import (
     check_real,
 )
 
-__all__ = ["rankseg", "METRICS", "SOLVERS", "OUTPUT_MODES"]
+__all__ = ["rankseg", "parse_pruning_prob", "METRICS", "SOLVERS", "OUTPUT_MODES"]
 
 METRICS = ("dice", "iou", "acc")
 SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
@@ -31,6 +31,23 @@ UNASSIGNED_POLICIES = ("max_score", "void")
 _METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
 _DISPLAY = {"rma": "RMA", "ba": "BA", "trna": "TRNA", "ba+trna": "BA+TRNA", "exact": "exact", "tr": "TR",
             "argmax": "argmax"}
+
+
+def parse_pruning_prob(text: str | float) -> float | str:
+    """A ``pruning_prob`` from a command line or config string: a number in [0, 1] or an ``"auto"`` mode."""
+    from .solvers.pruning import AUTO_MODES
+
+    if isinstance(text, str) and text.strip().lower() in AUTO_MODES:
+        return text.strip().lower()
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"pruning_prob {text!r}: use a number in [0, 1] or one of {', '.join(map(repr, AUTO_MODES))}"
+        ) from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"pruning_prob must lie in [0, 1], got {value}")
+    return value
 
 
 def supported_solvers(metric: str, output_mode: str, num_classes: int) -> tuple[str, ...]:
@@ -66,7 +83,7 @@ def rankseg(
     smooth: float = 0.0,
     output_mode: str = "multiclass",
     solver: str = "rma",
-    pruning_prob: float = 0.5,
+    pruning_prob: float | str = 0.5,
     unassigned_policy: str = "max_score",
     void_index: int = 255,
     *,
@@ -74,6 +91,7 @@ def rankseg(
     clamp: bool = False,
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
+    guard: Any = None,
 ) -> torch.Tensor | np.ndarray:
     r"""Turn class probabilities into the segmentation that maximises expected Dice or IoU.
 
@@ -88,7 +106,10 @@ def rankseg(
         solver: ``"rma"`` (RankSEG-RMA, default), ``"ba"``, ``"trna"``, ``"ba+trna"``, ``"exact"`` (Dice,
             multilabel), ``"argmax"``/``"tr"`` (``metric="acc"``).
         pruning_prob: a class is kept only if its maximum probability is strictly greater than this;
-            otherwise its mask is empty (rankseg 0.0.8's rule).  ``0`` disables pruning.
+            otherwise its mask is empty (rankseg 0.0.8's rule, the default here for parity).  ``0`` disables
+            pruning.  ``"auto"`` (recommended; the default of the MONAI transforms and the CLI) keeps a class
+            when its best mask's objective beats the expected Dice of the empty mask (``"auto-independent"``,
+            ``"auto-correlated"``: the two bounds it averages); see ``docs/calibration.md``.
         unassigned_policy: multiclass only; ``"max_score"`` gives voxels selected by no class to the active
             class with the largest RMA increment, ``"void"`` labels them ``void_index``.
         void_index: label for unassigned voxels with ``unassigned_policy="void"``; must lie outside
@@ -100,6 +121,9 @@ def rankseg(
             streams chunks to the GPU (the output comes back on ``probs``' device).
         chunk_size: voxels per class and chunk for the streaming passes (``None``: automatic).  Results do
             not depend on it.
+        guard: ``None`` (default, plain RankSEG), ``True``, a :class:`rankseg_monai.calibration.Guard` or a
+            dict of its settings: a label-free fallback to argmax (multiclass) or ``p > 0.5`` (multilabel)
+            for classes whose probabilities look too diffuse for RankSEG (see ``docs/calibration.md``).
 
     Returns:
         int64 label map ``(B, *spatial)`` (multiclass) or bool masks ``(B, C, *spatial)`` (multilabel); a
@@ -112,6 +136,12 @@ def rankseg(
         >>> rankseg(p, output_mode="multilabel", pruning_prob=0.0)
         tensor([[[ True,  True,  True, False]]])
     """
+    if guard not in (None, False):
+        from .calibration import guarded_rankseg
+
+        return guarded_rankseg(probs, guard=guard, metric=metric, smooth=smooth, output_mode=output_mode,
+                               solver=solver, pruning_prob=pruning_prob, unassigned_policy=unassigned_policy,
+                               void_index=void_index, eps=eps, clamp=clamp, device=device, chunk_size=chunk_size)
     x, was_numpy = _to_tensor(probs)
     check_probability_tensor(x)
     metric = check_choice("metric", metric, METRICS, _METRIC_ALIASES)

@@ -108,8 +108,10 @@ class RankSEG(Transform):
         solver: ``"rma"`` (default), or for multilabel Dice ``"ba"``, ``"trna"``, ``"ba+trna"``, ``"exact"``.
         output_mode: ``"multiclass"`` (non-overlapping label map) or ``"multilabel"`` (one mask per channel).
         smooth: the smoothing constant of the metric, ``>= 0``.
-        pruning_prob: a class is kept only if its largest probability is strictly greater than this; ``0``
-            disables pruning.  Default ``0.5``.
+        pruning_prob: ``"auto"`` (default): keep a class when its best mask's expected Dice beats the empty
+            mask's (see ``docs/calibration.md``, which measures it against ``0.5``/``0``); a number ``p``: keep
+            a class only if its largest probability is strictly greater than ``p`` (rankseg 0.0.8 uses ``0.5``);
+            ``0`` disables pruning.
         unassigned_policy: multiclass only; ``"max_score"`` gives voxels chosen by no class to the best class,
             ``"void"`` labels them ``void_index``.
         void_index: label of unassigned voxels with ``unassigned_policy="void"``; must lie outside ``[0, C)``.
@@ -126,6 +128,9 @@ class RankSEG(Transform):
             ``None``: where the input lives.
         spatial_dims: when given, inputs must have exactly ``spatial_dims + 1`` dims (channel + spatial); a
             batched tensor then raises an error instead of being read as extra channels.
+        guard: ``None`` (default) or ``True``/a :class:`rankseg_monai.calibration.Guard`: fall back to argmax
+            for classes whose probabilities look too diffuse for RankSEG (label-free; see
+            ``docs/calibration.md``).
 
     Activations run on the input's device in float32 at least (float16/bfloat16 logits are promoted).
 
@@ -153,7 +158,7 @@ class RankSEG(Transform):
         solver: str = "rma",
         output_mode: str = "multiclass",
         smooth: float = 0.0,
-        pruning_prob: float = 0.5,
+        pruning_prob: float | str = "auto",
         unassigned_policy: str = "max_score",
         void_index: int = 255,
         softmax: bool = False,
@@ -164,8 +169,10 @@ class RankSEG(Transform):
         dtype: torch.dtype | None = torch.float,
         device: str | torch.device | None = None,
         spatial_dims: int | None = None,
+        guard: Any = None,
     ) -> None:
         self.metric = metric
+        self.guard = guard
         self.solver = solver
         self.output_mode = output_mode
         self.smooth = smooth
@@ -256,7 +263,7 @@ class RankSEG(Transform):
 
         out = rankseg(x.unsqueeze(0), metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
                       pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
-                      clamp=clamp, device=self.device)
+                      clamp=clamp, device=self.device, guard=self.guard)
         # multiclass: (1, *spatial) int64 -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]
@@ -350,7 +357,7 @@ class RankSEGd(MapTransform):
         solver: Sequence[str] | str = "rma",
         output_mode: Sequence[str] | str = "multiclass",
         smooth: Sequence[float] | float = 0.0,
-        pruning_prob: Sequence[float] | float = 0.5,
+        pruning_prob: Sequence[float | str] | float | str = "auto",
         unassigned_policy: Sequence[str] | str = "max_score",
         void_index: Sequence[int] | int = 255,
         softmax: Sequence[bool] | bool = False,
@@ -361,6 +368,7 @@ class RankSEGd(MapTransform):
         dtype: Sequence[torch.dtype | None] | torch.dtype | None = torch.float,
         device: Sequence[str | torch.device | None] | str | torch.device | None = None,
         spatial_dims: Sequence[int | None] | int | None = None,
+        guard: Any = None,
         allow_missing_keys: bool = False,
     ) -> None:
         """
@@ -370,6 +378,7 @@ class RankSEGd(MapTransform):
             metric, solver, output_mode, smooth, pruning_prob, unassigned_policy, void_index, softmax, sigmoid,
                 clamp, to_onehot, dtype, device, spatial_dims: see :py:class:`RankSEG`; each can also be a
                 sequence, one element per key.
+            guard: see :py:class:`RankSEG` (one value for all keys).
             temperature: see :py:class:`RankSEG` and the class docstring for per-key values.
             allow_missing_keys: don't raise an exception if a key is missing.
         """
@@ -391,6 +400,7 @@ class RankSEGd(MapTransform):
             "dtype": ensure_tuple_rep(dtype, n),
             "device": ensure_tuple_rep(device, n),
             "spatial_dims": ensure_tuple_rep(spatial_dims, n),
+            "guard": (guard,) * n,
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 

@@ -145,13 +145,15 @@ def test_void_policy_and_onehot():
         [0.05, 0.05, 0.40, 0.40, 0.40, 0.40],
         [0.00, 0.00, 0.30, 0.30, 0.30, 0.30],
     ])[:, None, :]  # (C=3, H=1, W=6)
-    labels = RankSEG(unassigned_policy="void", dtype=torch.int64)(probs)
+    labels = RankSEG(unassigned_policy="void", dtype=torch.int64, pruning_prob=0.5)(probs)
     assert labels.tolist() == [[[0, 0, 255, 255, 255, 255]]]
-    assert RankSEG(dtype=torch.int64)(probs).tolist() != labels.tolist()  # max_score assigns them
-    oh = RankSEG(unassigned_policy="void", to_onehot=3)(probs)
+    assert RankSEG(dtype=torch.int64, pruning_prob=0.5)(probs).tolist() != labels.tolist()  # max_score assigns
+    # the default pruning ("auto") keeps class 1: its 0.4 voxels beat the empty mask's expected Dice
+    assert RankSEG(dtype=torch.int64)(probs).tolist() == [[[0, 0, 1, 1, 1, 1]]]
+    oh = RankSEG(unassigned_policy="void", to_onehot=3, pruning_prob=0.5)(probs)
     assert oh[:, 0].tolist() == [[1, 1, 0, 0, 0, 0], [0] * 6, [0] * 6]  # void voxels: all-zero one-hot vector
     with pytest.raises(ValueError, match="void_index"):
-        RankSEG(unassigned_policy="void", void_index=3, to_onehot=5)(probs)
+        RankSEG(unassigned_policy="void", void_index=3, to_onehot=5, pruning_prob=0.5)(probs)
 
 
 def test_softmax_sigmoid_temperature():
@@ -469,3 +471,16 @@ def test_invertd_spline_overshoot_needs_clamp():
     sharp = inverted(0)  # a step function through a cubic spline: ~0.4 overshoot, garbage even for clamp
     with pytest.raises(ValueError, match="outside"):
         RankSEGd(keys="pred", clamp=True)(sharp)
+
+
+def test_guard_is_forwarded_and_default_pruning_is_auto():
+    from rankseg_monai.calibration import guarded_rankseg
+    from rankseg_monai.functional import rankseg as functional_rankseg
+
+    g = torch.Generator().manual_seed(1)
+    fog = torch.softmax(torch.randn((3, 12, 12, 6), generator=g) * 0.2, 0)
+    out = RankSEG(guard=True, dtype=torch.int64)(fog)
+    assert torch.equal(out[0], guarded_rankseg(fog[None], guard=True, pruning_prob="auto")[0])
+    assert torch.equal(RankSEG(dtype=torch.int64)(fog)[0], functional_rankseg(fog[None], pruning_prob="auto")[0])
+    d = RankSEGd(keys="pred", guard=True, dtype=torch.int64)({"pred": fog})
+    assert torch.equal(d["pred"], out)

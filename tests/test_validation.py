@@ -94,3 +94,24 @@ def test_accuracy_metric_matches_reference():
         assert torch.equal(ours, ref(p, metric="acc", solver="argmax", output_mode="multilabel"))
     single = torch.rand(2, 1, 5, 5)
     assert torch.equal(rankseg(single, metric="acc", solver="tr", output_mode="multilabel"), single > 0.5)
+
+
+def test_parse_pruning_prob():
+    from rankseg_monai.functional import parse_pruning_prob
+
+    assert parse_pruning_prob("0.3") == 0.3
+    assert parse_pruning_prob(" AUTO ") == "auto"
+    assert parse_pruning_prob("auto-independent") == "auto-independent"
+    with pytest.raises(ValueError, match="number in \\[0, 1\\] or one of"):
+        parse_pruning_prob("sometimes")
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        parse_pruning_prob("1.5")
+
+
+def test_guard_option_delegates_to_guarded_rankseg():
+    from rankseg_monai.calibration import guarded_rankseg
+
+    g = torch.Generator().manual_seed(0)
+    fog = torch.softmax(torch.randn((1, 3, 16, 16, 8), generator=g) * 0.2, 1)
+    assert torch.equal(rankseg(fog, guard=True), guarded_rankseg(fog, guard=True))
+    assert torch.equal(rankseg(fog, guard=None), rankseg(fog))
