@@ -59,7 +59,10 @@ class RowStats:
 
 
 def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
+    # values per chunk (all rows): big enough to amortise per-op overhead, at most 1/8 of the volume so that
+    # chunk temporaries stay a fraction of the input on small volumes too
     target = (1 << 26) if device.type == "cuda" else (1 << 21)
+    target = min(target, max(1 << 16, rows * n // 8))
     return max(1024, min(n, target // max(rows, 1)))
 
 
