@@ -92,7 +92,7 @@ def test_overlay_replaces_the_argmax_entry_of_a_model_zoo_inference_config(tmp_p
     post = _parser(inference, OVERLAY).get_parsed_content("postprocessing")
     assert [type(t) for t in post.transforms] == [Activationsd, Invertd, RankSEGd, SaveImaged]
     rs = post.transforms[2]
-    assert rs.keys == ("pred",) and rs.rankseg[0].metric == "dice" and rs.rankseg[0].pruning_prob == 0.5
+    assert rs.keys == ("pred",) and rs.rankseg[0].metric == "dice" and rs.rankseg[0].pruning_prob == "auto"
     assert rs.rankseg[0].to_onehot is None  # a label map, like AsDiscreted(argmax=True), for SaveImaged
 
     # the swapped chain runs: its label map is RankSEG's decision on the softmax
@@ -225,7 +225,7 @@ def test_example_bundle_end_to_end(tmp_path):
            "--output_dir", str(tmp_path / "eval_native"), "--num_cases", "1"]  # 1 case: the imports cost most
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "decision: RankSEG(metric='dice', solver='rma', pruning_prob=0.5)" in proc.stdout
+    assert "decision: RankSEG(metric='dice', solver='rma', pruning_prob='auto')" in proc.stdout
     assert "Restored all variables from" in proc.stdout  # logging.conf applied, package checkpoint loaded
     native = _csv_rows(tmp_path / "eval_native" / "val_mean_dice_raw.csv")
     np.testing.assert_allclose(native, [direct[0]["rankseg"][0]], atol=1e-6)

@@ -87,7 +87,7 @@ def _decision(transform: Any) -> str:
         return " + ".join(names)
     if isinstance(transform, RankSEGd):
         r = transform.rankseg[0]
-        return f"RankSEG(metric={r.metric!r}, solver={r.solver!r}, pruning_prob={r.pruning_prob})"
+        return f"RankSEG(metric={r.metric!r}, solver={r.solver!r}, pruning_prob={r.pruning_prob!r})"
     if isinstance(transform, AsDiscreted):
         if any(transform.argmax):
             return "argmax"
