@@ -517,6 +517,14 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, max_iter: int) -> int:
     return int(opt.state[opt._params[0]].get("n_iter", 0))
 
 
+def _log_bounds(bounds: Sequence[float]) -> tuple[float, float]:
+    """log of the temperature bounds ``(low, high)``, checked: ``0 < low < 1 < high < inf``."""
+    lo_t, hi_t = (float(b) for b in bounds)
+    if not (0 < lo_t < 1 < hi_t < math.inf):
+        raise ValueError(f"bounds must satisfy 0 < low < 1 < high < inf, got {bounds}")
+    return math.log(lo_t), math.log(hi_t)
+
+
 def fit_temperature(
     logits: Any,
     labels: Any,
@@ -556,13 +564,10 @@ def fit_temperature(
         :func:`apply_temperature`; keep it with :func:`save_temperature`.
     """
     mode = _check_mode(mode)
-    lo_t, hi_t = (float(b) for b in bounds)
-    if not (0 < lo_t < 1 < hi_t < math.inf):
-        raise ValueError(f"bounds must satisfy 0 < low < 1 < high < inf, got {bounds}")
+    lo, hi = _log_bounds(bounds)
     z, y = _gather(logits, labels, mode, max_voxels, seed)
     num_classes = z.shape[1]
     k = num_classes if per_class else 1
-    lo, hi = math.log(lo_t), math.log(hi_t)
     u0 = math.log(-lo / hi)  # logit of (0 - lo) / (hi - lo): T = 1 at the start
     u = torch.full((k,), u0, dtype=torch.float64, requires_grad=True)
 
@@ -579,7 +584,7 @@ def fit_temperature(
     with torch.no_grad():
         T = temperature().detach().clone()
         after = float(_nll(z / T, y, mode))
-    if bool(((T <= lo_t * 1.001) | (T >= hi_t * 0.999)).any()):
+    if bool(((T <= math.exp(lo) * 1.001) | (T >= math.exp(hi) * 0.999)).any()):
         warnings.warn(f"fitted temperature {T.tolist()} is at the bounds {bounds}: the logits are far from "
                       "calibrated (or the labels do not match them); check calibration_report", stacklevel=2)
     if return_info:
@@ -626,12 +631,9 @@ def fit_vector_scaling(
     with :func:`apply_vector_scaling`.  For softmax the bias of channel 0 is fixed at 0 (only differences
     matter).  The transforms' ``temperature=`` option cannot carry the bias: apply it before RankSEG."""
     mode = _check_mode(mode)
-    lo_t, hi_t = (float(b) for b in bounds)
-    if not (0 < lo_t < 1 < hi_t < math.inf):
-        raise ValueError(f"bounds must satisfy 0 < low < 1 < high < inf, got {bounds}")
+    lo, hi = _log_bounds(bounds)
     z, y = _gather(logits, labels, mode, max_voxels, seed)
     num_classes = z.shape[1]
-    lo, hi = math.log(lo_t), math.log(hi_t)
     u = torch.full((num_classes,), math.log(-lo / hi), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     fixed = torch.ones(num_classes, dtype=torch.float64)
