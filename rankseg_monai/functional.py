@@ -186,6 +186,11 @@ def rankseg(
             raise ValueError(f"void_index={void_index} is a class index; choose a value outside [0, {num_classes})")
 
     compute_device = torch.device(device) if device is not None else x.device
+    if compute_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but torch sees no CUDA device: use device='cpu' (or None), or install a CUDA "
+            "build of PyTorch (see the README)"
+        )
     out = _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, unassigned_policy, void_index, eps,
                     clamp, compute_device, chunk_size)
     return out.numpy() if was_numpy else out

@@ -115,3 +115,9 @@ def test_guard_option_delegates_to_guarded_rankseg():
     fog = torch.softmax(torch.randn((1, 3, 16, 16, 8), generator=g) * 0.2, 1)
     assert torch.equal(rankseg(fog, guard=True), guarded_rankseg(fog, guard=True))
     assert torch.equal(rankseg(fog, guard=None), rankseg(fog))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no CUDA device exists")
+def test_cuda_device_without_cuda_names_the_fix():
+    with pytest.raises(ValueError, match="device='cpu'"):
+        rankseg(GOOD, device="cuda")
