@@ -1,6 +1,6 @@
 """Time RankSEG-BA / TRNA / BA+TRNA / exact of rankseg_monai against rankseg 0.0.8 (CPU).
 
-    python benchmarks/bench_jmlr.py [--repeats 3] [--ref-repeats 3] [--threads N]
+    python benchmarks/bench_jmlr.py [--repeats 15] [--ref-repeats 5] [--threads N]
 
 Inputs are float32 blob-shaped probability volumes (a noisy logistic ball, seed fixed).  For every case it prints
 the median wall time of ``rankseg_monai.functional.rankseg`` (the whole entry: value checks, statistics, solver,
@@ -31,6 +31,11 @@ def blob(shape, seed=0, sharp=12.0, noise=1.0, radius=0.5):
     r = sum(z**2 for z in grids).sqrt()
     logit = (radius - r) * sharp + torch.randn(tuple(shape), generator=g, dtype=torch.float64) * noise
     return torch.sigmoid(logit)[None, None].float()
+
+
+def fmt_time(seconds):
+    """Seconds as a short string: milliseconds below one second."""
+    return f"{seconds * 1e3:.2f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
 def median_time(fn, repeats):
@@ -65,8 +70,8 @@ def row_scores(x, solver, smooth=0.0, eps=1e-4):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of ours (median)")
-    parser.add_argument("--ref-repeats", type=int, default=3, help="timed runs of rankseg 0.0.8 (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of ours (median)")
+    parser.add_argument("--ref-repeats", type=int, default=5, help="timed runs of rankseg 0.0.8 (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     args = parser.parse_args()
     if args.threads:
@@ -100,7 +105,7 @@ def main():
         p = x.flatten().double().numpy()
         sigma = float(np.sqrt(np.sum(p * (1 - p))))
         label = f"{name} s={sigma:.0f}"
-        print(f"{label:<34}{t_ours:>12.3f}s{t_solver:>13.3f}s{t_ref:>9.2f}s{t_ref / t_ours:>7.1f}x"
+        print(f"{label:<34}{fmt_time(t_ours):>13}{fmt_time(t_solver):>14}{fmt_time(t_ref):>10}{t_ref / t_ours:>7.1f}x"
               f"{t_ref / t_solver:>12.1f}x  {eq32} / {eq64}")
         if not (eq32 and eq64):
             scores = row_scores(x, solver)
@@ -124,7 +129,7 @@ def main():
     scores = exact_mod.exact_scores(desc, 0.0, p.size)
     e = {k: scores[int(m.sum())] for k, m in (("exact", mine), ("trna", trna), ("ref", theirs))}
     label = "exact 2D 48x48 (vs 0.0.8 TRNA)"
-    print(f"{label:<34}{t_ours:>12.3f}s{t_solver:>13.3f}s{t_ref:>9.2f}s{t_ref / t_ours:>7.1f}x"
+    print(f"{label:<34}{fmt_time(t_ours):>13}{fmt_time(t_solver):>14}{fmt_time(t_ref):>10}{t_ref / t_ours:>7.1f}x"
           f"{t_ref / t_solver:>12.1f}x  volumes exact {int(mine.sum())}, TRNA ours {int(trna.sum())}, "
           f"0.0.8 {int(theirs.sum())}")
     print(f"{'':<34}E[Dice]: exact {e['exact']:.10f}, TRNA ours {e['trna']:.10f}, 0.0.8 TRNA {e['ref']:.10f}")

@@ -204,7 +204,8 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         return torch.zeros(shape, dtype=torch.int64 if len(shape) == len(spatial) + 1 else torch.bool,
                            device=x.device)
     flat = x.reshape(batch, num_classes, -1)
-    stats = _rma.row_statistics(flat, device=device, chunk_size=chunk_size, clamp=clamp)
+    stats = _rma.row_statistics(flat, device=device, chunk_size=chunk_size, clamp=clamp,
+                                half=solver == "rma" and metric != "acc")
     if metric == "acc":
         return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp).reshape(
             (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))

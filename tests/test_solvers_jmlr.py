@@ -107,6 +107,19 @@ def test_vectorised_scores_equal_naive_per_tau_scores(smooth):
     np.testing.assert_allclose(fft, got_ba, rtol=1e-12, atol=1e-14)
 
 
+def _ba_inputs(p, smooth):
+    mu, n = float(p.astype(np.float64).sum()), p.size
+    var, m3 = ba_mod.row_moments(p)
+    scale, skew = np.sqrt(var), m3 / var**1.5
+    zlo, zhi = ba_mod.refined_normal_interval(np.array([skew]), 1e-4)
+    lq = int(min(max(np.floor(scale * zlo[0] + mu) - 1, 0), n))
+    uq = int(min(max(np.ceil(scale * zhi[0] + mu), 0), n))
+    pmf = ba_mod._normalise(ba_mod._pmf_on_support(lq, uq, mu, scale, skew))
+    head, S, up, at_b = ba_mod.sorted_head_sums(p, mu, smooth)
+    U, cand = ba_mod._boundaries(head, up, at_b)
+    return head, S, U, cand, pmf, lq
+
+
 def test_branch_and_bound_finds_the_first_argmax_of_all_ba_scores(monkeypatch):
     rng = np.random.default_rng(12)
     for case in range(24):
@@ -115,20 +128,44 @@ def test_branch_and_bound_finds_the_first_argmax_of_all_ba_scores(monkeypatch):
         if case % 3 == 0:
             p = np.round(p * 32) / 32  # tie groups
         smooth = [0.0, 0.5, 3.0, 2e6][case % 4]
-        mu, n = float(p.sum()), p.size
-        var, m3 = ba_mod.row_moments(p)
-        scale, skew = np.sqrt(var), m3 / var**1.5
-        zlo, zhi = ba_mod.refined_normal_interval(np.array([skew]), 1e-4)
-        lq = int(min(max(np.floor(scale * zlo[0] + mu) - 1, 0), n))
-        uq = int(min(max(np.ceil(scale * zhi[0] + mu), 0), n))
-        pmf = ba_mod._normalise(ba_mod._pmf_on_support(lq, uq, mu, scale, skew))
-        head, up, at_b = ba_mod.sorted_head(p, mu, smooth)
-        U, cand = ba_mod._boundaries(head, up, at_b)
+        head, S, U, cand, pmf, lq = _ba_inputs(p, smooth)
         scaled = smooth >= 1
         full = ba_mod.first_argmax(ba_mod._ba_scores(head, U, pmf, lq, smooth, scaled), cand)
         monkeypatch.setattr(ba_mod, "_FFT_MIN_WORK", 0)  # force pruning and FFT correlations
         assert ba_mod._ba_best(head, U, cand, pmf, lq, smooth, scaled) == full, case
+        assert ba_mod._ba_best(head, U, cand, pmf, lq, smooth, scaled, S) == full, case
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_branch_and_bound_on_large_rows_equals_the_full_search(seed):
+    """Rows big enough for the pruned search on its own (no patching): flat optima, ties, smoothing."""
+    rng = np.random.default_rng(100 + seed)
+    shape = [(48, 48, 32), (64, 64, 40), (40, 40, 40)][seed % 3]
+    x = blob(shape, seed=seed, sharp=float(rng.uniform(2, 20)), noise=float(rng.uniform(0.2, 2.5)),
+             radius=float(rng.uniform(0.2, 0.7)))
+    p = x.flatten().numpy()
+    if seed % 2:
+        p = (np.round(p * 256) / 256).astype(np.float32)  # large tie groups
+    for smooth in (0.0, 0.5, 4.0, 1e7):
+        head, S, U, cand, pmf, lq = _ba_inputs(p, smooth)
+        assert U * pmf.size > ba_mod._FFT_MIN_WORK // 4  # the branch and bound runs
+        scaled = smooth >= 1
+        scores = ba_mod._ba_scores(head, U, pmf, lq, smooth, scaled)
+        assert ba_mod._ba_best(head, U, cand, pmf, lq, smooth, scaled, S) == ba_mod.first_argmax(scores, cand)
+
+
+def test_row_moments_equal_direct_float64_sums():
+    rng = np.random.default_rng(5)
+    for n in (1, 7, ba_mod._BLOCK - 1, ba_mod._BLOCK, 3 * ba_mod._BLOCK + 11):
+        p = rng.beta(0.5, 0.8, size=n).astype(np.float32)
+        r = p.astype(np.float64)
+        q = r * (1 - r)
+        var, m3, excess = ba_mod.row_moments(p, 0.2)
+        np.testing.assert_allclose(var, q.sum(), rtol=1e-12)
+        np.testing.assert_allclose(m3, (q * (1 - 2 * r)).sum(), rtol=1e-9, atol=1e-9 * q.sum())
+        np.testing.assert_allclose(excess, np.maximum(r - 0.2, 0).sum(), rtol=1e-9, atol=1e-9 * n)
+        assert ba_mod.row_moments(p) == (var, m3)
 
 
 # ------------------------------------------------------------------------------------- up_tau (Lemma 3)

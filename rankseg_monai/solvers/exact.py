@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ba import SCALED_SCORE_SMOOTH, first_argmax, row_values, threshold_from_tau
+from .ba import SCALED_SCORE_SMOOTH, cumsum, first_argmax, row_values, threshold_from_tau
 from .rma import RowStats
 
 __all__ = ["EXACT_MAX_VOXELS", "exact_thresholds", "poisson_binomial_pmf", "leave_one_out_pmfs", "exact_scores"]
@@ -122,7 +122,7 @@ def exact_scores(p: np.ndarray, smooth: float, total: int | None = None) -> np.n
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
         q = leave_one_out_pmfs(pmf, p[start:stop])  # (n, chunk)
-        w = np.cumsum(q * p[start:stop], axis=1) + carry[:, None]
+        w = cumsum(q * p[start:stop], axis=1) + carry[:, None]
         carry = w[:, -1].copy()
         c = np.arange(start + 1, stop + 1, dtype=np.float64)[None, :] + k[:, None] + 1.0  # k + tau + 1
         weight = 1.0 / (1.0 + c / smooth) if scaled else 1.0 / (c + smooth)
