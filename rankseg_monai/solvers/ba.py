@@ -27,9 +27,9 @@ Differences from 0.0.8 (all documented in ``docs/solvers_jmlr.md``):
   when ``up_tau`` falls inside a tie group, the end of that group.  Where 0.0.8's ``tau`` is a boundary (always,
   for untied probabilities) the decision is 0.0.8's.
 * The loop over ``tau`` is gone: BA bounds intervals of ``tau`` by a concave quadratic (``S`` is concave, both
-  kernels convex and decreasing) and scores the surviving intervals exactly by correlation; TRNA's leave-one-out PMFs are built as a
-  ``(tau, support)`` matrix in chunks.  Only the probabilities above a bound below which Lemma 3 provably has
-  stopped are sorted (numpy's sort, on the CPU).
+  kernels convex and decreasing) and scores the surviving intervals exactly by correlation; TRNA's
+  leave-one-out PMFs are built as a ``(tau, support)`` matrix in chunks.  Only the probabilities above a bound
+  below which Lemma 3 provably has stopped are sorted (numpy's sort, on the CPU).
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def _working_eps(dtype: torch.dtype) -> float:
 
 
 #: values per block of :func:`row_moments` (float64 temporaries that stay in the L2 cache)
-_BLOCK = 1 << 14
+_BLOCK = 1 << 15
 
 
 def row_moments(values: np.ndarray, shift: float | None = None) -> tuple[float, ...]:
@@ -431,6 +431,7 @@ def row_moments(values: np.ndarray, shift: float | None = None) -> tuple[float, 
     size = max(1, min(n, _BLOCK))
     r, q = np.empty(size), np.empty(size)
     var = qp = above = 0.0
+    add = np.add.reduce  # ndarray.sum's Python wrapper costs more than the sum of a block
     for start in range(0, n, size):
         block = flat[start : start + size]
         k = block.size
@@ -438,12 +439,12 @@ def row_moments(values: np.ndarray, shift: float | None = None) -> tuple[float, 
         np.copyto(rr, block)
         np.subtract(1.0, rr, out=qq)
         qq *= rr  # p (1 - p)
-        var += float(qq.sum())
+        var += float(add(qq))
         qq *= rr  # p^2 (1 - p)
-        qp += float(qq.sum())
+        qp += float(add(qq))
         if shift is not None:
             np.maximum(rr, shift, out=rr)
-            above += float(rr.sum())
+            above += float(add(rr))
     m3 = var - 2.0 * qp
     if shift is None:
         return var, m3
