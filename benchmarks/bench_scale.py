@@ -16,13 +16,17 @@ Paths: ``argmax`` (``x.argmax(1)``), ``rankseg`` (``rankseg_monai.functional.ran
 ``rankseg_chunked`` (``rankseg(x, chunk_size=--chunk-size)``), ``rankseg_stream_cuda`` (``rankseg(x_cpu,
 device="cuda")``: the volume stays on the CPU and is streamed through the GPU chunk by chunk), ``rankseg_cuda``
 (volume resident on the GPU), ``rankseg008`` (the authors' ``rankseg.functional.rankseg`` 0.0.8).  CUDA paths
-run only when CUDA is available.  A path whose estimated peak would not fit in the available memory is skipped
+run only when CUDA is available.  Opt-in paths (``--methods``): ``rankseg_uint8`` (``label_dtype=torch.uint8``),
+``asdiscrete`` (MONAI's ``AsDiscrete(argmax=True)`` on the item ``x[0]``, float32 labels) and ``rankseg_transform``
+(``RankSEG()`` on ``x[0]``, the drop-in replacement: float32 labels written directly).  A path whose estimated
+peak would not fit in the available memory is skipped
 (``--force`` runs it anyway).  Usage::
 
     python benchmarks/bench_scale.py                          # CPU: all default volumes (~5 min on 2 cores)
     python benchmarks/bench_scale.py --big                    # + C=3 512^3 (0.0.8 skipped unless it fits)
     python benchmarks/bench_scale.py --fp16 --volumes 3:128 3:256
     python benchmarks/bench_scale.py --methods rankseg rankseg_stream_cuda --volumes 3:256 3:512   # on a GPU box
+    python benchmarks/bench_scale.py --methods asdiscrete rankseg_transform rankseg rankseg_uint8 --volumes 3:256
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ CPU_METHODS = ["argmax", "rankseg", "rankseg_chunked", "rankseg008"]
 CUDA_METHODS = ["rankseg_stream_cuda", "rankseg_cuda"]
 #: rough peak extra memory per MiB of float32-equivalent input, for the "does it fit" guard only
 _EST_FACTOR = {"argmax": 1.0, "rankseg": 4.0, "rankseg_chunked": 4.0, "rankseg_stream_cuda": 2.0,
-               "rankseg_cuda": 1.0, "rankseg008": 13.0}
+               "rankseg_cuda": 1.0, "rankseg008": 13.0, "rankseg_uint8": 4.0, "asdiscrete": 2.0,
+               "rankseg_transform": 4.0}
 
 
 # ------------------------------------------------------------------------------------------------- volume
@@ -97,10 +102,22 @@ def _make_fn(method: str, x, chunk_size: int):
         from rankseg.functional import rankseg as ref
 
         return lambda: ref(x)
+    if method == "asdiscrete":
+        from monai.transforms import AsDiscrete
+
+        post = AsDiscrete(argmax=True)
+        return lambda: post(x[0])
+    if method == "rankseg_transform":
+        from rankseg_monai import RankSEG
+
+        post = RankSEG()
+        return lambda: post(x[0])
+    import torch
+
     from rankseg_monai.functional import rankseg
 
     kwargs = {"rankseg": {}, "rankseg_cuda": {}, "rankseg_chunked": {"chunk_size": chunk_size},
-              "rankseg_stream_cuda": {"device": "cuda"}}[method]
+              "rankseg_stream_cuda": {"device": "cuda"}, "rankseg_uint8": {"label_dtype": torch.uint8}}[method]
     return lambda: rankseg(x, **kwargs)
 
 

@@ -61,6 +61,44 @@ def supported_solvers(metric: str, output_mode: str, num_classes: int) -> tuple[
     return ("argmax",) if output_mode == "multiclass" else ("tr", "argmax")
 
 
+#: largest integer ``n`` such that every integer in ``[-n, n]`` is exact in the floating dtype
+_FLOAT_EXACT_INT = {torch.float16: 2**11, torch.bfloat16: 2**8, torch.float32: 2**24, torch.float64: 2**53}
+
+
+def check_label_dtype(label_dtype: Any) -> torch.dtype:
+    """The torch dtype of a label map from a torch dtype, a numpy dtype or a name (``"uint8"``, ``"float32"``)."""
+    if isinstance(label_dtype, torch.dtype):
+        dtype = label_dtype
+    else:
+        try:
+            dtype = torch.from_numpy(np.empty(0, dtype=np.dtype(label_dtype))).dtype
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"label_dtype={label_dtype!r} is not a dtype: use e.g. torch.int64 (default), torch.uint8 or "
+                "torch.float32"
+            ) from None
+    if dtype == torch.bool or dtype.is_complex or (dtype.is_floating_point and dtype not in _FLOAT_EXACT_INT):
+        raise ValueError(
+            f"label_dtype={dtype} cannot hold class labels: use an integer dtype (torch.int64, torch.uint8, ...) "
+            "or float16/bfloat16/float32/float64"
+        )
+    return dtype
+
+
+def check_label_range(dtype: torch.dtype, low: int, high: int) -> None:
+    """Raise a ``ValueError`` naming the fix unless ``dtype`` holds every integer label in ``low..high`` exactly."""
+    if dtype.is_floating_point:
+        lo_ok, hi_ok = -_FLOAT_EXACT_INT[dtype] <= low, high <= _FLOAT_EXACT_INT[dtype]
+    else:
+        info = torch.iinfo(dtype)
+        lo_ok, hi_ok = info.min <= low, high <= info.max
+    if not (lo_ok and hi_ok):
+        raise ValueError(
+            f"label_dtype={dtype} cannot hold the label {low if not lo_ok else high} exactly: use torch.int64 (or "
+            f"another dtype that holds labels {low}..{high})"
+        )
+
+
 def _to_tensor(probs: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(probs, np.ndarray):
         if probs.dtype.kind not in "f":
@@ -92,6 +130,7 @@ def rankseg(
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
     guard: Any = None,
+    label_dtype: Any = torch.int64,
 ) -> torch.Tensor | np.ndarray:
     r"""Turn class probabilities into the segmentation that maximises expected Dice or IoU.
 
@@ -124,10 +163,16 @@ def rankseg(
         guard: ``None`` (default, plain RankSEG), ``True``, a :class:`rankseg_monai.calibration.Guard` or a
             dict of its settings: a label-free fallback to argmax (multiclass) or ``p > 0.5`` (multilabel)
             for classes whose probabilities look too diffuse for RankSEG (see ``docs/calibration.md``).
+        label_dtype: dtype of the multiclass label map (a torch or numpy dtype or its name; default int64, as
+            rankseg 0.0.8).  The label map is the largest allocation of the call (int64: 8 bytes per voxel,
+            0.67x a float32 3-class input; see ``docs/scale.md``): ``torch.uint8`` (up to 255 labels) or
+            ``torch.float32`` (what ``AsDiscrete`` returns) write it directly in that type.  It
+            must hold every label exactly (``C - 1`` and ``void_index``), otherwise a ``ValueError`` names the
+            fix.  Multilabel masks are always bool.
 
     Returns:
-        int64 label map ``(B, *spatial)`` (multiclass) or bool masks ``(B, C, *spatial)`` (multilabel); a
-        numpy array when ``probs`` was one.
+        label map ``(B, *spatial)`` of ``label_dtype`` (multiclass) or bool masks ``(B, C, *spatial)``
+        (multilabel); a numpy array when ``probs`` was one.
 
     Example:
         >>> import torch
@@ -136,13 +181,25 @@ def rankseg(
         >>> rankseg(p, output_mode="multilabel", pruning_prob=0.0)
         tensor([[[ True,  True,  True, False]]])
     """
+    label_dtype = check_label_dtype(label_dtype)
     if guard not in (None, False):
         from .calibration import guarded_rankseg
 
-        return guarded_rankseg(probs, guard=guard, metric=metric, smooth=smooth, output_mode=output_mode,
-                               solver=solver, pruning_prob=pruning_prob, unassigned_policy=unassigned_policy,
-                               void_index=void_index, eps=eps, clamp=clamp, device=device, chunk_size=chunk_size)
+        out = guarded_rankseg(probs, guard=guard, metric=metric, smooth=smooth, output_mode=output_mode,
+                              solver=solver, pruning_prob=pruning_prob, unassigned_policy=unassigned_policy,
+                              void_index=void_index, eps=eps, clamp=clamp, device=device, chunk_size=chunk_size)
+        is_bool = out.dtype == (np.bool_ if isinstance(out, np.ndarray) else torch.bool)
+        if is_bool or label_dtype == torch.int64:
+            return out
+        low, high = min(0, int(out.min())), max(0, int(out.max()))  # the guard needs int64 labels internally
+        check_label_range(label_dtype, low, high)
+        if isinstance(out, np.ndarray):
+            return out.astype(torch.empty(0, dtype=label_dtype).numpy().dtype)
+        return out.to(label_dtype)
     x, was_numpy = _to_tensor(probs)
+    if was_numpy and label_dtype == torch.bfloat16:
+        raise ValueError("label_dtype=torch.bfloat16 with numpy input: numpy has no bfloat16; use torch.float32 or "
+                         "torch.uint8, or pass a torch tensor")
     check_probability_tensor(x)
     metric = check_choice("metric", metric, METRICS, _METRIC_ALIASES)
     output_mode = check_choice("output_mode", output_mode, OUTPUT_MODES)
@@ -184,6 +241,10 @@ def rankseg(
             raise ValueError("void_index must fit in int64")
         if 0 <= void_index < num_classes:
             raise ValueError(f"void_index={void_index} is a class index; choose a value outside [0, {num_classes})")
+    if output_mode == "multiclass" and num_classes > 1:
+        void = output_mode == "multiclass" and unassigned_policy == "void" and metric != "acc"
+        check_label_range(label_dtype, min(0, void_index) if void else 0,
+                           max(num_classes - 1, void_index) if void else num_classes - 1)
 
     compute_device = torch.device(device) if device is not None else x.device
     if compute_device.type == "cuda" and not torch.cuda.is_available():
@@ -192,22 +253,22 @@ def rankseg(
             "build of PyTorch (see the README)"
         )
     out = _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, unassigned_policy, void_index, eps,
-                    clamp, compute_device, chunk_size)
+                    clamp, compute_device, chunk_size, label_dtype)
     return out.numpy() if was_numpy else out
 
 
 def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void_index, eps, clamp, device,
-              chunk_size):
+              chunk_size, label_dtype=torch.int64):
     batch, num_classes, *spatial = x.shape
     if batch == 0:
         shape = (0, *spatial) if output_mode == "multiclass" and num_classes > 1 else (0, num_classes, *spatial)
-        return torch.zeros(shape, dtype=torch.int64 if len(shape) == len(spatial) + 1 else torch.bool,
+        return torch.zeros(shape, dtype=label_dtype if len(shape) == len(spatial) + 1 else torch.bool,
                            device=x.device)
     flat = x.reshape(batch, num_classes, -1)
     stats = _rma.row_statistics(flat, device=device, chunk_size=chunk_size, clamp=clamp,
                                 half=solver == "rma" and metric != "acc")
     if metric == "acc":
-        return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp).reshape(
+        return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype).reshape(
             (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))
     auto_prune = isinstance(pruning_prob, str)
     active = stats.vmax > (0.0 if auto_prune else pruning_prob)
@@ -233,18 +294,18 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         return _rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size,
                                     clamp=clamp).reshape(batch, num_classes, *spatial)
     labels = _multiclass.assign(flat, thr, stats, metric, smooth, active, policy, void_index, device=device,
-                                chunk_size=chunk_size, clamp=clamp)
+                                chunk_size=chunk_size, clamp=clamp, out_dtype=label_dtype)
     return labels.reshape(batch, *spatial)
 
 
-def _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp):
+def _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype=torch.int64):
     if solver == "tr":
         half = torch.full(flat.shape[:2], 0.5, dtype=torch.float64)
         return _rma.threshold_masks(flat, _rma.floor_to_dtype(half, flat.dtype).to(flat.device), device=device,
                                     chunk_size=chunk_size, clamp=clamp)
-    labels = _multiclass.argmax_labels(flat, device=device, chunk_size=chunk_size)
     if output_mode == "multiclass":
-        return labels
+        return _multiclass.argmax_labels(flat, device=device, chunk_size=chunk_size, out_dtype=label_dtype)
+    labels = _multiclass.argmax_labels(flat, device=device, chunk_size=chunk_size)
     warnings.warn(
         "solver='argmax' with output_mode='multilabel' returns non-overlapping one-hot masks; use solver='tr' to "
         "threshold each class independently",

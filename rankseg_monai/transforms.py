@@ -25,7 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
-from .functional import rankseg
+from .functional import check_label_dtype, check_label_range, rankseg
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
@@ -79,6 +79,22 @@ def _check_to_onehot(to_onehot: Any, output_mode: str) -> None:
             "to_onehot only applies to output_mode='multiclass': multilabel output already has one mask per "
             "channel; drop to_onehot"
         )
+
+
+def _direct_label_dtype(dtype: Any, num_classes: int, policy: str, void_index: int) -> torch.dtype:
+    """The output ``dtype`` when the solver can write the label map in it directly (it holds every label exactly),
+    else int64 (then ``convert_to_dst_type`` casts, as ``AsDiscrete`` does).  Writing float32 labels directly
+    saves the int64 map, the largest allocation of the call (8 bytes per voxel)."""
+    if dtype is None:
+        return torch.int64
+    try:
+        target = check_label_dtype(dtype)
+        void = str(policy).strip().lower() == "void"
+        check_label_range(target, min(0, void_index) if void else 0,
+                           max(num_classes - 1, void_index) if void else num_classes - 1)
+    except (TypeError, ValueError):
+        return torch.int64
+    return target
 
 
 class RankSEG(Transform):
@@ -261,9 +277,12 @@ class RankSEG(Transform):
         if softmax or sigmoid:
             x = self._activate(x, softmax, temperature)
 
+        label_dtype = torch.int64
+        if to_onehot is None and str(output_mode).strip().lower() == "multiclass":
+            label_dtype = _direct_label_dtype(self.dtype, num_channels, unassigned_policy, void_index)
         out = rankseg(x.unsqueeze(0), metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
                       pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
-                      clamp=clamp, device=self.device, guard=self.guard)
+                      clamp=clamp, device=self.device, guard=self.guard, label_dtype=label_dtype)
         # multiclass: (1, *spatial) int64 -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]

@@ -259,6 +259,28 @@ def test_dtype_argument():
     assert RankSEG(output_mode="multilabel", dtype=torch.bool)(x).dtype == torch.bool
 
 
+def test_label_map_is_written_in_the_output_dtype(monkeypatch):
+    """The solver writes the label map directly in ``dtype`` when it holds every label (no int64 map + cast)."""
+    import rankseg_monai.transforms as tr
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("label_dtype"))  # None: the dry run at construction
+        return rankseg(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "rankseg", spy)
+    x = _probs((3, 5, 5), seed=6)
+    out = RankSEG()(x)
+    assert seen[-1] == torch.float32 and out.dtype == torch.float32
+    assert torch.equal(out[0].long(), rankseg(x[None])[0])
+    assert RankSEG(dtype=np.uint8)(x.numpy()).dtype == np.uint8 and seen[-1] == torch.uint8
+    for kwargs in (dict(dtype=None), dict(to_onehot=3), dict(output_mode="multilabel", dtype=torch.float32),
+                   dict(dtype=torch.int8, unassigned_policy="void")):  # int8 cannot hold void_index 255
+        RankSEG(**kwargs)(x)
+        assert seen[-1] == torch.int64, kwargs
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 def test_cuda_device():

@@ -45,8 +45,13 @@ def assign(
     device: torch.device | None = None,
     chunk_size: int | None = None,
     clamp: bool = False,
+    out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """int64 labels (B, N) from ``flat`` (B, C, N) and per-class thresholds ``thr`` (B, C): mask = flat > thr."""
+    """Labels (B, N) from ``flat`` (B, C, N) and per-class thresholds ``thr`` (B, C): mask = flat > thr.
+
+    The output is allocated once in ``out_dtype`` (int64 by default; the caller checks it holds every label)
+    and filled chunk by chunk.
+    """
     device = flat.device if device is None else torch.device(device)
     batch, num_classes, _ = flat.shape
     thr_d = thr.to(device).unsqueeze(-1)  # (B, C, 1): thr_d[:, c] is (B, 1)
@@ -64,7 +69,7 @@ def assign(
     mu = stats.mu.to(device)
     active_d = active.to(device)
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
-    out = torch.empty((batch, flat.shape[-1]), dtype=torch.int64, device=flat.device)
+    out = torch.empty((batch, flat.shape[-1]), dtype=out_dtype, device=flat.device)
     # pass 2: labels
     for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
         sel, k, labels = _selection(chunk, thr_d)  # labels: the selecting class where k == 1
@@ -85,11 +90,14 @@ def assign(
 
 @torch.no_grad()
 def argmax_labels(
-    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None
+    flat: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """``flat.argmax(1)`` (first maximum wins), computed chunk by chunk with a running maximum over classes."""
     device = flat.device if device is None else torch.device(device)
-    out = torch.empty((flat.shape[0], flat.shape[-1]), dtype=torch.int64, device=flat.device)
+    out = torch.empty((flat.shape[0], flat.shape[-1]), dtype=out_dtype, device=flat.device)
     for start, stop, chunk in iter_chunks(flat, device, chunk_size):
         best = chunk[:, 0].clone()
         idx = torch.zeros(best.shape, dtype=torch.int64, device=device)
