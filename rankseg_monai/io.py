@@ -411,7 +411,8 @@ def _load_npz(path: Path, num_classes: int | None) -> ProbabilityVolume:
 
     props = load_nnunet_properties(path.with_name(case_name(path) + ".pkl"))
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # our own handle: np.load leaks the one it opens when the file is not a valid zip
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
             keys = list(npz.keys())
             if "probabilities" not in keys:
                 raise VolumeError(f"{path}: no 'probabilities' array (keys: {keys}); export with nnU-Net v2 "
