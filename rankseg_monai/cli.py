@@ -261,7 +261,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             volume = rio.load_probabilities(path, channels_last=args.channels_last)
             probs, mode = _prepare(volume, args)
-            mask = decide(probs, "rankseg", **_decide_kwargs(args, mode))
+            # uint8 labels straight from the solver (8x less than int64; the file is uint8 anyway when they fit)
+            small = {"label_dtype": np.uint8} if probs.shape[0] <= 256 else {}
+            mask = decide(probs, "rankseg", **_decide_kwargs(args, mode), **small)
             rio.save_mask(mask, volume.geometry, target, overwrite=True, protected=protected)
             written += 1
         except _CASE_ERRORS as exc:
