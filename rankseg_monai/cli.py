@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import io as rio
-from .functional import parse_pruning_prob
+from .functional import label_range, parse_pruning_prob, smallest_label_dtype
 
 __all__ = ["main", "build_parser"]
 
@@ -261,9 +261,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             volume = rio.load_probabilities(path, channels_last=args.channels_last)
             probs, mode = _prepare(volume, args)
-            # uint8 labels straight from the solver (8x less than int64; the file is uint8 anyway when they fit)
-            small = {"label_dtype": np.uint8} if probs.shape[0] <= 256 else {}
-            mask = decide(probs, "rankseg", **_decide_kwargs(args, mode), **small)
+            # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
+            # narrowest type anyway)
+            small = smallest_label_dtype(*label_range(probs.shape[0]))
+            mask = decide(probs, "rankseg", **_decide_kwargs(args, mode), label_dtype=small)
             rio.save_mask(mask, volume.geometry, target, overwrite=True, protected=protected)
             written += 1
         except _CASE_ERRORS as exc:

@@ -99,6 +99,23 @@ def check_label_range(dtype: torch.dtype, low: int, high: int) -> None:
         )
 
 
+def label_range(num_classes: int, unassigned_policy: str = "max_score", void_index: int = 255) -> tuple[int, int]:
+    """Smallest and largest label a multiclass map of ``num_classes`` classes can hold (``void_index`` included
+    under ``unassigned_policy="void"``)."""
+    if str(unassigned_policy).strip().lower() == "void":
+        return min(0, void_index), max(num_classes - 1, void_index)
+    return 0, num_classes - 1
+
+
+def smallest_label_dtype(low: int, high: int) -> torch.dtype:
+    """The narrowest of uint8, int16, int32, int64 that holds every label in ``low..high``."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return torch.int64
+
+
 def _to_tensor(probs: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(probs, np.ndarray):
         if probs.dtype.kind not in "f":
@@ -242,9 +259,8 @@ def rankseg(
         if 0 <= void_index < num_classes:
             raise ValueError(f"void_index={void_index} is a class index; choose a value outside [0, {num_classes})")
     if output_mode == "multiclass" and num_classes > 1:
-        void = output_mode == "multiclass" and unassigned_policy == "void" and metric != "acc"
-        check_label_range(label_dtype, min(0, void_index) if void else 0,
-                           max(num_classes - 1, void_index) if void else num_classes - 1)
+        check_label_range(label_dtype, *label_range(num_classes, "max_score" if metric == "acc" else unassigned_policy,
+                                                    void_index))
 
     compute_device = torch.device(device) if device is not None else x.device
     if compute_device.type == "cuda" and not torch.cuda.is_available():

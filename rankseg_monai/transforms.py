@@ -25,7 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
-from .functional import check_label_dtype, check_label_range, rankseg
+from .functional import check_label_dtype, check_label_range, label_range, rankseg, smallest_label_dtype
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
@@ -81,7 +81,7 @@ def _check_to_onehot(to_onehot: Any, output_mode: str) -> None:
         )
 
 
-def _direct_label_dtype(dtype: Any, num_classes: int, policy: str, void_index: int) -> torch.dtype:
+def _direct_label_dtype(dtype: Any, labels: tuple[int, int]) -> torch.dtype:
     """The output ``dtype`` when the solver can write the label map in it directly (it holds every label exactly),
     else int64 (then ``convert_to_dst_type`` casts, as ``AsDiscrete`` does).  Writing float32 labels directly
     saves the int64 map, the largest allocation of the call (8 bytes per voxel)."""
@@ -89,9 +89,7 @@ def _direct_label_dtype(dtype: Any, num_classes: int, policy: str, void_index: i
         return torch.int64
     try:
         target = check_label_dtype(dtype)
-        void = str(policy).strip().lower() == "void"
-        check_label_range(target, min(0, void_index) if void else 0,
-                           max(num_classes - 1, void_index) if void else num_classes - 1)
+        check_label_range(target, *labels)
     except (TypeError, ValueError):
         return torch.int64
     return target
@@ -278,8 +276,11 @@ class RankSEG(Transform):
             x = self._activate(x, softmax, temperature)
 
         label_dtype = torch.int64
-        if to_onehot is None and str(output_mode).strip().lower() == "multiclass":
-            label_dtype = _direct_label_dtype(self.dtype, num_channels, unassigned_policy, void_index)
+        if str(output_mode).strip().lower() == "multiclass":
+            labels = label_range(num_channels, unassigned_policy, void_index)
+            # one-hot: the narrowest integer labels; else the output dtype itself when it holds every label
+            label_dtype = smallest_label_dtype(*labels) if to_onehot is not None else _direct_label_dtype(
+                self.dtype, labels)
         out = rankseg(x.unsqueeze(0), metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
                       pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
                       clamp=clamp, device=self.device, guard=self.guard, label_dtype=label_dtype)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_monai.functional import check_label_dtype, rankseg
+from rankseg_monai.functional import check_label_dtype, label_range, rankseg, smallest_label_dtype
 
 
 def _probs(shape, seed=0):
@@ -82,3 +82,20 @@ def test_label_dtype_that_is_no_label_type_names_the_fix(bad):
     with pytest.raises(ValueError, match="label_dtype"):
         rankseg(_probs((1, 3, 4), seed=6), label_dtype=bad)
 
+
+
+def test_label_range_and_smallest_label_dtype():
+    assert label_range(3) == (0, 2)
+    assert label_range(3, "void") == (0, 255)
+    assert label_range(3, "VOID", -1) == (-1, 2)
+    assert label_range(300, "max_score", 7) == (0, 299)
+    assert smallest_label_dtype(0, 255) == torch.uint8
+    assert smallest_label_dtype(-1, 2) == torch.int16
+    assert smallest_label_dtype(0, 2**15) == torch.int32
+    assert smallest_label_dtype(0, 2**40) == torch.int64
+    x = _probs((1, 3, 5, 5), seed=8)
+    for policy, void in (("max_score", 255), ("void", 255), ("void", -1), ("void", 70000)):
+        dtype = smallest_label_dtype(*label_range(3, policy, void))
+        got = rankseg(x, unassigned_policy=policy, void_index=void, label_dtype=dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got.long(), rankseg(x, unassigned_policy=policy, void_index=void))

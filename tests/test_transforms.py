@@ -275,10 +275,15 @@ def test_label_map_is_written_in_the_output_dtype(monkeypatch):
     assert seen[-1] == torch.float32 and out.dtype == torch.float32
     assert torch.equal(out[0].long(), rankseg(x[None])[0])
     assert RankSEG(dtype=np.uint8)(x.numpy()).dtype == np.uint8 and seen[-1] == torch.uint8
-    for kwargs in (dict(dtype=None), dict(to_onehot=3), dict(output_mode="multilabel", dtype=torch.float32),
+    for kwargs in (dict(dtype=None), dict(output_mode="multilabel", dtype=torch.float32),
                    dict(dtype=torch.int8, unassigned_policy="void")):  # int8 cannot hold void_index 255
         RankSEG(**kwargs)(x)
         assert seen[-1] == torch.int64, kwargs
+    # one-hot goes through the narrowest integer labels
+    onehot = RankSEG(to_onehot=3)(x)
+    assert seen[-1] == torch.uint8 and torch.equal(onehot.argmax(0), rankseg(x[None])[0])
+    RankSEG(to_onehot=3, unassigned_policy="void", void_index=300)(x)
+    assert seen[-1] == torch.int16
 
 
 @pytest.mark.cuda
