@@ -20,15 +20,24 @@ from .rma import RowStats, iter_chunks
 __all__ = ["assign", "argmax_labels"]
 
 
-def _selection(chunk: torch.Tensor, thr: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per-class masks (contiguous class slices), selection count ``k`` and the class of single selections."""
-    sel = [chunk[:, c] > thr[:, c] for c in range(chunk.shape[1])]
-    k = torch.zeros(sel[0].shape, dtype=torch.int16 if len(sel) < 2**15 else torch.int32, device=chunk.device)
-    labels = torch.zeros(sel[0].shape, dtype=torch.int64, device=chunk.device)
-    for c, m in enumerate(sel):
-        k += m
-        if c:
-            labels.masked_fill_(m, c)
+def _class_ids(num_classes: int, device: torch.device) -> torch.Tensor:
+    """``0..C-1`` as ``(1, C, 1)`` in the narrowest dtype (masked max-reductions are fast on small ints)."""
+    dtype = torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 2**15 else torch.int32
+    return torch.arange(num_classes, dtype=dtype, device=device).reshape(1, num_classes, 1)
+
+
+def _selection(
+    chunk: torch.Tensor, thr: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks ``(B, C, n)``, selection count ``k`` ``(B, n)`` and the class of single selections ``(B, n)``.
+
+    All classes at once (a handful of ops per chunk, whatever ``C``); ``labels`` (int64) is the last selecting
+    class (0 where none selects), which is the selecting class where ``k == 1``.
+    """
+    sel = chunk > thr
+    num_classes = chunk.shape[1]
+    k = sel.sum(1, dtype=torch.int16 if num_classes < 2**15 else torch.int32)
+    labels = (sel * ids).amax(1).long()
     return sel, k, labels
 
 
@@ -58,13 +67,13 @@ def assign(
     # pass 1: sum and size of the voxels each class selects alone
     M = torch.zeros((batch, num_classes), dtype=torch.float64, device=device)
     T = torch.zeros((batch, num_classes), dtype=torch.int64, device=device)
+    ids = _class_ids(num_classes, device)
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        sel, k, _ = _selection(chunk, thr_d)
+        _, k, labels = _selection(chunk, thr_d, ids)
         single = k == 1
-        for c, m in enumerate(sel):
-            alone = m & single
-            M[:, c] += torch.where(alone, chunk[:, c], 0.0).sum(-1, dtype=torch.float64)
-            T[:, c] += torch.count_nonzero(alone, dim=-1)
+        p = chunk.gather(1, labels.unsqueeze(1)).squeeze(1)  # the selecting class's probability
+        M.scatter_add_(1, labels, (p * single).double())
+        T.scatter_add_(1, labels, single.long())
     T = T.double()
     mu = stats.mu.to(device)
     active_d = active.to(device)
@@ -72,13 +81,13 @@ def assign(
     out = torch.empty((batch, flat.shape[-1]), dtype=out_dtype, device=flat.device)
     # pass 2: labels
     for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        sel, k, labels = _selection(chunk, thr_d)  # labels: the selecting class where k == 1
+        sel, k, labels = _selection(chunk, thr_d, ids)  # labels: the selecting class where k == 1
         b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
         if b_idx.numel():
             p = chunk[b_idx, :, v_idx].double()  # (P, C)
             score = increment_score(metric, p, M[b_idx], T[b_idx], mu[b_idx], smooth)
             kk = k[b_idx, v_idx].unsqueeze(1)
-            picked = torch.stack([m[b_idx, v_idx] for m in sel], 1)
+            picked = sel[b_idx, :, v_idx]
             eligible = torch.where(kk > 0, picked, fallback[b_idx])
             best = torch.where(eligible, score, float("-inf")).argmax(1)
             if policy == "void":

@@ -78,7 +78,7 @@ def selection_summary(
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
         c64 = chunk.double()
         sel = chunk > thr_d
-        S += torch.where(sel, c64, 0.0).sum(-1)
+        S += (c64 * sel).sum(-1)
         n += sel.sum(-1)
         logp0 += torch.log1p(-c64).sum(-1)
     return S, n.double(), logp0

