@@ -18,8 +18,10 @@ device="cuda")``: the volume stays on the CPU and is streamed through the GPU ch
 (volume resident on the GPU), ``rankseg008`` (the authors' ``rankseg.functional.rankseg`` 0.0.8).  CUDA paths
 run only when CUDA is available.  Opt-in paths (``--methods``): ``rankseg_uint8`` (``label_dtype=torch.uint8``),
 ``asdiscrete`` (MONAI's ``AsDiscrete(argmax=True)`` on the item ``x[0]``, float32 labels) and ``rankseg_transform``
-(``RankSEG()`` on ``x[0]``, the drop-in replacement: float32 labels written directly).  A path whose estimated
-peak would not fit in the available memory is skipped
+(``RankSEG()`` on ``x[0]``, the drop-in replacement: float32 labels written directly) and ``rankseg_permuted``
+(``rankseg(x.permute(0, 1, 4, 3, 2))``, a non-contiguous view as ``Invertd`` leaves after ``Orientationd``; the
+labels are permuted back for the comparison).  A path whose estimated peak would not fit in the available memory
+is skipped
 (``--force`` runs it anyway).  Usage::
 
     python benchmarks/bench_scale.py                          # CPU: all default volumes (~5 min on 2 cores)
@@ -50,7 +52,7 @@ CUDA_METHODS = ["rankseg_stream_cuda", "rankseg_cuda"]
 #: rough peak extra memory per MiB of float32-equivalent input, for the "does it fit" guard only
 _EST_FACTOR = {"argmax": 1.0, "rankseg": 4.0, "rankseg_chunked": 4.0, "rankseg_stream_cuda": 2.0,
                "rankseg_cuda": 1.0, "rankseg008": 13.0, "rankseg_uint8": 4.0, "asdiscrete": 2.0,
-               "rankseg_transform": 4.0}
+               "rankseg_transform": 4.0, "rankseg_permuted": 5.0}
 
 
 # ------------------------------------------------------------------------------------------------- volume
@@ -116,6 +118,9 @@ def _make_fn(method: str, x, chunk_size: int):
 
     from rankseg_monai.functional import rankseg
 
+    if method == "rankseg_permuted":
+        view = x.permute(0, 1, 4, 3, 2)
+        return lambda: rankseg(view).permute(0, 3, 2, 1)
     kwargs = {"rankseg": {}, "rankseg_cuda": {}, "rankseg_chunked": {"chunk_size": chunk_size},
               "rankseg_stream_cuda": {"device": "cuda"}, "rankseg_uint8": {"label_dtype": torch.uint8}}[method]
     return lambda: rankseg(x, **kwargs)

@@ -22,7 +22,8 @@ from .solvers.validation import (
     check_real,
 )
 
-__all__ = ["rankseg", "parse_pruning_prob", "METRICS", "SOLVERS", "OUTPUT_MODES"]
+__all__ = ["rankseg", "parse_pruning_prob", "check_label_dtype", "check_label_range", "label_range",
+           "smallest_label_dtype", "flat_view", "METRICS", "SOLVERS", "OUTPUT_MODES"]
 
 METRICS = ("dice", "iou", "acc")
 SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
@@ -189,7 +190,8 @@ def rankseg(
 
     Returns:
         label map ``(B, *spatial)`` of ``label_dtype`` (multiclass) or bool masks ``(B, C, *spatial)``
-        (multilabel); a numpy array when ``probs`` was one.
+        (multilabel); a numpy array when ``probs`` was one.  A permuted (non-contiguous) input is read without a
+        copy and gives an output in the same memory order (see :func:`flat_view`).
 
     Example:
         >>> import torch
@@ -273,6 +275,37 @@ def rankseg(
     return out.numpy() if was_numpy else out
 
 
+def flat_view(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(B, C, N)`` view of ``(B, C, *spatial)`` without copying, and the function that shapes results back.
+
+    A contiguous input is reshaped.  A permuted one (e.g. after ``Invertd`` undid an ``Orientationd``, which
+    leaves the spatial dims in memory order ``(1, 2, 0)``) is viewed with its spatial dims in memory order, so
+    no copy of the volume is made; results (``(B, N)`` labels or ``(B, C, N)`` masks) are shaped back into the
+    input's dim order (a view with the input's memory order).  Only layouts that no dim order makes a view of
+    (sliced or overlapping strides) are copied, as ``reshape`` does.
+    """
+    batch, num_classes, *spatial = x.shape
+    ndim = x.dim()
+    if x.is_contiguous() or ndim <= 3:
+        flat = x.reshape(batch, num_classes, -1)
+        return flat, lambda out: out.reshape(*out.shape[:-1], *spatial)
+    perm = sorted(range(2, ndim), key=lambda d: (spatial[d - 2] != 1, -x.stride(d)))  # size-1 dims first
+    try:
+        flat = x.permute(0, 1, *perm).view(batch, num_classes, -1)
+    except RuntimeError:  # no dim order gives a view: copy (as reshape would)
+        flat = x.reshape(batch, num_classes, -1)
+        return flat, lambda out: out.reshape(*out.shape[:-1], *spatial)
+    shape_perm = [spatial[d - 2] for d in perm]
+    inverse = [perm.index(d) for d in range(2, ndim)]
+
+    def unflatten(out: torch.Tensor) -> torch.Tensor:
+        lead = out.dim() - 1  # 1 for labels (B, N), 2 for masks (B, C, N)
+        out = out.reshape(*out.shape[:-1], *shape_perm)
+        return out.permute(*range(lead), *(lead + i for i in inverse))
+
+    return flat, unflatten
+
+
 def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void_index, eps, clamp, device,
               chunk_size, label_dtype=torch.int64):
     batch, num_classes, *spatial = x.shape
@@ -280,12 +313,11 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         shape = (0, *spatial) if output_mode == "multiclass" and num_classes > 1 else (0, num_classes, *spatial)
         return torch.zeros(shape, dtype=label_dtype if len(shape) == len(spatial) + 1 else torch.bool,
                            device=x.device)
-    flat = x.reshape(batch, num_classes, -1)
+    flat, unflatten = flat_view(x)
     stats = _rma.row_statistics(flat, device=device, chunk_size=chunk_size, clamp=clamp,
                                 half=solver == "rma" and metric != "acc")
     if metric == "acc":
-        return _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype).reshape(
-            (batch, *spatial) if output_mode == "multiclass" and num_classes > 1 else (batch, num_classes, *spatial))
+        return unflatten(_accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype))
     auto_prune = isinstance(pruning_prob, str)
     active = stats.vmax > (0.0 if auto_prune else pruning_prob)
     if solver == "rma":
@@ -307,11 +339,10 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
                                                       absence=_pruning.AUTO_MODES[pruning_prob])
         thr = torch.where(active.to(thr.device), thr, torch.full_like(thr, float("inf")))
     if output_mode == "multilabel":
-        return _rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size,
-                                    clamp=clamp).reshape(batch, num_classes, *spatial)
+        return unflatten(_rma.threshold_masks(flat, thr, device=device, chunk_size=chunk_size, clamp=clamp))
     labels = _multiclass.assign(flat, thr, stats, metric, smooth, active, policy, void_index, device=device,
                                 chunk_size=chunk_size, clamp=clamp, out_dtype=label_dtype)
-    return labels.reshape(batch, *spatial)
+    return unflatten(labels)
 
 
 def _accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype=torch.int64):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_monai.functional import check_label_dtype, label_range, rankseg, smallest_label_dtype
+from rankseg_monai.functional import check_label_dtype, flat_view, label_range, rankseg, smallest_label_dtype
 
 
 def _probs(shape, seed=0):
@@ -99,3 +99,46 @@ def test_label_range_and_smallest_label_dtype():
         got = rankseg(x, unassigned_policy=policy, void_index=void, label_dtype=dtype)
         assert got.dtype == dtype
         assert torch.equal(got.long(), rankseg(x, unassigned_policy=policy, void_index=void))
+
+
+# ------------------------------------------------------------------------------------ non-contiguous input
+# dim orders of a contiguous (B, X, Y, Z, C) volume shown as (B, C, ...); the last is channels-last
+PERMS = [(0, 4, 3, 2, 1), (0, 4, 2, 1, 3), (0, 4, 1, 3, 2), (0, 4, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("perm", PERMS, ids=str)
+def test_permuted_input_is_viewed_not_copied(perm):
+    base = _probs((2, 3, 6, 5, 4), seed=9).permute(0, 2, 3, 4, 1).contiguous()  # (B, X, Y, Z, C)
+    x = base.permute(*perm)
+    flat, unflatten = flat_view(x)
+    assert flat.data_ptr() == x.data_ptr() and flat.shape == (x.shape[0], x.shape[1], 120)
+    labels = torch.arange(2 * 120).reshape(2, 120)
+    back = unflatten(labels)
+    assert back.shape == (x.shape[0], *x.shape[2:])
+    # element (b, n) of the flat view is the voxel that unflatten puts at the same place
+    for b in range(2):
+        for c in range(x.shape[1]):
+            assert torch.equal(unflatten(flat[:, c : c + 1])[b, 0], x[b, c])
+    assert unflatten(flat).shape == x.shape and torch.equal(unflatten(flat), x)
+
+
+@pytest.mark.parametrize("perm", PERMS, ids=str)
+@pytest.mark.parametrize("kwargs", [dict(), dict(output_mode="multilabel"), dict(metric="iou", smooth=1.0),
+                                    dict(output_mode="multilabel", solver="ba"), dict(metric="acc", solver="argmax"),
+                                    dict(unassigned_policy="void", label_dtype=torch.uint8), dict(guard=True)],
+                         ids=str)
+def test_permuted_input_gives_the_contiguous_decisions(perm, kwargs):
+    x = _probs((2, 3, 12, 10, 8), seed=10).permute(0, 2, 3, 4, 1).contiguous().permute(*perm)
+    assert not x.is_contiguous() and flat_view(x)[0].data_ptr() == x.data_ptr()
+    got, want = rankseg(x, **kwargs), rankseg(x.contiguous(), **kwargs)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_strided_and_sliced_inputs():
+    x = _probs((1, 3, 12, 10, 8), seed=12)[..., ::2]  # a step along the last dim: still a (strided) view
+    assert flat_view(x)[0].data_ptr() == x.data_ptr()
+    assert torch.equal(rankseg(x), rankseg(x.contiguous()))
+    y = _probs((1, 3, 12, 10, 8), seed=12)[:, :, :, :3]  # a slice of a middle dim: no dim order gives a view
+    flat, _ = flat_view(y)
+    assert flat.is_contiguous() and flat.data_ptr() != y.data_ptr()
+    assert torch.equal(rankseg(y), rankseg(y.contiguous()))
