@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .functional import rankseg
+from .functional import numpy_as_tensor, rankseg
 
 __all__ = [
     "UNCERTAIN_BAND",
@@ -72,7 +72,7 @@ _FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------------- inputs
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return numpy_as_tensor(x)
     if isinstance(x, torch.Tensor):
         return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
@@ -868,7 +868,7 @@ def guarded_rankseg(
     metric = str(rankseg_kwargs.get("metric", "dice")).strip().lower()
     if cfg is None or metric in ("acc", "accuracy"):
         return (out, {}) if return_info else out
-    x = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(probs))
+    x = probs if isinstance(probs, torch.Tensor) else numpy_as_tensor(probs)
     x = x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
     if rankseg_kwargs.get("clamp"):
         x = x.clamp(0.0, 1.0)

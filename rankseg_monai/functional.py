@@ -23,7 +23,7 @@ from .solvers.validation import (
 )
 
 __all__ = ["rankseg", "parse_pruning_prob", "check_label_dtype", "check_label_range", "label_range",
-           "smallest_label_dtype", "flat_view", "METRICS", "SOLVERS", "OUTPUT_MODES"]
+           "smallest_label_dtype", "flat_view", "numpy_as_tensor", "METRICS", "SOLVERS", "OUTPUT_MODES"]
 
 METRICS = ("dice", "iou", "acc")
 SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
@@ -117,6 +117,15 @@ def smallest_label_dtype(low: int, high: int) -> torch.dtype:
     return torch.int64
 
 
+def numpy_as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory whatever its strides (no copy of a Fortran-ordered or transposed volume);
+    only negative strides (``np.flip`` views) or a non-native byte order are copied."""
+    try:
+        return torch.from_numpy(a)
+    except ValueError:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
+
+
 def _to_tensor(probs: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(probs, np.ndarray):
         if probs.dtype.kind not in "f":
@@ -126,7 +135,7 @@ def _to_tensor(probs: Any) -> tuple[torch.Tensor, bool]:
                 f"probs has dtype {probs.dtype}: pass floating-point probabilities; for a label map use "
                 "monai.transforms.AsDiscrete(to_onehot=C) instead of RankSEG"
             )
-        return torch.from_numpy(np.ascontiguousarray(probs)), True
+        return numpy_as_tensor(probs), True
     if isinstance(probs, torch.Tensor):
         return probs.as_subclass(torch.Tensor) if type(probs) is not torch.Tensor else probs, False
     raise TypeError(f"probs must be a torch.Tensor or numpy.ndarray, got {type(probs).__name__}")

@@ -25,7 +25,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
-from .functional import check_label_dtype, check_label_range, label_range, rankseg, smallest_label_dtype
+from .functional import (
+    check_label_dtype,
+    check_label_range,
+    label_range,
+    numpy_as_tensor,
+    rankseg,
+    smallest_label_dtype,
+)
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
@@ -268,7 +275,7 @@ class RankSEG(Transform):
         if not isinstance(img, torch.Tensor | np.ndarray):
             raise TypeError(f"RankSEG expects a torch.Tensor, MetaTensor or numpy.ndarray, got {type(img).__name__}")
         x = img.as_tensor() if isinstance(img, MetaTensor) else img
-        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        x = numpy_as_tensor(x) if isinstance(x, np.ndarray) else x
         self._check_shape(tuple(x.shape))
         num_channels = x.shape[0]
 

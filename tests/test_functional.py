@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_monai.functional import check_label_dtype, flat_view, label_range, rankseg, smallest_label_dtype
+from rankseg_monai.functional import (
+    check_label_dtype,
+    flat_view,
+    label_range,
+    numpy_as_tensor,
+    rankseg,
+    smallest_label_dtype,
+)
 
 
 def _probs(shape, seed=0):
@@ -142,3 +149,16 @@ def test_strided_and_sliced_inputs():
     flat, _ = flat_view(y)
     assert flat.is_contiguous() and flat.data_ptr() != y.data_ptr()
     assert torch.equal(rankseg(y), rankseg(y.contiguous()))
+
+
+def test_numpy_inputs_are_shared_not_copied():
+    base = _probs((1, 3, 8, 7, 6), seed=13).numpy()
+    fortran = np.asfortranarray(base)  # what a column-major reader gives
+    t = numpy_as_tensor(fortran)
+    assert t.data_ptr() == fortran.ctypes.data and flat_view(t)[0].data_ptr() == t.data_ptr()
+    assert np.array_equal(rankseg(fortran), rankseg(base))
+    flipped = base[..., ::-1]  # negative strides: torch cannot view them, so this one is copied
+    assert np.array_equal(numpy_as_tensor(flipped).numpy(), flipped)
+    assert np.array_equal(rankseg(flipped), rankseg(np.ascontiguousarray(flipped)))
+    swapped = base.astype(base.dtype.newbyteorder(">"))  # big-endian (e.g. from some NIfTI files)
+    assert np.array_equal(rankseg(swapped), rankseg(base))
