@@ -208,6 +208,9 @@ def rankseg(
         >>> p = torch.tensor([[[0.9, 0.6, 0.45, 0.1]]])  # (B=1, C=1, N=4)
         >>> rankseg(p, output_mode="multilabel", pruning_prob=0.0)
         tensor([[[ True,  True,  True, False]]])
+        >>> probs = torch.tensor([[[0.7, 0.2], [0.3, 0.8]]])  # (B=1, C=2, N=2): a label map
+        >>> rankseg(probs, label_dtype=torch.uint8)
+        tensor([[0, 1]], dtype=torch.uint8)
     """
     label_dtype = check_label_dtype(label_dtype)
     if guard not in (None, False):
