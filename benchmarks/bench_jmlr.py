@@ -1,6 +1,6 @@
 """Time RankSEG-BA / TRNA / BA+TRNA / exact of rankseg_monai against rankseg 0.0.8 (CPU).
 
-    python benchmarks/bench_jmlr.py [--repeats 15] [--ref-repeats 5] [--threads N]
+    python benchmarks/bench_jmlr.py [--repeats 15] [--ref-repeats 5] [--threads N] [--large]
 
 Inputs are float32 blob-shaped probability volumes (a noisy logistic ball, seed fixed).  For every case it prints
 the median wall time of ``rankseg_monai.functional.rankseg`` (the whole entry: value checks, statistics, solver,
@@ -73,6 +73,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15, help="timed runs of ours (median)")
     parser.add_argument("--ref-repeats", type=int, default=5, help="timed runs of rankseg 0.0.8 (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    parser.add_argument("--large", action="store_true",
+                        help="add BA on 128^3 and 192^3 (0.0.8 takes ~3 s and ~30 s there: timed once)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +91,10 @@ def main():
         ("BA+TRNA (1,1,64,64,64)", "ba+trna", blob((64, 64, 64), seed=1)),
         ("BA+TRNA (1,1,32,32,32) sharp", "ba+trna", blob((32, 32, 32), seed=2, sharp=200.0, noise=0.1, radius=0.25)),
     ]
+    if args.large:
+        cases += [(f"BA (1,1,{s},{s},{s})", "ba", blob((s, s, s), seed=1, radius=0.3)) for s in (128, 192)]
     for name, solver, x in cases:
+        ref_repeats = 1 if x.numel() > 64**3 else args.ref_repeats
         kw = dict(metric="dice", output_mode="multilabel", solver=solver)
         rankseg(x, **kw)  # warm-up
         t_ours, mine = median_time(lambda x=x, kw=kw: rankseg(x, **kw), args.repeats)
@@ -99,7 +104,7 @@ def main():
             lambda x=x, s=stats, a=active, v=solver: ba_mod.ba_thresholds(x.flatten(2), s, v, 0.0, 1e-4, a),
             args.repeats,
         )
-        t_ref, theirs = median_time(lambda x=x, kw=kw: ref(x, **kw), args.ref_repeats)
+        t_ref, theirs = median_time(lambda x=x, kw=kw: ref(x, **kw), ref_repeats)
         theirs64 = ref(x.double(), **kw)
         eq32, eq64 = torch.equal(mine, theirs), torch.equal(mine, theirs64)
         p = x.flatten().double().numpy()
