@@ -13,9 +13,10 @@ All metrics come from MONAI: ``monai.metrics.DiceMetric`` and ``HausdorffDistanc
 Functions (the demo and the CLI both use these; every array is a numpy array, spatial order as read):
 
 ``decide(probs, method="rankseg", *, metric="dice", solver="rma", output_mode=None, smooth=0.0,
-pruning_prob=0.5, device=None, **rankseg_kwargs) -> np.ndarray``
-    ``probs`` ``(C, *spatial)``.  ``method`` ``"argmax"`` or ``"rankseg"``.  Returns an int64 label map
-    ``(*spatial)`` (multiclass; binary 0/1 when ``C == 1``) or bool masks ``(C, *spatial)`` (multilabel).
+pruning_prob=0.5, device=None, label_dtype=np.int64, **rankseg_kwargs) -> np.ndarray``
+    ``probs`` ``(C, *spatial)``.  ``method`` ``"argmax"`` or ``"rankseg"``.  Returns a label map
+    ``(*spatial)`` of ``label_dtype`` (multiclass; binary 0/1 when ``C == 1``) or bool masks ``(C, *spatial)``
+    (multilabel).  A ``label_dtype`` that cannot hold every label raises a ``ValueError`` naming the fix.
 
 ``evaluate_masks(predictions, label, spacing, classes, *, case="", ignore_empty=False) -> dict``
     ``predictions`` ``{method: label map}``; ``label`` integer label map; ``spacing`` mm per axis; ``classes``
@@ -24,8 +25,9 @@ pruning_prob=0.5, device=None, **rankseg_kwargs) -> np.ndarray``
 
 ``compare_case(probs, label, spacing, classes=None, *, case="", methods=("argmax", "rankseg"),
 ignore_empty=False, return_predictions=False, **decide_kwargs) -> dict``
-    Checks the labels against the class range, makes each method's decision with :func:`decide` and scores
-    them with :func:`evaluate_masks`.  ``classes=None``: every foreground class ``1..C-1`` (``[1]`` if
+    Checks the labels against the class range, makes each method's decision with :func:`decide` (in the
+    narrowest integer type that holds the labels, unless ``label_dtype`` is given) and scores them with
+    :func:`evaluate_masks`.  ``classes=None``: every foreground class ``1..C-1`` (``[1]`` if
     ``C == 1``).  With ``return_predictions=True`` the result also holds ``"predictions": {method: map}``.
 
 ``case_rows(result, baseline="argmax", candidate="rankseg") -> list[dict]``
@@ -60,7 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .functional import rankseg
+from .functional import check_label_dtype, rankseg, smallest_label_dtype
+from .functional import check_label_range as _check_dtype_range
 from .io import VolumeError, atomic_write
 
 __all__ = [
@@ -83,7 +86,7 @@ METHODS = ("argmax", "rankseg")
 
 def decide(probs: np.ndarray, method: str = "rankseg", *, metric: str = "dice", solver: str = "rma",
            output_mode: str | None = None, smooth: float = 0.0, pruning_prob: float = 0.5,
-           device: str | None = None, **rankseg_kwargs: Any) -> np.ndarray:
+           device: str | None = None, label_dtype: Any = np.int64, **rankseg_kwargs: Any) -> np.ndarray:
     """One decision for one case; see the module docstring."""
     probs = np.asarray(probs)
     if probs.ndim < 2:
@@ -91,17 +94,22 @@ def decide(probs: np.ndarray, method: str = "rankseg", *, metric: str = "dice", 
     num_classes = probs.shape[0]
     binary = num_classes == 1 and output_mode in (None, "binary")
     mode = "multilabel" if binary else (output_mode or "multiclass")
+    dtype = check_label_dtype(label_dtype)
+    if dtype == torch.bfloat16:
+        raise ValueError("label_dtype=bfloat16: numpy has no bfloat16; use np.uint8, np.int64 or np.float32")
+    _check_dtype_range(dtype, 0, max(num_classes - 1, 1))
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     if method == "argmax":
         if mode == "multilabel":
             masks = probs > 0.5
-            return masks[0].astype(np.int64) if binary else masks
-        return np.argmax(probs, axis=0).astype(np.int64)
+            return masks[0].astype(np_dtype) if binary else masks
+        return np.argmax(probs, axis=0).astype(np_dtype, copy=False)
     if method != "rankseg":
         raise ValueError(f"unknown method {method!r}: use 'argmax' or 'rankseg'")
-    out = rankseg(np.ascontiguousarray(probs)[None], metric=metric, smooth=smooth, output_mode=mode, solver=solver,
-                  pruning_prob=pruning_prob, device=device, **rankseg_kwargs)
+    out = rankseg(probs[None], metric=metric, smooth=smooth, output_mode=mode, solver=solver,
+                  pruning_prob=pruning_prob, device=device, label_dtype=dtype, **rankseg_kwargs)
     out = np.asarray(out)[0]
-    return out[0].astype(np.int64) if binary else out
+    return out[0].astype(np_dtype) if binary else out
 
 
 def default_classes(num_classes: int) -> list[int]:
@@ -184,6 +192,7 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
         if not 0 <= c < max(num_classes, 2):
             raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
                              "probabilities")
+    decide_kwargs.setdefault("label_dtype", smallest_label_dtype(0, max(num_classes - 1, 1)))
     predictions = {m: decide(probs, m, **decide_kwargs) for m in methods}
     result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty)
     if return_predictions:

@@ -63,6 +63,27 @@ def test_compare_case_equals_monai_on_functional_output(case):
         assert r["hd95_gain_mm"] == res["metrics"]["argmax"]["hd95"][i] - res["metrics"]["rankseg"]["hd95"][i]
 
 
+def test_decisions_in_a_narrow_label_dtype(case):
+    probs, label, _ = case
+    for method in ("argmax", "rankseg"):
+        wide = ev.decide(probs, method)
+        assert wide.dtype == np.int64  # the default is unchanged
+        for dtype in (np.uint8, np.int16, "float32"):
+            narrow = ev.decide(probs, method, label_dtype=dtype)
+            assert narrow.dtype == np.dtype(dtype) and np.array_equal(narrow, wide)
+    with pytest.raises(ValueError, match="cannot hold the label"):
+        ev.decide(np.full((300, 2, 2), 1 / 300, dtype=np.float32), "argmax", label_dtype=np.int8)
+    fg = probs[1:2]  # one foreground channel: binary 0/1 in the requested dtype
+    assert ev.decide(fg, "rankseg", label_dtype=np.uint8).dtype == np.uint8
+    # compare_case decides in uint8 here (4 classes) and scores exactly as with int64 maps
+    res = ev.compare_case(probs, label, SPACING, return_predictions=True)
+    assert all(p.dtype == np.uint8 for p in res["predictions"].values())
+    res64 = ev.compare_case(probs, label, SPACING, label_dtype=np.int64)
+    for method in ("argmax", "rankseg"):
+        for key in ("dice", "hd95", "pred_voxels"):
+            assert_same(res["metrics"][method][key], res64["metrics"][method][key])
+
+
 def test_iou_options_reach_the_solver(case):
     probs, label, _ = case
     res = ev.compare_case(probs, label, SPACING, classes=[2], metric="iou", pruning_prob=0.0,
