@@ -332,6 +332,10 @@ def _dispatch(x, metric, smooth, output_mode, solver, pruning_prob, policy, void
         return unflatten(_accuracy(flat, stats, output_mode, solver, device, chunk_size, clamp, label_dtype))
     auto_prune = isinstance(pruning_prob, str)
     active = stats.vmax > (0.0 if auto_prune else pruning_prob)
+    if auto_prune:  # rows the automatic rule can never keep are not solved (same result, less work)
+        from .solvers import pruning as _pruning
+
+        active = active & _pruning.auto_candidates(stats, metric, smooth, _pruning.AUTO_MODES[pruning_prob])
     if solver == "rma":
         thr = _rma.rma_thresholds(flat, stats, metric, smooth, active, device=device, chunk_size=chunk_size,
                                   clamp=clamp)

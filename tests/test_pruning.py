@@ -13,7 +13,7 @@ import torch
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import pruning
-from rankseg_monai.solvers.objectives import rma_score
+from rankseg_monai.solvers.objectives import rma_score, rma_score_bound
 from rankseg_monai.solvers.rma import row_statistics
 
 torch.set_num_threads(1)
@@ -106,6 +106,42 @@ def test_auto_active_from_thresholds_matches_the_pieces():
     best = rma_score("dice", S, n, stats.mu, 0.0)
     torch.testing.assert_close(active, pruning.auto_active(stats, best, logp0) & (n > 0))
     assert not bool(active[0, 1]) and bool(active[1].all())
+
+
+@pytest.mark.parametrize("metric,smooth", [("dice", 0.0), ("dice", 1.0), ("iou", 0.0), ("iou", 2.0)])
+def test_score_bound_is_above_every_selection(metric, smooth):
+    rng = np.random.default_rng(4)
+    for case in range(40):
+        n_vox = int(rng.integers(1, 60))
+        p = rng.beta(rng.uniform(0.1, 2), rng.uniform(0.5, 30), size=n_vox) * rng.uniform(0.01, 1)
+        mu, vmax = torch.tensor(p.sum()), torch.tensor(p.max())
+        bound = float(rma_score_bound(metric, mu, vmax, smooth))
+        desc = np.sort(p)[::-1]
+        sets = [desc[:k] for k in range(1, n_vox + 1)]  # every top-k set (the solver's candidates)
+        sets += [p[rng.random(n_vox) < 0.5] for _ in range(20)]  # and random ones
+        for sel in sets:
+            if sel.size == 0:
+                continue
+            f = float(rma_score(metric, torch.tensor(sel.sum()), torch.tensor(float(sel.size)), mu, smooth))
+            assert f <= bound + 1e-12, (case, metric, smooth, f, bound)
+
+
+def test_candidates_skip_only_rows_that_auto_would_prune(monkeypatch):
+    """Not solving rows the rule can never keep changes no decision (and does skip rows)."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 12, 10, 9, 8, generator=g)
+    logits[:, :6] -= 6.0  # six clearly absent classes (max p of a few percent)
+    x = torch.softmax(logits, 1)
+    stats = row_statistics(x.flatten(2))
+    assert not bool(pruning.auto_candidates(stats, "dice", 0.0, "mixed")[:, :6].any())
+    assert bool(pruning.auto_candidates(stats, "dice", 0.0, "mixed")[:, 6:].all())
+    settings = [dict(metric="dice"), dict(metric="iou"), dict(metric="dice", smooth=1.0),
+                dict(output_mode="multilabel"), dict(output_mode="multilabel", solver="ba")]
+    runs = [(pp, kw) for pp in ("auto", "auto-correlated", "auto-independent") for kw in settings]
+    results = [rankseg(x, pruning_prob=pp, **kw) for pp, kw in runs]
+    monkeypatch.setattr(pruning, "auto_candidates", lambda stats, *a, **k: stats.vmax > 0)  # solve every row
+    for (pp, kw), got in zip(runs, results):
+        assert torch.equal(got, rankseg(x, pruning_prob=pp, **kw)), (pp, kw)
 
 
 def test_absence_models():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rma_score", "dinkelbach_threshold", "dice_increment_bound", "increment_score"]
+__all__ = ["rma_score", "rma_score_bound", "dinkelbach_threshold", "dice_increment_bound", "increment_score"]
 
 
 def rma_score(metric: str, S: torch.Tensor, n: torch.Tensor, mu: torch.Tensor, smooth: float) -> torch.Tensor:
@@ -28,6 +28,32 @@ def rma_score(metric: str, S: torch.Tensor, n: torch.Tensor, mu: torch.Tensor, s
     denom = mu - S + n + smooth
     num = S + smooth
     return torch.where(denom > 0, num / torch.where(denom > 0, denom, 1.0), torch.zeros_like(num))
+
+
+def rma_score_bound(metric: str, mu: torch.Tensor, vmax: torch.Tensor, smooth: float) -> torch.Tensor:
+    """An upper bound of :func:`rma_score` over every non-empty selection of a row (float64, from ``mu``, ``vmax``).
+
+    A selection of ``n >= 1`` voxels has ``S <= min(n vmax, mu)``, and both objectives increase with ``S``.
+    Dice: ``2 min(n vmax, mu) / (mu + n + 1 + s)`` peaks at ``n = mu / vmax``, and ``s / (mu + n + s)`` at
+    ``n = 1``.  IoU: ``(min(n vmax, mu) + s) / (mu - min(n vmax, mu) + n + s)`` is monotone on
+    ``[1, mu / vmax]`` and decreasing after it, so it peaks at one of the two ends.
+    """
+    vmax = vmax.clamp(0.0, 1.0)
+    safe_v = torch.where(vmax > 0, vmax, 1.0)
+    knee = torch.where(vmax > 0, torch.maximum(mu / safe_v, torch.ones_like(mu)), torch.ones_like(mu))
+    if metric == "dice":
+        bound = 2.0 * mu / (mu + knee + 1.0 + smooth)
+        if smooth > 0:
+            bound = bound + smooth / (mu + 1.0 + smooth)
+    else:
+        ends = []
+        for n in (torch.ones_like(mu), knee):
+            S = torch.minimum(n * vmax, mu)
+            denom = mu - S + n + smooth
+            ends.append(torch.where(denom > 0, (S + smooth) / torch.where(denom > 0, denom, 1.0), 0.0))
+        bound = torch.maximum(*ends)
+    return torch.where(vmax > 0, bound, torch.zeros_like(bound) + (smooth / (mu + 1.0 + smooth) if smooth > 0
+                                                                   else 0.0))
 
 
 def dinkelbach_threshold(metric: str, f: torch.Tensor) -> torch.Tensor:

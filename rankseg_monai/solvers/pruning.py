@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import rma_score
+from .objectives import rma_score, rma_score_bound
 from .rma import RowStats, iter_chunks
 
 __all__ = ["ABSENCE_MODELS", "AUTO_MODES", "log_prob_absent", "selection_summary", "empty_value", "auto_active",
-           "auto_active_from_thresholds"]
+           "auto_active_from_thresholds", "auto_candidates"]
 
 
 @torch.no_grad()
@@ -135,6 +135,23 @@ def auto_active(
         log_p_absent = torch.log(0.5 * corr + 0.5 * torch.exp(log_p_absent))  # log(0) = -inf: never absent
     baseline = empty_value(log_p_absent, mu, smooth)
     return (best_value > baseline) & (stats.vmax.to(best_value.device) > 0)
+
+
+def auto_candidates(stats: RowStats, metric: str, smooth: float, absence: str = "mixed") -> torch.Tensor:
+    """bool ``(B, C)``: the rows :func:`auto_active` could keep, known before solving (from ``mu`` and ``vmax``).
+
+    A row's best objective is at most :func:`~rankseg_monai.solvers.objectives.rma_score_bound`, and the empty
+    mask's expected score is at least ``P0``, which is at least ``1 - max p`` (``"correlated"``) or half of it
+    (``"mixed"``).  A row whose bound is below that can never be kept, so it need not be solved: the result is
+    the same, and a class that is clearly absent (all its probabilities small, as for most of the classes of
+    a whole-body model on one scan) costs no band pass.  ``"independent"`` has no such floor: every row stays.
+    """
+    vmax = stats.vmax.clamp(0.0, 1.0)
+    if absence == "independent":
+        return vmax > 0
+    floor = 1.0 - vmax if absence == "correlated" else 0.5 * (1.0 - vmax)
+    bound = rma_score_bound(metric, stats.mu, vmax, smooth)
+    return (vmax > 0) & (bound >= floor - 1e-9)  # margin: far above rounding, so no row is dropped by it
 
 
 @torch.no_grad()
