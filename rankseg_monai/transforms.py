@@ -296,7 +296,9 @@ class RankSEG(Transform):
         out = out if out.ndim == x.ndim else out[0]
         if to_onehot is not None:
             out = self._onehot(out, to_onehot, num_channels, unassigned_policy, void_index)
-        result, *_ = convert_to_dst_type(out, img, dtype=self.dtype)
+        # a permuted input (e.g. after Invertd) is solved without a copy and gives a view in its memory order;
+        # the transform returns a contiguous result, as AsDiscrete does (an output-sized copy at most)
+        result, *_ = convert_to_dst_type(out.contiguous(), img, dtype=self.dtype)
         return result
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:

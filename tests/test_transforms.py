@@ -286,6 +286,16 @@ def test_label_map_is_written_in_the_output_dtype(monkeypatch):
     assert seen[-1] == torch.int16
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(to_onehot=3), dict(output_mode="multilabel")], ids=str)
+def test_permuted_input_gives_a_contiguous_result_like_asdiscrete(kwargs):
+    x = _probs((3, 8, 7, 6), seed=9)
+    permuted = x.permute(0, 3, 2, 1)  # what Invertd leaves after Orientationd
+    meta = _as("meta", permuted)
+    assert not meta.is_contiguous()
+    out = RankSEG(**kwargs)(meta)
+    assert out.is_contiguous() and torch.equal(out.as_tensor(), RankSEG(**kwargs)(permuted.contiguous()))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 def test_cuda_device():
