@@ -53,14 +53,9 @@ def row_scores(x, solver, smooth=0.0, eps=1e-4):
     mu, n = float(p.astype(np.float64).sum()), p.size
     var, m3 = ba_mod.row_moments(p)
     var_eps = ba_mod._working_eps(x.dtype)
-    safe = max(var, var_eps)
-    scale, skew = np.sqrt(safe), m3 / safe**1.5
     head, up, at_b = ba_mod.sorted_head(p, mu, smooth)
     U, _ = ba_mod._boundaries(head, up, at_b)
-    zlo, zhi = ba_mod.refined_normal_interval(np.array([skew]), eps)
-    lq = int(min(max(np.floor(scale * zlo[0] + mu) - 1, 0), n))
-    uq = int(min(max(np.ceil(scale * zhi[0] + mu), 0), n))
-    pmf = ba_mod._normalise(ba_mod._pmf_on_support(lq, uq, mu, scale, skew))
+    scale, lq, uq, pmf = ba_mod.refined_normal_law(n, mu, var, m3, var_eps, eps)
     if solver == "ba+trna":
         solver = "ba" if 1.0 / max(scale, 1e-8) < 0.2 else "trna"
     if solver == "ba":

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .functional import check_label_dtype, rankseg, smallest_label_dtype
+from .functional import check_label_dtype, label_range, rankseg, smallest_label_dtype
 from .functional import check_label_range as _check_dtype_range
 from .io import VolumeError, atomic_write
 
@@ -192,7 +192,7 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
         if not 0 <= c < max(num_classes, 2):
             raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
                              "probabilities")
-    decide_kwargs.setdefault("label_dtype", smallest_label_dtype(0, max(num_classes - 1, 1)))
+    decide_kwargs.setdefault("label_dtype", smallest_label_dtype(*label_range(max(num_classes, 2))))
     predictions = {m: decide(probs, m, **decide_kwargs) for m in methods}
     result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty)
     if return_predictions:

@@ -222,8 +222,10 @@ def rankseg(
         is_bool = out.dtype == (np.bool_ if isinstance(out, np.ndarray) else torch.bool)
         if is_bool or label_dtype == torch.int64:
             return out
-        low, high = min(0, int(out.min())), max(0, int(out.max()))  # the guard needs int64 labels internally
-        check_label_range(label_dtype, low, high)
+        # the guard works on int64 labels; the same range check as below, then one conversion
+        acc = str(metric).strip().lower() in ("acc", "accuracy")
+        check_label_range(label_dtype, *label_range(probs.shape[1], "max_score" if acc else unassigned_policy,
+                                                    void_index))
         if isinstance(out, np.ndarray):
             return out.astype(torch.empty(0, dtype=label_dtype).numpy().dtype)
         return out.to(label_dtype)

@@ -84,12 +84,7 @@ def test_vectorised_scores_equal_naive_per_tau_scores(smooth):
     n, mu = p.size, float(p.sum())
     var, m3 = ba_mod.row_moments(p)
     eps = 1e-4
-    safe = max(var, np.finfo(np.float64).eps)
-    scale, skew = np.sqrt(safe), m3 / safe**1.5
-    zlo, zhi = ba_mod.refined_normal_interval(np.array([skew]), eps)
-    lq = int(min(max(np.floor(scale * zlo[0] + mu) - 1, 0), n))
-    uq = int(min(max(np.ceil(scale * zhi[0] + mu), 0), n))
-    pmf = ba_mod._normalise(ba_mod._pmf_on_support(lq, uq, mu, scale, skew))
+    _, lq, uq, pmf = ba_mod.refined_normal_law(n, mu, var, m3, np.finfo(np.float64).eps, eps)
     scaled = smooth >= 1
     U = n
     got_ba = ba_mod._ba_scores(p, U, pmf, lq, smooth, scaled)
@@ -110,11 +105,7 @@ def test_vectorised_scores_equal_naive_per_tau_scores(smooth):
 def _ba_inputs(p, smooth):
     mu, n = float(p.astype(np.float64).sum()), p.size
     var, m3 = ba_mod.row_moments(p)
-    scale, skew = np.sqrt(var), m3 / var**1.5
-    zlo, zhi = ba_mod.refined_normal_interval(np.array([skew]), 1e-4)
-    lq = int(min(max(np.floor(scale * zlo[0] + mu) - 1, 0), n))
-    uq = int(min(max(np.ceil(scale * zhi[0] + mu), 0), n))
-    pmf = ba_mod._normalise(ba_mod._pmf_on_support(lq, uq, mu, scale, skew))
+    _, lq, _, pmf = ba_mod.refined_normal_law(n, mu, var, m3, np.finfo(np.float64).eps, 1e-4)
     head, S, up, at_b = ba_mod.sorted_head_sums(p, mu, smooth)
     U, cand = ba_mod._boundaries(head, up, at_b)
     return head, S, U, cand, pmf, lq

@@ -47,6 +47,7 @@ from .rma import RowStats
 __all__ = [
     "ba_thresholds",
     "refined_normal_interval",
+    "refined_normal_law",
     "sorted_head",
     "sorted_head_sums",
     "threshold_from_tau",
@@ -240,6 +241,21 @@ def _pmf_on_support(lq: int, uq: int, loc, scale, skew) -> np.ndarray:
     k = np.arange(lq - 1, uq + 1, dtype=np.float64)
     cdf = _refined_cdf(k, loc, scale, skew)
     return np.clip(cdf[..., 1:] - cdf[..., :-1], 0.0, 1.0)
+
+
+def refined_normal_law(n: int, mu: float, var: float, m3: float, var_eps: float, eps: float):
+    """Gamma's truncated refined normal law for one row: ``(scale, lq, uq, pmf)``, ``pmf`` on ``lq..uq``.
+
+    ``var``/``m3`` from :func:`row_moments`; the variance is clamped at ``var_eps`` (0.0.8's working epsilon) and
+    the support is SciPy's ``interval(1 - eps)`` of the standardised law, as in rankseg 0.0.8.
+    """
+    safe = max(var, var_eps)
+    scale = math.sqrt(safe)
+    skew = m3 / safe ** (3 / 2)
+    zlo, zhi = refined_normal_interval(np.array([skew]), eps)
+    lq = int(min(max(math.floor(scale * zlo[0] + mu) - 1, 0), n))
+    uq = int(min(max(math.ceil(scale * zhi[0] + mu), 0), n))
+    return scale, lq, uq, _normalise(_pmf_on_support(lq, uq, mu, scale, skew))
 
 
 def _normalise(pmf: np.ndarray) -> np.ndarray:
@@ -477,15 +493,9 @@ def ba_thresholds(
         mu = float(mu_all[b, c])
         t1 = _lemma3_bound(n, smooth, mu)
         var, m3, *rest = row_moments(values, t1)
-        safe = max(var, var_eps)
-        scale = math.sqrt(safe)
-        skew = m3 / safe ** (3 / 2)
         head, S, up, at_boundary = sorted_head_sums(values, mu, smooth, rest[0] if rest else None)
         U, cand = _boundaries(head, up, at_boundary)
-        zlo, zhi = refined_normal_interval(np.array([skew]), eps)
-        lq = int(min(max(math.floor(scale * zlo[0] + mu) - 1, 0), n))
-        uq = int(min(max(math.ceil(scale * zhi[0] + mu), 0), n))
-        pmf = _normalise(_pmf_on_support(lq, uq, mu, scale, skew))
+        scale, lq, uq, pmf = refined_normal_law(n, mu, var, m3, var_eps, eps)
         use_ba = solver == "ba" or (solver == "ba+trna" and 1.0 / max(scale, 1e-8) < 0.2)
         if use_ba:
             tau = _ba_best(head, U, cand, pmf, lq, smooth, scaled, S)
