@@ -7,7 +7,7 @@ class pruning (``pruning_prob`` 0.5 / 0 / "auto").
 
 Everything is seeded; the truth of every synthetic case is drawn voxel-wise from known probabilities, so
 "calibrated" has an exact meaning there.  The demo sections use the shipped demo UNet on held-out phantoms
-(``rankseg_monai.demo``): test seeds 1 000 000+, calibration seeds 2 000 000+ (never the same cases), and
+(``rankseg_monai.app.demo``): test seeds 1 000 000+, calibration seeds 2 000 000+ (never the same cases), and
 lesion-optional phantoms (``num_lesions=(0, 2)``) from seed 3 000 000.  Dice: an empty prediction of an absent
 class scores 1 (MONAI ``DiceMetric(ignore_empty=False)``); "IE=True" columns skip those cases instead.
 """
@@ -88,8 +88,8 @@ def dice_per_class(pred_labels, truth, classes):
 def demo_logits(seeds, **phantom_kwargs):
     from monai.inferers import SlidingWindowInferer
 
-    from rankseg_monai.demo import load_demo_model
-    from rankseg_monai.synthetic import make_phantom
+    from rankseg_monai.app.demo import load_demo_model
+    from rankseg_monai.app.synthetic import make_phantom
 
     net, meta = load_demo_model()
     inferer = SlidingWindowInferer(roi_size=tuple(meta["roi_size"]), sw_batch_size=4, overlap=0.25, mode="gaussian")

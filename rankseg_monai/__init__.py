@@ -18,6 +18,8 @@ _LAZY = {
     "RankSEGDict": "transforms",
     "RankSEGHandler": "handlers",
     "HausdorffDistance95": "handlers",
+    "HausdorffDistance95Metric": "metrics",
+    "RankSEGOptions": "options",
 }
 
 __all__ = ["rankseg", "__version__", *_LAZY]

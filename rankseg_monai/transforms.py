@@ -6,14 +6,14 @@ kind of input: one **channel-first item without batch dim**, ``(C, *spatial)``, 
 decollated first (``monai.data.decollate_batch``), as for every MONAI post transform; inside an Ignite engine use
 :class:`rankseg_monai.handlers.RankSEGHandler` or put :class:`RankSEGd` in the engine's ``postprocessing``.
 
-The decision itself is :func:`rankseg_monai.functional.rankseg`; these classes only adapt layout, activation and
-types to MONAI's conventions.
+The decision itself is :func:`rankseg_monai.functional.decide` with the options validated once at construction
+(:class:`rankseg_monai.options.RankSEGOptions`); these classes only adapt layout, activation and types to
+MONAI's conventions.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -21,85 +21,67 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
-from .functional import (
+from ._arrays import as_tensor
+from .activation import activate
+from .functional import decide
+from .options import (
+    DEFAULT_PRUNING_PROB,
+    DEFAULT_VOID_INDEX,
+    RankSEGOptions,
+    check_label_capacity,
     check_label_dtype,
-    check_label_range,
     label_range,
-    numpy_as_tensor,
-    rankseg,
     smallest_label_dtype,
 )
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
-_UNSET: Any = None  # marker name for "use the value given at construction" in ``__call__``
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RankSEGOptions))
 
 
-def _check_temperature(temperature: Any) -> float | tuple[float, ...] | None:
-    """``None``, a positive finite scalar, or a non-empty sequence of them (one per channel, or length 1)."""
-    if temperature is None:
-        return None
-    if isinstance(temperature, torch.Tensor | np.ndarray):
-        temperature = temperature.tolist()
-    if isinstance(temperature, bool):
-        raise TypeError("temperature must be a positive number or a sequence of positive numbers, got a bool")
-    values = [temperature] if isinstance(temperature, Real) else temperature
-    if not issequenceiterable(values) or len(values) == 0:
-        raise TypeError(
-            f"temperature must be a positive number or a non-empty sequence of them (one per channel), got "
-            f"{temperature!r}"
-        )
-    out = []
-    for t in values:
-        if isinstance(t, bool) or not isinstance(t, Real):
-            raise TypeError(f"temperature values must be real numbers, got {t!r}")
-        if not (math.isfinite(float(t)) and float(t) > 0.0):
-            raise ValueError(f"temperature values must be finite and > 0, got {t!r}")
-        out.append(float(t))
-    return out[0] if isinstance(temperature, Real) else tuple(out)
-
-
-def _check_activation(softmax: bool, sigmoid: bool, temperature: Any) -> None:
-    if softmax and sigmoid:
-        raise ValueError(
-            "softmax=True and sigmoid=True are mutually exclusive: use softmax for mutually exclusive classes "
-            "(output_mode='multiclass') or sigmoid for independent channels (output_mode='multilabel')"
-        )
-    if temperature is not None and not (softmax or sigmoid):
-        raise ValueError(
-            "temperature scales logits before the activation: set softmax=True (or sigmoid=True) together with "
-            "temperature, or drop temperature if the input already holds probabilities"
-        )
-
-
-def _check_to_onehot(to_onehot: Any, output_mode: str) -> None:
+def _check_to_onehot(to_onehot: Any, output_mode: str) -> int | None:
     if to_onehot is None:
-        return
+        return None
     if isinstance(to_onehot, bool) or not isinstance(to_onehot, int) or to_onehot < 1:
         raise ValueError(f"to_onehot must be the number of classes (a positive int) or None, got {to_onehot!r}")
-    if isinstance(output_mode, str) and output_mode.strip().lower() == "multilabel":
+    if output_mode == "multilabel":
         raise ValueError(
             "to_onehot only applies to output_mode='multiclass': multilabel output already has one mask per "
             "channel; drop to_onehot"
         )
+    return int(to_onehot)
 
 
-def _direct_label_dtype(dtype: Any, labels: tuple[int, int]) -> torch.dtype:
-    """The output ``dtype`` when the solver can write the label map in it directly (it holds every label exactly),
-    else int64 (then ``convert_to_dst_type`` casts, as ``AsDiscrete`` does).  Writing float32 labels directly
-    saves the int64 map, the largest allocation of the call (8 bytes per voxel)."""
-    if dtype is None:
-        return torch.int64
+def _check_output_dtype(dtype: Any) -> torch.dtype | None:
+    """The output ``dtype`` as a torch dtype (``None``: the input's dtype)."""
+    if dtype is None or dtype == torch.bool or dtype is bool:
+        return None if dtype is None else torch.bool
     try:
-        target = check_label_dtype(dtype)
-        check_label_range(target, *labels)
-    except (TypeError, ValueError):
+        return check_label_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"dtype={dtype!r} is not an output dtype: use torch.float (default, as AsDiscrete), "
+                         "torch.uint8, torch.int64 or torch.bool") from None
+
+
+def _check_spatial_dims(spatial_dims: Any) -> int | None:
+    if spatial_dims is not None and (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int)
+                                     or spatial_dims < 1):
+        raise ValueError(f"spatial_dims must be a positive int (2 or 3 for images) or None, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def _solver_label_dtype(options: RankSEGOptions, dtype: torch.dtype | None, to_onehot: int | None) -> torch.dtype:
+    """The dtype the solver writes a multiclass label map in: the output dtype itself when it can be (then no
+    int64 map and no copy: the largest allocation of the call is saved), uint8-or-wider labels for one-hot
+    output (``to_onehot >= C`` bounds every label), int64 otherwise (a bool output is cast from it)."""
+    if to_onehot is not None:
+        return smallest_label_dtype(*label_range(to_onehot, options.unassigned_policy, options.void_index))
+    if dtype is None or dtype == torch.bool:
         return torch.int64
-    return target
+    return dtype
 
 
 class RankSEG(Transform):
@@ -144,14 +126,21 @@ class RankSEG(Transform):
             interpolation leaves (e.g. ``Invertd`` of probabilities resampled with ``mode=3``, MONAI issue #7836);
             values further than ``1e-2`` outside ``[0, 1]``, NaN and inf still raise.
         to_onehot: multiclass only; the number of classes ``N >= C`` of a one-hot output.  ``None``: label map.
-        dtype: output dtype, default ``torch.float`` (as ``AsDiscrete``); ``torch.int64``/``torch.bool`` work too.
+        dtype: output dtype, default ``torch.float`` (as ``AsDiscrete``); ``None`` keeps the input's dtype.  A
+            label map must fit in it exactly (``torch.uint8`` holds up to 255 labels, ``torch.bool`` two,
+            ``float16`` labels up to 2048): otherwise the call raises, naming a dtype that fits.  One-hot and
+            multilabel masks fit in any dtype.
         device: where to compute (e.g. ``"cuda"`` for a CPU input); the output stays on the input's device.
             ``None``: where the input lives.
         spatial_dims: when given, inputs must have exactly ``spatial_dims + 1`` dims (channel + spatial); a
             batched tensor then raises an error instead of being read as extra channels.
-        guard: ``None`` (default) or ``True``/a :class:`rankseg_monai.calibration.Guard`: fall back to argmax
+        guard: ``None`` (default) or ``True``/a :class:`rankseg_monai.guard.Guard`: fall back to argmax
             for classes whose probabilities look too diffuse for RankSEG (label-free; see
             ``docs/calibration.md``).
+
+    Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
+    a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
+    ``void_index`` inside ``[0, C)``, a ``dtype`` too narrow for ``C`` labels) is checked on each call.
 
     Activations run on the input's device in float32 at least (float16/bfloat16 logits are promoted).
 
@@ -179,9 +168,9 @@ class RankSEG(Transform):
         solver: str = "rma",
         output_mode: str = "multiclass",
         smooth: float = 0.0,
-        pruning_prob: float | str = "auto",
+        pruning_prob: float | str = DEFAULT_PRUNING_PROB,
         unassigned_policy: str = "max_score",
-        void_index: int = 255,
+        void_index: int = DEFAULT_VOID_INDEX,
         softmax: bool = False,
         sigmoid: bool = False,
         temperature: float | Sequence[float] | None = None,
@@ -192,40 +181,23 @@ class RankSEG(Transform):
         spatial_dims: int | None = None,
         guard: Any = None,
     ) -> None:
-        self.metric = metric
-        self.guard = guard
-        self.solver = solver
-        self.output_mode = output_mode
-        self.smooth = smooth
-        self.pruning_prob = pruning_prob
-        self.unassigned_policy = unassigned_policy
-        self.void_index = void_index
-        self.softmax = bool(softmax)
-        self.sigmoid = bool(sigmoid)
-        self.temperature = _check_temperature(temperature)
-        self.clamp = bool(clamp)
-        _check_to_onehot(to_onehot, output_mode)
-        self.to_onehot = to_onehot
-        self.dtype = dtype
-        self.device = device
-        if spatial_dims is not None and (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int)
-                                         or spatial_dims < 1):
-            raise ValueError(f"spatial_dims must be a positive int (2 or 3 for images) or None, got {spatial_dims!r}")
-        self.spatial_dims = spatial_dims
-        _check_activation(self.softmax, self.sigmoid, self.temperature)
-        self._check_options(metric, solver, output_mode, smooth, pruning_prob, unassigned_policy, void_index)
+        self.options = RankSEGOptions(
+            metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
+            unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
+            temperature=temperature, clamp=clamp, device=device, guard=guard,
+        )
+        self.to_onehot = _check_to_onehot(to_onehot, self.options.output_mode)
+        self.dtype = _check_output_dtype(dtype)
+        self.spatial_dims = _check_spatial_dims(spatial_dims)
+        self._solver_options = self.options.replace(
+            label_dtype=_solver_label_dtype(self.options, self.dtype, self.to_onehot))
 
-    @staticmethod
-    def _check_options(metric, solver, output_mode, smooth, pruning_prob, unassigned_policy, void_index) -> None:
-        """Fail at construction (e.g. when a bundle config is parsed) on option combinations no input accepts.
-
-        A dry run of the solver on a tiny two-class input; combinations that depend on the number of classes
-        (e.g. ``void_index`` inside ``[0, C)``) are checked again on every call.
-        """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rankseg(torch.full((1, 2, 1), 0.5), metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
-                    pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index)
+    def __getattr__(self, name: str) -> Any:
+        # the validated options read as attributes (``transform.metric``, ``transform.pruning_prob``, ...)
+        options = self.__dict__.get("options")
+        if options is not None and name in _OPTION_NAMES:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __call__(
         self,
@@ -234,7 +206,7 @@ class RankSEG(Transform):
         solver: str | None = None,
         output_mode: str | None = None,
         smooth: float | None = None,
-        pruning_prob: float | None = None,
+        pruning_prob: float | str | None = None,
         unassigned_policy: str | None = None,
         void_index: int | None = None,
         softmax: bool | None = None,
@@ -254,48 +226,38 @@ class RankSEG(Transform):
 
         Raises:
             ValueError: bad shape (batched input with ``spatial_dims`` set, missing spatial dims), bad option
-                values, probabilities outside ``[0, 1]``.
+                values, probabilities outside ``[0, 1]``, an output ``dtype`` that cannot hold every label.
             TypeError: non-floating input (e.g. a label map).
         """
-        metric = self.metric if metric is None else metric
-        solver = self.solver if solver is None else solver
-        output_mode = self.output_mode if output_mode is None else output_mode
-        smooth = self.smooth if smooth is None else smooth
-        pruning_prob = self.pruning_prob if pruning_prob is None else pruning_prob
-        unassigned_policy = self.unassigned_policy if unassigned_policy is None else unassigned_policy
-        void_index = self.void_index if void_index is None else void_index
-        softmax = self.softmax if softmax is None else bool(softmax)
-        sigmoid = self.sigmoid if sigmoid is None else bool(sigmoid)
-        temperature = self.temperature if temperature is None else _check_temperature(temperature)
-        clamp = self.clamp if clamp is None else bool(clamp)
-        to_onehot = self.to_onehot if to_onehot is None else to_onehot
-        _check_activation(softmax, sigmoid, temperature)
-        _check_to_onehot(to_onehot, output_mode)
+        overrides = {k: v for k, v in (("metric", metric), ("solver", solver), ("output_mode", output_mode),
+                                       ("smooth", smooth), ("pruning_prob", pruning_prob),
+                                       ("unassigned_policy", unassigned_policy), ("void_index", void_index),
+                                       ("softmax", softmax), ("sigmoid", sigmoid), ("temperature", temperature),
+                                       ("clamp", clamp)) if v is not None}
+        onehot = self.to_onehot if to_onehot is None else to_onehot
+        if overrides or onehot != self.to_onehot:
+            opts = self.options.replace(**overrides)
+            onehot = _check_to_onehot(onehot, opts.output_mode)
+            opts = opts.replace(label_dtype=_solver_label_dtype(opts, self.dtype, onehot))
+        else:
+            opts = self._solver_options
 
-        if not isinstance(img, torch.Tensor | np.ndarray):
-            raise TypeError(f"RankSEG expects a torch.Tensor, MetaTensor or numpy.ndarray, got {type(img).__name__}")
-        x = img.as_tensor() if isinstance(img, MetaTensor) else img
-        x = numpy_as_tensor(x) if isinstance(x, np.ndarray) else x
+        x, _ = as_tensor(img, "img")
         self._check_shape(tuple(x.shape))
         num_channels = x.shape[0]
-
-        if softmax or sigmoid:
-            x = self._activate(x, softmax, temperature)
-
-        label_dtype = torch.int64
-        if str(output_mode).strip().lower() == "multiclass":
-            labels = label_range(num_channels, unassigned_policy, void_index)
-            # one-hot: the narrowest integer labels; else the output dtype itself when it holds every label
-            label_dtype = smallest_label_dtype(*labels) if to_onehot is not None else _direct_label_dtype(
-                self.dtype, labels)
-        out = rankseg(x.unsqueeze(0), metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
-                      pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
-                      clamp=clamp, device=self.device, guard=self.guard, label_dtype=label_dtype)
-        # multiclass: (1, *spatial) int64 -> the batch dim of one becomes the channel dim of the label map;
+        out_dtype = self.dtype if self.dtype is not None else x.dtype
+        if onehot is not None:
+            self._check_onehot(onehot, num_channels, opts)
+        elif opts.output_mode == "multiclass" and num_channels > 1:
+            check_label_capacity(out_dtype, *opts.label_bounds(num_channels), name="dtype")
+        if opts.activation is not None:
+            x = activate(x, opts.activation, opts.temperature, dim=0)
+        out = decide(x.unsqueeze(0), opts)
+        # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]
-        if to_onehot is not None:
-            out = self._onehot(out, to_onehot, num_channels, unassigned_policy, void_index)
+        if onehot is not None:  # (1, *spatial) vs (n, 1, ...) -> (n, *spatial); void voxels match no class
+            out = out == torch.arange(onehot, device=out.device).reshape(onehot, *([1] * (out.ndim - 1)))
         # a permuted input (e.g. after Invertd) is solved without a copy and gives a view in its memory order;
         # the transform returns a contiguous result, as AsDiscrete does (an output-sized copy at most)
         result, *_ = convert_to_dst_type(out.contiguous(), img, dtype=self.dtype)
@@ -320,38 +282,17 @@ class RankSEG(Transform):
             )
 
     @staticmethod
-    def _activate(x: torch.Tensor, softmax: bool, temperature: float | tuple[float, ...] | None) -> torch.Tensor:
-        if not x.is_floating_point():
-            return x  # leave the dtype error to the solver, whose message names the fix
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        if temperature is not None:
-            if isinstance(temperature, tuple):
-                if len(temperature) not in (1, x.shape[0]):
-                    raise ValueError(
-                        f"temperature has {len(temperature)} values but the input has {x.shape[0]} channels: give one "
-                        "value per channel or a single scalar"
-                    )
-                t = torch.tensor(temperature, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
-            else:
-                t = temperature
-            x = x / t
-        return torch.softmax(x, dim=0) if softmax else torch.sigmoid(x)
-
-    @staticmethod
-    def _onehot(labels: torch.Tensor, n: int, num_channels: int, policy: str, void_index: int) -> torch.Tensor:
+    def _check_onehot(n: int, num_channels: int, opts: RankSEGOptions) -> None:
         if n < num_channels:
             raise ValueError(
                 f"to_onehot={n} is smaller than the number of input channels ({num_channels}): set "
                 f"to_onehot={num_channels}"
             )
-        if isinstance(policy, str) and policy.strip().lower() == "void" and 0 <= void_index < n:
+        if opts.unassigned_policy == "void" and 0 <= opts.void_index < n:
             raise ValueError(
-                f"void_index={void_index} falls inside the one-hot range [0, {n}) and would become a class channel: "
-                "choose void_index >= to_onehot (void voxels then get an all-zero one-hot vector)"
+                f"void_index={opts.void_index} falls inside the one-hot range [0, {n}) and would become a class "
+                "channel: choose void_index >= to_onehot (void voxels then get an all-zero one-hot vector)"
             )
-        classes = torch.arange(n, device=labels.device).reshape(n, *([1] * (labels.ndim - 1)))
-        return labels == classes  # (1, *spatial) vs (n, 1, ...) -> (n, *spatial); void voxels match no class
 
 
 class RankSEGd(MapTransform):
@@ -386,9 +327,9 @@ class RankSEGd(MapTransform):
         solver: Sequence[str] | str = "rma",
         output_mode: Sequence[str] | str = "multiclass",
         smooth: Sequence[float] | float = 0.0,
-        pruning_prob: Sequence[float | str] | float | str = "auto",
+        pruning_prob: Sequence[float | str] | float | str = DEFAULT_PRUNING_PROB,
         unassigned_policy: Sequence[str] | str = "max_score",
-        void_index: Sequence[int] | int = 255,
+        void_index: Sequence[int] | int = DEFAULT_VOID_INDEX,
         softmax: Sequence[bool] | bool = False,
         sigmoid: Sequence[bool] | bool = False,
         temperature: Any = None,

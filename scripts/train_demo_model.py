@@ -3,7 +3,7 @@
 
 The model is trained with plain cross-entropy (no Dice loss, no class weights): cross-entropy is a proper
 scoring rule, so the softmax probabilities are roughly calibrated, which is what RankSEG assumes.  Training
-data are synthetic phantoms (``rankseg_monai.synthetic``) with seeds ``0 .. --train-cases - 1``; the demo
+data are synthetic phantoms (``rankseg_monai.app.synthetic``) with seeds ``0 .. --train-cases - 1``; the demo
 evaluates on seeds from 1 000 000 up, never seen in training.
 
 Reproduce the shipped checkpoint (CPU, one thread, about three minutes)::
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
-from rankseg_monai.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom  # noqa: E402
+from rankseg_monai.app.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom  # noqa: E402
 
 DEFAULT_OUT = REPO / "rankseg_monai" / "data" / "demo_unet.pt"
 

@@ -26,9 +26,9 @@ from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SaveImaged
 
 from rankseg_monai import RankSEGd
-from rankseg_monai.demo import infer_probabilities, load_demo_model
+from rankseg_monai.app.demo import infer_probabilities, load_demo_model
+from rankseg_monai.app.synthetic import make_phantom
 from rankseg_monai.functional import rankseg
-from rankseg_monai.synthetic import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle" / "rankseg_demo"

@@ -29,11 +29,12 @@ from volume_files import (
     write_sitk_probs,
 )
 
-from rankseg_monai.cli import SETTINGS_FILE, main
+from rankseg_monai.app.cli import SETTINGS_FILE, main
 from rankseg_monai.functional import rankseg
 
 
 def expected_mask(probs_cxyz: np.ndarray, **kwargs) -> np.ndarray:
+    kwargs.setdefault("pruning_prob", "auto")  # the CLI's default
     return rankseg(probs_cxyz[None], **kwargs)[0]
 
 
@@ -243,7 +244,7 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     rc = main(["evaluate", "--probs", str(root / "probs"), "--labels", str(root / "labels"), "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert files_in(out) == ["gains.png", "per_case.csv", "summary.csv"]
+    assert files_in(out) == ["differences.png", "per_case.csv", "summary.csv"]
     assert "Dice argmax" in captured.out and "HD95 NaN rankseg" in captured.out
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -261,8 +262,8 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
         summary = list(csv.DictReader(fh))
     allrow = summary[-1]
     assert allrow["class"] == "all" and allrow["cases"] == "6"
-    dice_gain = np.mean([float(r["dice_rankseg"]) - float(r["dice_argmax"]) for r in rows])
-    assert float(allrow["dice_mean_gain"]) == pytest.approx(dice_gain)
+    dice_diff = np.mean([float(r["dice_rankseg"]) - float(r["dice_argmax"]) for r in rows])
+    assert float(allrow["dice_mean_diff"]) == pytest.approx(dice_diff)
     assert int(allrow["dice_wins"]) + int(allrow["dice_losses"]) + int(allrow["dice_ties"]) == 6
 
 
@@ -335,14 +336,14 @@ def test_evaluate_nifti_labels_for_nifti_probs(tmp_path):
 
 
 def test_demo_subcommand(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "rankseg_monai.demo", None)
+    monkeypatch.setitem(sys.modules, "rankseg_monai.app.demo", None)
     assert main(["demo"]) == 2
-    assert "rankseg_monai/demo.py is missing" in capsys.readouterr().err
+    assert "rankseg_monai/app/demo.py is missing" in capsys.readouterr().err
 
     calls = []
-    fake = types.ModuleType("rankseg_monai.demo")
+    fake = types.ModuleType("rankseg_monai.app.demo")
     fake.add_arguments = lambda parser: parser.add_argument("--cases", type=int, default=3)
     fake.run = lambda args: calls.append(args) or 7
-    monkeypatch.setitem(sys.modules, "rankseg_monai.demo", fake)
+    monkeypatch.setitem(sys.modules, "rankseg_monai.app.demo", fake)
     assert main(["demo", "--cases", "5"]) == 7
     assert calls[0].command == "demo" and calls[0].cases == 5

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_monai import demo
-from rankseg_monai.synthetic import DEFAULT_SPACING, make_phantom, make_phantoms
+from rankseg_monai.app import demo
+from rankseg_monai.app.synthetic import DEFAULT_SPACING, make_phantom, make_phantoms
 
 # ---------------------------------------------------------------- phantoms
 
@@ -118,7 +118,7 @@ def test_demo_runs_end_to_end_and_writes_outputs(demo_run):
             assert 0.0 <= dice <= 1.0 and iou == pytest.approx(dice / (2 - dice))
             if int(r[f"voxels_{m}"]) > 0:
                 assert float(r[f"hd95_{m}"]) >= 0.0
-        assert float(r["dice_gain"]) == pytest.approx(float(r["dice_rankseg_dice"]) - float(r["dice_argmax"]))
+        assert float(r["dice_diff"]) == pytest.approx(float(r["dice_rankseg_dice"]) - float(r["dice_argmax"]))
         assert 0.0 < float(r["max_prob"]) <= 1.0
 
 

@@ -1,4 +1,4 @@
-"""rankseg_monai.evaluation: values equal MONAI's metrics; summaries count NaN and empty predictions."""
+"""rankseg_monai.app.evaluation: values equal MONAI's metrics; summaries count NaN and empty predictions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from volume_files import make_case
 
-from rankseg_monai import evaluation as ev
+from rankseg_monai.app import evaluation as ev
+from rankseg_monai.app.io import VolumeError
 from rankseg_monai.functional import rankseg
-from rankseg_monai.io import VolumeError
 
 SPACING = (0.7, 1.1, 2.5)
 
@@ -46,7 +46,7 @@ def test_compare_case_equals_monai_on_functional_output(case):
     probs, label, _ = case
     res = ev.compare_case(probs, label, SPACING, case="c3", return_predictions=True)
     assert res["classes"] == [1, 2, 3] and res["methods"] == ["argmax", "rankseg"]
-    expected_rankseg = rankseg(probs[None], metric="dice")[0]
+    expected_rankseg = rankseg(probs[None], metric="dice", pruning_prob="auto")[0]  # the deployed default
     np.testing.assert_array_equal(res["predictions"]["rankseg"], expected_rankseg)
     np.testing.assert_array_equal(res["predictions"]["argmax"], probs.argmax(0))
     assert not np.array_equal(expected_rankseg, probs.argmax(0))  # the comparison is not vacuous
@@ -59,8 +59,9 @@ def test_compare_case_equals_monai_on_functional_output(case):
     rows = ev.case_rows(res)
     assert [r["class"] for r in rows] == [1, 2, 3]
     for i, r in enumerate(rows):
-        assert r["dice_gain"] == res["metrics"]["rankseg"]["dice"][i] - res["metrics"]["argmax"]["dice"][i]
-        assert r["hd95_gain_mm"] == res["metrics"]["argmax"]["hd95"][i] - res["metrics"]["rankseg"]["hd95"][i]
+        # one convention for both metrics: RankSEG minus argmax
+        assert r["dice_diff"] == res["metrics"]["rankseg"]["dice"][i] - res["metrics"]["argmax"]["dice"][i]
+        assert r["hd95_diff_mm"] == res["metrics"]["rankseg"]["hd95"][i] - res["metrics"]["argmax"]["hd95"][i]
 
 
 def test_decisions_in_a_narrow_label_dtype(case):
@@ -104,7 +105,7 @@ def test_pruned_class_gives_empty_prediction_and_nan_hd95():
     label = np.zeros(shape, np.int64)
     label[2:5, 2:5, 2:5] = 2
     label[7:10, 7:10, 7:9] = 1
-    res = ev.compare_case(probs, label, (1.0, 1.0, 1.0), case="p")
+    res = ev.compare_case(probs, label, (1.0, 1.0, 1.0), case="p", pruning_prob=0.5)  # rankseg 0.0.8's rule
     assert res["metrics"]["argmax"]["pred_voxels"][1] == 27
     assert res["metrics"]["rankseg"]["pred_voxels"][1] == 0
     assert res["metrics"]["argmax"]["dice"][1] == 1.0 and res["metrics"]["rankseg"]["dice"][1] == 0.0
@@ -115,7 +116,7 @@ def test_pruned_class_gives_empty_prediction_and_nan_hd95():
     assert row2["empty_pred_rankseg"] == 2 and row2["empty_pred_argmax"] == 0
     assert row2["hd95_undefined_rankseg"] == 2 and row2["hd95_n_rankseg"] == 0
     assert math.isnan(row2["hd95_mean_rankseg"]) and row2["hd95_paired_n"] == 0
-    assert row2["dice_losses"] == 2 and row2["dice_mean_gain"] == -1.0
+    assert row2["dice_losses"] == 2 and row2["dice_mean_diff"] == -1.0
 
 
 def test_summarize_counts_by_hand():
@@ -138,11 +139,11 @@ def test_summarize_counts_by_hand():
     assert row["cases"] == 5 and row["empty_truth"] == 1
     assert row["dice_mean_argmax"] == pytest.approx((0.5 + 0.8 + 0.6 + 0.0 + 1.0) / 5)
     assert row["dice_median_rankseg"] == pytest.approx(0.6)
-    assert row["dice_mean_gain"] == pytest.approx((0.2 - 0.2 + 0 + 0.4 + 0) / 5)
+    assert row["dice_mean_diff"] == pytest.approx((0.2 - 0.2 + 0 + 0.4 + 0) / 5)
     assert (row["dice_wins"], row["dice_losses"], row["dice_ties"]) == (2, 1, 2)
     assert row["hd95_n_argmax"] == 3 and row["hd95_undefined_argmax"] == 2 and row["hd95_undefined_rankseg"] == 1
     assert row["hd95_mean_argmax"] == pytest.approx(7.0 / 3) and row["hd95_mean_rankseg"] == pytest.approx(3.0)
-    assert row["hd95_paired_n"] == 3 and row["hd95_mean_gain_mm"] == pytest.approx((2.0 - 2.0 + 0.0) / 3)
+    assert row["hd95_paired_n"] == 3 and row["hd95_mean_diff_mm"] == pytest.approx((-2.0 + 2.0 + 0.0) / 3)
     assert (row["hd95_wins"], row["hd95_losses"], row["hd95_ties"]) == (1, 1, 1)
     assert row["empty_pred_argmax"] == 2 and row["empty_pred_rankseg"] == 1
     text = ev.format_table(table)
@@ -159,18 +160,18 @@ def test_csv_and_plot(tmp_path, case):
     assert [(r["case"], r["class"]) for r in rows] == [(c, str(k)) for c in "xy" for k in (1, 2, 3)]
     flat = [r for res in results for r in ev.case_rows(res)]
     for r, ref in zip(rows, flat):
-        for key in ("dice_argmax", "dice_rankseg", "hd95_argmax", "hd95_rankseg", "dice_gain", "hd95_gain_mm"):
+        for key in ("dice_argmax", "dice_rankseg", "hd95_argmax", "hd95_rankseg", "dice_diff", "hd95_diff_mm"):
             assert float(r[key]) == ref[key] or (math.isnan(float(r[key])) and math.isnan(ref[key]))
     table = ev.summarize(results)
     ev.write_summary_csv(table, tmp_path / "summary.csv")
     with open(tmp_path / "summary.csv", newline="") as fh:
         summary = list(csv.DictReader(fh))
     assert [r["class"] for r in summary] == ["1", "2", "3", "all"]
-    png = ev.plot_gains(results, tmp_path / "gains.png")
+    png = ev.plot_differences(results, tmp_path / "differences.png")
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(head[16:20], "big") >= 600 and int.from_bytes(head[20:24], "big") == 400
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gains.png", "per_case.csv", "summary.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["differences.png", "per_case.csv", "summary.csv"]
 
 
 def test_binary_single_channel():
@@ -179,7 +180,7 @@ def test_binary_single_channel():
     res = ev.compare_case(fg, label, SPACING, return_predictions=True)
     assert res["classes"] == [1]
     np.testing.assert_array_equal(res["predictions"]["argmax"], (fg[0] > 0.5).astype(np.int64))
-    expected = rankseg(fg[None], output_mode="multilabel")[0, 0]
+    expected = rankseg(fg[None], output_mode="multilabel", pruning_prob="auto")[0, 0]
     np.testing.assert_array_equal(res["predictions"]["rankseg"], expected.astype(np.int64))
     masks = ev.decide(probs, output_mode="multilabel")
     assert masks.dtype == bool and masks.shape == probs.shape

@@ -9,7 +9,7 @@ from _jmlr_helpers import blob, brute_force_expected_dice, mask_expected_dice, p
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import exact as exact_mod
-from rankseg_monai.solvers.rma import row_statistics
+from rankseg_monai.solvers._stream import row_statistics
 
 
 def solve(x, smooth=0.0, pruning_prob=0.0):

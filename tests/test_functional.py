@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_monai.functional import (
-    check_label_dtype,
-    flat_view,
-    label_range,
-    numpy_as_tensor,
-    rankseg,
-    smallest_label_dtype,
-)
+from rankseg_monai._arrays import numpy_as_tensor
+from rankseg_monai.functional import rankseg
+from rankseg_monai.options import check_label_dtype, label_range, smallest_label_dtype
+from rankseg_monai.solvers._stream import flat_view
 
 
 def _probs(shape, seed=0):

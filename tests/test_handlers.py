@@ -25,7 +25,7 @@ from monai.networks.nets import UNet
 from monai.transforms import Activationsd, AsDiscreted, Compose, Lambdad
 
 from rankseg_monai import HausdorffDistance95, RankSEG, RankSEGd, RankSEGHandler
-from rankseg_monai.handlers import EMPTY_PRED, EMPTY_TRUTH, HausdorffDistance95Metric
+from rankseg_monai.metrics import EMPTY_PRED, EMPTY_TRUTH, HausdorffDistance95Metric
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -224,8 +224,13 @@ def test_discrete_pred_before_handler_is_an_error(cases, net):
         AsDiscreted(keys="pred", argmax=True),
         AsDiscreted(keys="label", to_onehot=NUM_CLASSES),
     ]), val_handlers=[RankSEGHandler(keys="pred", to_onehot=NUM_CLASSES)])
-    with pytest.raises(ValueError, match="single-channel"):
+    # the handler is a monai.handlers.PostProcessing: MONAI's apply_transform wraps the error, whose cause names it
+    with pytest.raises(RuntimeError, match="applying transform") as info:
         evaluator.run()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError) and "single-channel" in str(cause)
 
 
 def test_handler_needs_decollated_output(cases, net):

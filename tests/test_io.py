@@ -1,4 +1,4 @@
-"""rankseg_monai.io on real files: readers, geometry round trips, atomic writes, clear errors."""
+"""rankseg_monai.app.io on real files: readers, geometry round trips, atomic writes, clear errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from volume_files import (
     write_sitk_probs,
 )
 
-from rankseg_monai import io as rio
+from rankseg_monai.app import io as rio
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +187,17 @@ def test_find_cases(tmp_path, case):
         rio.find_cases([tmp_path / "nn" / "plans.json"])
 
 
-def test_label_dtype_choice(tmp_path):
+def test_mask_dtype_choice(tmp_path):
     geometry = rio.Geometry.from_sitk(ITK_SPACING, ITK_ORIGIN, ITK_DIRECTION, (4, 3, 2))
     for top, dtype, pixel in ((255, np.uint8, sitk.sitkUInt8), (300, np.int16, sitk.sitkInt16),
                               (70000, np.int32, sitk.sitkInt32)):
         mask = np.zeros((4, 3, 2), np.int64)
         mask[1, 2, 1] = top
-        assert rio.label_dtype(mask) == dtype
+        assert rio.mask_dtype(mask) == dtype
         out = rio.save_mask(mask, geometry, tmp_path / f"m{top}.nrrd")
         assert sitk.ReadImage(str(out)).GetPixelID() == pixel
         np.testing.assert_array_equal(sitk_xyz(out), mask)
-    assert rio.label_dtype(np.array([-1, 5])) == np.int16
+    assert rio.mask_dtype(np.array([-1, 5])) == np.int16
     # multilabel masks: a 4D (X, Y, Z, C) NIfTI / a vector image
     masks = np.zeros((2, 4, 3, 2), bool)
     masks[1, 0, 0, 0] = True

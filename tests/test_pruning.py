@@ -13,8 +13,8 @@ import torch
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import pruning
+from rankseg_monai.solvers._stream import row_statistics
 from rankseg_monai.solvers.objectives import rma_score, rma_score_bound
-from rankseg_monai.solvers.rma import row_statistics
 
 torch.set_num_threads(1)
 
@@ -38,13 +38,17 @@ def _exact_expected_dice(p: np.ndarray, mask: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------- building blocks
+def _log_prob_absent(flat, chunk_size=None):
+    return pruning.selection_summary(flat, torch.full(flat.shape[:2], float("inf")), chunk_size=chunk_size)[2]
+
+
 def test_log_prob_absent_matches_direct_sum_and_is_chunk_invariant():
     g = torch.Generator().manual_seed(0)
     flat = torch.rand(2, 3, 1000, generator=g) * 0.3
     flat[1, 2, 7] = 1.0  # certainly present: log P0 = -inf
     direct = torch.log1p(-flat.double()).sum(-1)
     for chunk in (None, 7, 37, 1000):
-        out = pruning.log_prob_absent(flat, chunk_size=chunk)
+        out = _log_prob_absent(flat, chunk_size=chunk)
         assert out.dtype == torch.float64 and out.shape == (2, 3)
         finite = torch.isfinite(direct)
         torch.testing.assert_close(out[finite], direct[finite], rtol=1e-12, atol=1e-9)
@@ -59,7 +63,7 @@ def test_selection_summary_counts_the_threshold_mask():
     sel = flat[0, 0] > 0.3
     assert n[0, 0] == sel.sum() and n[0, 1] == 0
     assert S[0, 0] == pytest.approx(float(flat[0, 0][sel].double().sum()), rel=1e-12)
-    torch.testing.assert_close(logp0, pruning.log_prob_absent(flat))
+    torch.testing.assert_close(logp0, torch.log1p(-flat.double()).sum(-1))
 
 
 def test_empty_value_is_p_absent_without_smoothing_and_grows_with_it():
@@ -149,7 +153,7 @@ def test_absence_models():
     flat = torch.zeros(1, 1, 50)
     flat[0, 0, :20] = 0.3  # max 0.3, prod(1 - p) = 0.7^20 ~ 8e-4
     stats = row_statistics(flat)
-    logp0 = pruning.log_prob_absent(flat)
+    logp0 = _log_prob_absent(flat)
     for best, expect in ((0.2, {"independent": True, "mixed": False, "correlated": False}),
                          (0.5, {"independent": True, "mixed": True, "correlated": False}),
                          (0.71, {"independent": True, "mixed": True, "correlated": True})):

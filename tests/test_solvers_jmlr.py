@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import ba as ba_mod
-from rankseg_monai.solvers.rma import row_statistics
+from rankseg_monai.solvers._stream import row_statistics
 
 ref = pytest.importorskip("rankseg.functional").rankseg
 

@@ -21,7 +21,7 @@ from monai.transforms import (
 )
 
 from rankseg_monai import RankSEG, RankSEGD, RankSEGd, RankSEGDict
-from rankseg_monai.functional import rankseg
+from rankseg_monai.functional import decide, rankseg
 
 AFFINE = torch.tensor(
     [[1.5, 0.0, 0.0, 10.0], [0.0, 1.0, 0.0, -5.0], [0.0, 0.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64
@@ -265,25 +265,42 @@ def test_label_map_is_written_in_the_output_dtype(monkeypatch):
 
     seen = []
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("label_dtype"))  # None: the dry run at construction
-        return rankseg(*args, **kwargs)
+    def spy(probs, options=None, **kwargs):
+        seen.append(options.label_dtype)
+        return decide(probs, options, **kwargs)
 
-    monkeypatch.setattr(tr, "rankseg", spy)
+    monkeypatch.setattr(tr, "decide", spy)
     x = _probs((3, 5, 5), seed=6)
     out = RankSEG()(x)
     assert seen[-1] == torch.float32 and out.dtype == torch.float32
-    assert torch.equal(out[0].long(), rankseg(x[None])[0])
+    assert torch.equal(out[0].long(), rankseg(x[None], pruning_prob="auto")[0])
     assert RankSEG(dtype=np.uint8)(x.numpy()).dtype == np.uint8 and seen[-1] == torch.uint8
-    for kwargs in (dict(dtype=None), dict(output_mode="multilabel", dtype=torch.float32),
-                   dict(dtype=torch.int8, unassigned_policy="void")):  # int8 cannot hold void_index 255
-        RankSEG(**kwargs)(x)
-        assert seen[-1] == torch.int64, kwargs
-    # one-hot goes through the narrowest integer labels
+    RankSEG(dtype=None)(x)  # the input's dtype: labels are cast from int64
+    assert seen[-1] == torch.int64
+    # one-hot goes through the narrowest integer labels that hold to_onehot classes (and void_index)
     onehot = RankSEG(to_onehot=3)(x)
-    assert seen[-1] == torch.uint8 and torch.equal(onehot.argmax(0), rankseg(x[None])[0])
+    assert seen[-1] == torch.uint8 and torch.equal(onehot.argmax(0), rankseg(x[None], pruning_prob="auto")[0])
     RankSEG(to_onehot=3, unassigned_policy="void", void_index=300)(x)
     assert seen[-1] == torch.int16
+
+
+def test_output_dtype_too_narrow_for_the_labels_raises():
+    """An output dtype that cannot hold every label is an error naming the fix, never a silent wrap (uint8 with 300
+    classes once wrote 299 as 43; int8 cannot hold void_index 255; bool holds two labels; float16 labels above 2048
+    round)."""
+    x300 = torch.softmax(torch.randn(300, 4, 4, generator=torch.Generator().manual_seed(0)) * 4, 0)
+    x3 = _probs((3, 5, 5))
+    for kwargs, x in ((dict(dtype=torch.uint8), x300), (dict(dtype=torch.int8, unassigned_policy="void"), x3),
+                      (dict(dtype=torch.bool), x3), (dict(guard=True, dtype=torch.uint8), x300),
+                      (dict(dtype=torch.float16), torch.softmax(torch.randn(3000, 2, 2), 0)),
+                      (dict(dtype=None), torch.softmax(torch.randn(3000, 2, 2), 0).half())):
+        with pytest.raises(ValueError, match="dtype=.*cannot hold the label .*use torch.int64"):
+            RankSEG(**kwargs)(x)
+    assert RankSEG(dtype=torch.bool)(_probs((2, 5, 5))).dtype == torch.bool  # two classes fit
+    assert RankSEG(dtype=torch.int16)(x300).dtype == torch.int16
+    assert RankSEG(dtype=torch.uint8, to_onehot=300)(x300).shape == (300, 4, 4)  # one-hot fits any dtype
+    with pytest.raises(ValueError, match="cannot hold the label 65536"):
+        RankSEG(dtype=torch.int16, unassigned_policy="void", void_index=65536)(_probs((3, 5, 5)))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(to_onehot=3), dict(output_mode="multilabel")], ids=str)

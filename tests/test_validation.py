@@ -24,7 +24,7 @@ GOOD = torch.softmax(torch.randn(1, 3, 4, 4), 1)
         (np.ones((1, 2, 4), dtype=np.int32), TypeError, "floating-point"),
         (torch.rand(1, 0, 4), ValueError, "no classes"),
         (torch.rand(1, 2, 0), ValueError, "empty spatial"),
-        ([[0.1, 0.2]], TypeError, "torch.Tensor or numpy"),
+        ([[0.1, 0.2]], TypeError, "torch.Tensor, MetaTensor or numpy"),
     ],
 )
 def test_bad_probabilities(probs, exc, match):
@@ -41,8 +41,8 @@ def test_bad_probabilities(probs, exc, match):
         ({"output_mode": "overlap"}, ValueError, "unknown output_mode"),
         ({"smooth": -1.0}, ValueError, "smooth must be >= 0"),
         ({"smooth": float("nan")}, ValueError, "finite"),
-        ({"pruning_prob": 1.5}, ValueError, "pruning_prob must be <= 1"),
-        ({"pruning_prob": -0.1}, ValueError, "pruning_prob must be >= 0"),
+        ({"pruning_prob": 1.5}, ValueError, "pruning_prob must lie in \\[0, 1\\]"),
+        ({"pruning_prob": -0.1}, ValueError, "pruning_prob must lie in \\[0, 1\\]"),
         ({"pruning_prob": True}, TypeError, "real number"),
         ({"unassigned_policy": "void", "void_index": 1}, ValueError, "class index"),
         ({"void_index": 7}, ValueError, "requires output_mode='multiclass' and unassigned_policy='void'"),
@@ -97,7 +97,7 @@ def test_accuracy_metric_matches_reference():
 
 
 def test_parse_pruning_prob():
-    from rankseg_monai.functional import parse_pruning_prob
+    from rankseg_monai.options import parse_pruning_prob
 
     assert parse_pruning_prob("0.3") == 0.3
     assert parse_pruning_prob(" AUTO ") == "auto"

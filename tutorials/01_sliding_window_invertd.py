@@ -40,9 +40,9 @@ from monai.transforms import (
 )
 
 from rankseg_monai import RankSEGd
-from rankseg_monai.demo import load_demo_model
+from rankseg_monai.app.demo import load_demo_model
+from rankseg_monai.app.synthetic import make_phantom
 from rankseg_monai.handlers import HausdorffDistance95Metric
-from rankseg_monai.synthetic import make_phantom
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI deprecation notices, not ours
 

@@ -32,8 +32,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd, AsDiscreted, Compose
 
 from rankseg_monai import HausdorffDistance95, RankSEGHandler
-from rankseg_monai.demo import load_demo_model
-from rankseg_monai.synthetic import make_phantom
+from rankseg_monai.app.demo import load_demo_model
+from rankseg_monai.app.synthetic import make_phantom
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI deprecation notices, not ours
 

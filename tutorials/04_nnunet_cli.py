@@ -11,7 +11,7 @@ the same grid), and then the command line does the rest:
     rankseg-monai predict  <tmp>/nnunet_out -o <tmp>/rankseg_masks
     rankseg-monai evaluate --probs <tmp>/nnunet_out --labels <tmp>/labelsTs -o <tmp>/report
 
-(run as ``python -m rankseg_monai.cli ...`` so the script works without the console script on ``PATH``).
+(run as ``python -m rankseg_monai.app.cli ...`` so the script works without the console script on ``PATH``).
 
 Run:  python tutorials/04_nnunet_cli.py        (about 21 s of CPU time, two CLI subprocesses included; 25-45 s wall on
 2 busy cores)
@@ -32,9 +32,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from rankseg_monai.demo import infer_probabilities, load_demo_model
+from rankseg_monai.app.demo import infer_probabilities, load_demo_model
+from rankseg_monai.app.synthetic import make_phantom
 from rankseg_monai.functional import rankseg
-from rankseg_monai.synthetic import make_phantom
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI deprecation notices, not ours
 
@@ -70,7 +70,7 @@ def write_nnunet_case(folder: Path, case: str, probs_cxyz: np.ndarray, spacing: 
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "rankseg_monai.cli", *args]
+    cmd = [sys.executable, "-m", "rankseg_monai.app.cli", *args]
     print(f"\n$ rankseg-monai {' '.join(args)}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.stdout.strip():

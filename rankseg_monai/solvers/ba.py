@@ -42,7 +42,8 @@ import scipy.optimize
 import scipy.special
 import torch
 
-from .rma import RowStats
+from ._sorted import SCALED_SCORE_SMOOTH, cumsum, first_argmax, row_values, threshold_from_tau
+from ._stream import RowStats
 
 __all__ = [
     "ba_thresholds",
@@ -50,14 +51,8 @@ __all__ = [
     "refined_normal_law",
     "sorted_head",
     "sorted_head_sums",
-    "threshold_from_tau",
-    "row_values",
-    "first_argmax",
-    "cumsum",
 ]
 
-#: scores are rescaled to ``s * (pi - 1)`` for ``s >= 1`` (rankseg 0.0.8's rule)
-SCALED_SCORE_SMOOTH = 1.0
 #: above this smooth the Lemma-3 stop is tested by division, as in rankseg 0.0.8
 _DIVISION_SMOOTH = 1e6
 #: correlations with more than this many (tau, support) products use an FFT (BA prunes above a quarter of it)
@@ -113,25 +108,6 @@ def refined_normal_interval(skew: np.ndarray, eps: float) -> tuple[np.ndarray, n
 
 
 # --------------------------------------------------------------------------------------------- sorting
-def row_values(row: torch.Tensor) -> np.ndarray:
-    """One row as a numpy array of its own values (zero-copy on the CPU; float16/bfloat16 widened exactly).
-
-    Values outside ``[0, 1]`` can only reach a solver when the entry was called with ``clamp=True`` (the value
-    check raises otherwise), so they are clipped here, as the entry's mask pass clips them.
-    """
-    if row.dtype in (torch.float16, torch.bfloat16):
-        row = row.float()
-    values = row.detach().cpu().numpy()
-    if values.size and (values.min() < 0 or values.max() > 1):
-        values = np.clip(values, 0, 1)
-    return values
-
-
-def cumsum(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """float64 running sums along ``axis``: torch's CPU scan, bit for bit ``np.cumsum`` (sequential), 3-10x faster."""
-    return torch.cumsum(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)), axis).numpy()
-
-
 def _stop(S: np.ndarray, tau: np.ndarray, p_next: np.ndarray, smooth: float, n: int) -> np.ndarray:
     """Lemma 3's stop condition ``S_tau >= (tau + s + N) p(tau+1)`` (by division for huge s, as 0.0.8)."""
     denom = tau + smooth + n
@@ -207,20 +183,6 @@ def _boundaries(head: np.ndarray, up: int, at_boundary: bool) -> tuple[int, np.n
     if U > 1:
         cand[1:U] = head[: U - 1] > head[1:U]
     return U, cand
-
-
-def threshold_from_tau(head: np.ndarray, tau: int, dtype: torch.dtype) -> torch.Tensor:
-    """Threshold (0-d, ``dtype``) whose mask ``p > thr`` is the top-``tau`` set (``+inf`` for ``tau = 0``)."""
-    if tau == 0:
-        return torch.tensor(float("inf"), dtype=dtype)
-    v = torch.tensor(float(head[tau - 1]), dtype=torch.float64).to(dtype)
-    return torch.nextafter(v, torch.tensor(float("-inf"), dtype=dtype))
-
-
-def first_argmax(scores: np.ndarray, cand: np.ndarray) -> int:
-    """First index of the maximum of ``scores`` over the candidates (NaN scores never win)."""
-    masked = np.where(cand & ~np.isnan(scores), scores, -np.inf)
-    return int(np.argmax(masked))
 
 
 # --------------------------------------------------------------------------------------- refined normal

@@ -37,8 +37,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ba import SCALED_SCORE_SMOOTH, cumsum, first_argmax, row_values, threshold_from_tau
-from .rma import RowStats
+from ._sorted import SCALED_SCORE_SMOOTH, cumsum, first_argmax, row_values, threshold_from_tau
+from ._stream import RowStats
 
 __all__ = ["EXACT_MAX_VOXELS", "exact_thresholds", "poisson_binomial_pmf", "leave_one_out_pmfs", "exact_scores"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._stream import RowStats, iter_chunks
 from .objectives import increment_score
-from .rma import RowStats, iter_chunks
 
 __all__ = ["assign", "argmax_labels"]
 

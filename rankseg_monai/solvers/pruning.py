@@ -37,23 +37,11 @@ from __future__ import annotations
 
 import torch
 
+from ._stream import RowStats, iter_chunks
 from .objectives import rma_score, rma_score_bound
-from .rma import RowStats, iter_chunks
 
-__all__ = ["ABSENCE_MODELS", "AUTO_MODES", "log_prob_absent", "selection_summary", "empty_value", "auto_active",
+__all__ = ["ABSENCE_MODELS", "AUTO_MODES", "selection_summary", "empty_value", "auto_active",
            "auto_active_from_thresholds", "auto_candidates"]
-
-
-@torch.no_grad()
-def log_prob_absent(
-    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
-) -> torch.Tensor:
-    """``log P(class absent) = sum_i log1p(-p_i)`` per row, float64 ``(B, C)`` (``-inf`` when some ``p = 1``)."""
-    device = flat.device if device is None else torch.device(device)
-    out = torch.zeros(flat.shape[:2], dtype=torch.float64, device=device)
-    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        out += torch.log1p(-chunk.double()).sum(-1)
-    return out
 
 
 @torch.no_grad()
@@ -67,7 +55,8 @@ def selection_summary(
     """One pass: ``(S, n, log_p_absent)`` per row (float64, float64, float64; ``(B, C)`` on ``device``).
 
     ``S``/``n`` are the sum and size of the mask ``flat > thr`` (``thr`` as returned by the threshold solvers, in
-    ``flat``'s dtype; ``+inf`` gives an empty mask), ``log_p_absent`` as :func:`log_prob_absent`.
+    ``flat``'s dtype; ``+inf`` gives an empty mask), ``log_p_absent`` is ``log P(class absent) = sum log1p(-p)``
+    (``-inf`` when some ``p = 1``).
     """
     device = flat.device if device is None else torch.device(device)
     shape = flat.shape[:2]
@@ -114,10 +103,10 @@ def auto_active(
     """bool ``(B, C)``: keep row (b, c) iff its best non-empty mask beats the empty mask in expectation.
 
     Args:
-        stats: the rows' :class:`~rankseg_monai.solvers.rma.RowStats` (``mu`` and ``vmax`` are used).
+        stats: the rows' :class:`~rankseg_monai.solvers._stream.RowStats` (``mu`` and ``vmax`` are used).
         best_value: float64 ``(B, C)``, the RMA objective of the solver's mask of each row (computed with every
             row active, e.g. ``rma_score(metric, S, n, mu, smooth)`` from :func:`selection_summary`).
-        log_p_absent: float64 ``(B, C)`` from :func:`log_prob_absent` / :func:`selection_summary`.
+        log_p_absent: float64 ``(B, C)`` from :func:`selection_summary`.
         smooth: the metric's smoothing constant.
         absence: the model of ``P(class absent)`` (:data:`ABSENCE_MODELS`): ``"independent"`` (the default
             here; ``prod(1 - p)``, RankSEG's own model), ``"correlated"`` (``1 - max p``, the Fréchet upper

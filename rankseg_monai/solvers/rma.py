@@ -19,121 +19,15 @@ Algorithm per row (see ``docs/solvers.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 
+from ._stream import RowStats, floor_to_dtype, iter_chunks
 from .objectives import dice_increment_bound, dinkelbach_threshold, rma_score
-from .validation import check_probability_values
 
-__all__ = [
-    "RowStats",
-    "row_statistics",
-    "rma_thresholds",
-    "threshold_masks",
-    "floor_to_dtype",
-    "iter_chunks",
-    "band_select",
-]
+__all__ = ["rma_thresholds", "band_select"]
 
-#: values within this distance outside [0, 1] are clipped when ``clamp=True``; larger ones still raise
-CLAMP_TOLERANCE = 1e-2
 _MAX_DINKELBACH = 200
 _REL_MARGIN = 1e-9
-
-
-@dataclass
-class RowStats:
-    """Per-row statistics from one pass over the volume (rows = (batch, class), tensors of shape (B, C)).
-
-    ``vmin``/``vmax`` are float64 (after clamping when requested), ``mu`` the float64 sum of the row,
-    ``s_half``/``n_half`` the float64 sum and int64 count of probabilities ``> 1/2`` (``None`` when the pass
-    was asked not to compute them: only RMA uses them).
-    """
-
-    vmin: torch.Tensor
-    vmax: torch.Tensor
-    mu: torch.Tensor
-    s_half: torch.Tensor | None
-    n_half: torch.Tensor | None
-
-
-def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
-    # values per chunk (all rows): big enough to amortise per-op overhead, at most 1/8 of the volume so that
-    # chunk temporaries stay a fraction of the input on small volumes too
-    target = (1 << 26) if device.type == "cuda" else (1 << 21)
-    target = min(target, max(1 << 16, rows * n // 8))
-    return max(1024, min(n, target // max(rows, 1)))
-
-
-def iter_chunks(
-    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, chunk)`` with chunk ``flat[..., start:stop]`` on ``device`` (clipped if ``clamp``)."""
-    device = flat.device if device is None else torch.device(device)
-    n = flat.shape[-1]
-    step = chunk_size or _auto_chunk(flat.shape[0] * flat.shape[1], n, device)
-    streaming = device != flat.device
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        chunk = flat[..., start:stop]
-        if streaming:
-            chunk = chunk.contiguous()
-            if flat.device.type == "cpu" and device.type == "cuda":
-                chunk = chunk.pin_memory()
-            chunk = chunk.to(device, non_blocking=True)
-        if clamp:
-            chunk = chunk.clamp(0.0, 1.0)
-        yield start, stop, chunk
-
-
-def floor_to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Largest ``dtype`` value ``<= t`` (float64 in): then ``x > t  <=>  x > floor_to_dtype(t)`` for ``dtype`` x."""
-    if dtype == torch.float64:
-        return t.clone()
-    td = t.to(dtype)
-    over = td.double() > t
-    if bool(over.any()):
-        td = torch.where(over, torch.nextafter(td, torch.full_like(td, float("-inf"))), td)
-    return td
-
-
-def row_statistics(
-    flat: torch.Tensor,
-    device: torch.device | None = None,
-    chunk_size: int | None = None,
-    clamp: bool = False,
-    half: bool = True,
-) -> RowStats:
-    """One pass: value checks, per-row min/max, float64 sum, and (``half=True``) the sum/count above one half."""
-    device = flat.device if device is None else torch.device(device)
-    shape = flat.shape[:2]
-    f64 = dict(dtype=torch.float64, device=device)
-    vmin = torch.full(shape, float("inf"), **f64)
-    vmax = torch.full(shape, float("-inf"), **f64)
-    raw_min = torch.full(shape, float("inf"), **f64)
-    raw_max = torch.full(shape, float("-inf"), **f64)
-    mu = torch.zeros(shape, **f64)
-    s_half = torch.zeros(shape, **f64) if half else None
-    n_half = torch.zeros(shape, dtype=torch.int64, device=device) if half else None
-    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp=False):
-        lo, hi = chunk.amin(-1), chunk.amax(-1)  # torch.aminmax(dim=) is 10-25x slower on the CPU (torch 2.13)
-        raw_min = torch.minimum(raw_min, lo.double())
-        raw_max = torch.maximum(raw_max, hi.double())
-        if clamp:
-            chunk = chunk.clamp(0.0, 1.0)
-        mu += chunk.sum(-1, dtype=torch.float64)
-        if not half:
-            continue
-        above = chunk > 0.5
-        s_half += (chunk * above).sum(-1, dtype=torch.float64)  # = where(above, chunk, 0), 4x faster
-        n_half += torch.count_nonzero(above, dim=-1)
-    gmin, gmax = float(raw_min.min()), float(raw_max.max())
-    check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
-    vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
-    vmax = raw_max.clamp(0.0, 1.0) if clamp else raw_max
-    return RowStats(vmin=vmin, vmax=vmax, mu=mu, s_half=s_half, n_half=n_half)
 
 
 def band_select(
@@ -357,21 +251,3 @@ def rma_thresholds(
     thr = floor_to_dtype(t, flat.dtype)
     thr = torch.where(active, thr, torch.full_like(thr, float("inf")))
     return thr.to(flat.device)
-
-
-def threshold_masks(
-    flat: torch.Tensor,
-    thr: torch.Tensor,
-    device: torch.device | None = None,
-    chunk_size: int | None = None,
-    clamp: bool = False,
-) -> torch.Tensor:
-    """Bool masks ``flat > thr[..., None]`` (same device as ``flat``)."""
-    device = flat.device if device is None else torch.device(device)
-    thr_d = thr.to(device).unsqueeze(-1)
-    if device == flat.device and not clamp:
-        return flat > thr_d
-    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        out[..., start:stop] = (chunk > thr_d).to(flat.device, non_blocking=True)
-    return out

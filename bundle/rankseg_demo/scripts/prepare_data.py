@@ -4,7 +4,7 @@ The bundle's configs load this file with ``runpy.run_path(<bundle_root>/scripts/
 ``import scripts``: the bundle root is put on ``sys.path`` only when ``ConfigWorkflow.run()`` starts, and a
 top-level package called ``scripts`` collides with other bundles' (and this repository's own ``scripts/``).
 
-* :func:`phantom_datalist` writes seeded synthetic CT phantoms (``rankseg_monai.synthetic``, the cases of
+* :func:`phantom_datalist` writes seeded synthetic CT phantoms (``rankseg_monai.app.synthetic``, the cases of
   ``rankseg-monai demo``) as NIfTI files the first time it is asked for them, and returns the usual MONAI datalist
   ``[{"image": ..., "label": ...}, ...]``; the configs read the files with ``LoadImaged`` like a real data set.
 * :func:`print_report` prints per-class Dice and HD95 of the finished evaluator (and which decision it used).
@@ -66,7 +66,7 @@ def phantom_datalist(dataset_dir: str | os.PathLike, num_cases: int = 8, first_s
         img_path = root / images / f"{_case_name(seed)}.nii.gz"
         lab_path = root / labels / f"{_case_name(seed)}.nii.gz"
         if not (img_path.exists() and lab_path.exists()):
-            from rankseg_monai.synthetic import make_phantom
+            from rankseg_monai.app.synthetic import make_phantom
 
             ph = make_phantom(seed)
             _save_nifti(ph.image[0].astype(np.float32), ph.affine, img_path)

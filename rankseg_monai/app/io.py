@@ -34,14 +34,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._arrays import numpy_dtype
+from .._files import VolumeError, atomic_write
+from ..options import smallest_label_dtype
 
 __all__ = [
     "PROBABILITY_EXTENSIONS",
@@ -59,7 +62,7 @@ __all__ = [
     "load_nnunet_properties",
     "save_mask",
     "mask_path",
-    "label_dtype",
+    "mask_dtype",
     "check_same_grid",
     "validate_probabilities",
     "atomic_write",
@@ -70,11 +73,6 @@ PROBABILITY_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npz")
 LABEL_EXTENSIONS = IMAGE_EXTENSIONS
 OUTPUT_FORMATS = ("nii.gz", "nii", "mha", "nrrd")
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-_TMP_MARK = ".rankseg-tmp-"
-
-
-class VolumeError(ValueError):
-    """A file that cannot be used as it is; the message names the file and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -574,16 +572,15 @@ def validate_probabilities(probs: np.ndarray, *, where: str, output_mode: str = 
 # ------------------------------------------------------------------------------------------------ writers
 
 
-def label_dtype(mask: np.ndarray) -> np.dtype:
-    """uint8 when the values fit, else int16, else int32."""
+def mask_dtype(mask: np.ndarray) -> np.dtype:
+    """The narrowest of uint8, int16, int32 that holds the values of ``mask``."""
     if mask.size == 0:
         return np.dtype(np.uint8)
     lo, hi = int(mask.min()), int(mask.max())
-    for dtype in (np.uint8, np.int16, np.int32):
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return np.dtype(dtype)
-    raise VolumeError(f"label values [{lo}, {hi}] do not fit in int32")
+    dtype = smallest_label_dtype(lo, hi)
+    if dtype.itemsize > 4:
+        raise VolumeError(f"label values [{lo}, {hi}] do not fit in int32")
+    return numpy_dtype(dtype)
 
 
 def mask_path(outdir: str | os.PathLike, case: str, fmt: str) -> Path:
@@ -593,42 +590,10 @@ def mask_path(outdir: str | os.PathLike, case: str, fmt: str) -> Path:
     return Path(outdir) / f"{case}.{fmt}"
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True,
-                 protected: Iterable[str | os.PathLike] = ()) -> Path:
-    """Call ``write(tmp_path)`` on a hidden temporary file beside ``path``, then ``os.replace`` it into place.
-
-    The temporary name keeps ``path``'s extension (writers pick the format from it).  Refuses a ``path`` that
-    is one of ``protected`` (inputs) and, unless ``overwrite``, one that exists.  Nothing is left behind on error.
-    """
-    path = Path(path)
-    for p in protected:
-        if _same_file(path, Path(p)):
-            raise VolumeError(f"refusing to write {path}: it is an input file; choose another output folder")
-    if path.exists() and not overwrite:
-        raise VolumeError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ext = _extension(path) or "".join(path.suffixes[-1:])
-    tmp = path.with_name(f".{path.name[: len(path.name) - len(ext)]}{_TMP_MARK}{uuid.uuid4().hex[:8]}{ext}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def _write_nifti(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
     import nibabel as nib
 
-    dtype = np.uint8 if mask.dtype == np.bool_ else label_dtype(mask)
+    dtype = np.uint8 if mask.dtype == np.bool_ else mask_dtype(mask)
     data = np.asarray(mask, dtype=dtype)
     if data.ndim == 4:  # (C, x, y, z) -> NIfTI (x, y, z, C)
         data = np.moveaxis(data, 0, -1)
@@ -651,7 +616,7 @@ def _write_nifti(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
 def _write_sitk(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
     import SimpleITK as sitk
 
-    dtype = np.uint8 if mask.dtype == np.bool_ else label_dtype(mask)
+    dtype = np.uint8 if mask.dtype == np.bool_ else mask_dtype(mask)
     data = np.asarray(mask, dtype=dtype)
     if data.ndim == 4:  # (C, x, y, z) -> vector image, numpy (z, y, x, C)
         img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0))), isVector=True)

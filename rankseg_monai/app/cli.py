@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype
 from . import io as rio
-from .functional import label_range, parse_pruning_prob, smallest_label_dtype
+from .decide import activate_case, decide
 
 __all__ = ["main", "build_parser"]
 
@@ -79,7 +80,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="per-case Dice/HD95 of argmax vs RankSEG, summary, CSV and plot",
                         description="Compare argmax and RankSEG decisions (--probs) or score existing masks "
-                                    "(--pred) against labels; writes per_case.csv, summary.csv and gains.png.")
+                                    "(--pred) against labels; writes per_case.csv, summary.csv and differences.png.")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", metavar="DIR", help="folder of probability volumes (argmax vs RankSEG)")
     src.add_argument("--pred", metavar="DIR", help="folder of label-map masks to score as they are")
@@ -94,8 +95,10 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_decision_options(ev)
 
-    demo = sub.add_parser("demo", help="end-to-end demonstration (rankseg_monai.demo)",
-                          description="Runs rankseg_monai.demo; `rankseg-monai demo --help` lists its options.")
+    demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
+                          description="End-to-end demonstration on embedded data (no download): seeded CT-like "
+                                      "phantoms, the shipped 3D UNet, sliding-window inference, argmax vs RankSEG "
+                                      "(Dice and IoU); prints a per-class table and writes a CSV and a figure.")
     if demo_module is not None:
         demo_module.add_arguments(demo)
     return parser
@@ -108,14 +111,6 @@ def _err(msg: str) -> None:
     print(f"rankseg-monai: error: {msg}", file=sys.stderr)
 
 
-def _check_device(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
-
-
 def _pruning_arg(text: str) -> float | str:
     try:
         return parse_pruning_prob(text)
@@ -123,38 +118,34 @@ def _pruning_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    if args.smooth < 0:
-        raise UsageError(f"--smooth must be >= 0, got {args.smooth}")
-    if args.sum_tolerance < 0:
-        raise UsageError(f"--sum-tolerance must be >= 0, got {args.sum_tolerance}")
+def _options(args: argparse.Namespace) -> RankSEGOptions:
+    """Every decision option of the command line, validated once before any case runs (exit 2 otherwise)."""
+    if args.sum_tolerance < 0 or args.sum_tolerance != args.sum_tolerance:
+        raise UsageError(f"--sum-tolerance must be a number >= 0, got {args.sum_tolerance}")
+    try:
+        return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=args.output_mode or "multiclass",
+                              smooth=args.smooth, pruning_prob=args.pruning_prob, softmax=args.softmax,
+                              sigmoid=args.sigmoid, device=args.device)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace) -> tuple[np.ndarray, str | None]:
-    """Activation, value checks and the output mode for one case."""
+def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: RankSEGOptions) -> np.ndarray:
+    """Activation and value checks for one case."""
     probs = volume.probabilities
     where = str(volume.path)
-    if args.softmax or args.sigmoid:
-        import torch
-
+    if options.activation is not None:
         if not np.all(np.isfinite(probs)):
             raise rio.VolumeError(f"{where}: logits contain NaN or inf; check the model export")
-        if args.softmax and probs.shape[0] == 1:
+        if options.softmax and probs.shape[0] == 1:
             raise rio.VolumeError(f"{where}: --softmax over a single channel gives 1 everywhere; use --sigmoid")
-        t = torch.from_numpy(probs)
-        probs = (torch.softmax(t, dim=0) if args.softmax else torch.sigmoid(t)).numpy()
-    mode = args.output_mode
-    if args.sigmoid and mode is None and probs.shape[0] > 1:
+        probs = activate_case(probs, options)
+    if args.sigmoid and args.output_mode is None and probs.shape[0] > 1:
         raise rio.VolumeError(f"{where}: --sigmoid gives independent class probabilities; pass --output-mode "
                               "multilabel (one mask per class), or --output-mode multiclass for a label map anyway")
-    check_mode = "multilabel" if (args.sigmoid or mode == "multilabel") else "multiclass"
+    check_mode = "multilabel" if (args.sigmoid or args.output_mode == "multilabel") else "multiclass"
     rio.validate_probabilities(probs, where=where, output_mode=check_mode, sum_tolerance=args.sum_tolerance)
-    return probs, mode
-
-
-def _decide_kwargs(args: argparse.Namespace, mode: str | None) -> dict:
-    return {"metric": args.metric, "solver": args.solver, "output_mode": mode, "smooth": args.smooth,
-            "pruning_prob": args.pruning_prob, "device": args.device}
+    return probs
 
 
 def _progress(items: Sequence[Any], args: argparse.Namespace, desc: str):
@@ -188,6 +179,11 @@ def _protected(cases: Sequence[Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- predict
+
+
+def _narrowest(num_classes: int, options: RankSEGOptions) -> Any:
+    """The narrowest integer dtype of a label map of ``num_classes`` classes (what the mask file holds anyway)."""
+    return smallest_label_dtype(*options.label_bounds(max(num_classes, 2)))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -233,8 +229,7 @@ def _check_settings(outdir: Path, args: argparse.Namespace, targets: Sequence[Pa
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    _check_numbers(args)
-    _check_device(args.device)
+    options = _options(args)
     cases = rio.find_cases(args.inputs)
     if not cases:
         raise UsageError(f"no probability files found in {', '.join(args.inputs)} (looked for "
@@ -249,8 +244,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not (outdir / SETTINGS_FILE).exists() or args.overwrite:
         rio.atomic_write(outdir / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(settings), protected=protected)
 
-    from .evaluation import decide
-
     written, skipped, failed = 0, 0, []
     bar = _progress(list(zip(cases, targets)), args, "rankseg")
     for path, target in bar:
@@ -260,11 +253,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         try:
             volume = rio.load_probabilities(path, channels_last=args.channels_last)
-            probs, mode = _prepare(volume, args)
+            probs = _prepare(volume, args, options)
             # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
             # narrowest type anyway)
-            small = smallest_label_dtype(*label_range(probs.shape[0]))
-            mask = decide(probs, "rankseg", **_decide_kwargs(args, mode), label_dtype=small)
+            mask = decide(probs, "rankseg", options, label_dtype=_narrowest(probs.shape[0], options))
             rio.save_mask(mask, volume.geometry, target, overwrite=True, protected=protected)
             written += 1
         except _CASE_ERRORS as exc:
@@ -288,8 +280,7 @@ def _label_index(labels_dir: Path) -> dict[str, Path]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluation as ev
 
-    _check_numbers(args)
-    _check_device(args.device)
+    options = _options(args)
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
@@ -321,9 +312,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.probs:
                 volume = rio.load_probabilities(path, channels_last=args.channels_last)
                 rio.check_same_grid(volume.geometry, label.geometry, case)
-                probs, mode = _prepare(volume, args)
+                probs = _prepare(volume, args, options)
                 result = ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
-                                         ignore_empty=args.ignore_empty, **_decide_kwargs(args, mode))
+                                         ignore_empty=args.ignore_empty, options=options)
             else:
                 pred = rio.load_labels(path)
                 rio.check_same_grid(pred.geometry, label.geometry, case)
@@ -348,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     written = [ev.write_csv(results, outdir / "per_case.csv", protected=protected),
                ev.write_summary_csv(table, outdir / "summary.csv", protected=protected)]
     if args.probs:
-        written.append(ev.plot_gains(results, outdir / "gains.png", protected=protected))
+        written.append(ev.plot_differences(results, outdir / "differences.png", protected=protected))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 1 if failed else 0
 
@@ -369,15 +360,15 @@ def _load_demo() -> Any:
     import importlib
 
     try:
-        module = importlib.import_module("rankseg_monai.demo")
+        module = importlib.import_module("rankseg_monai.app.demo")
     except ModuleNotFoundError as exc:
-        if exc.name in ("rankseg_monai.demo",):
-            raise UsageError("the demo is not available in this installation (rankseg_monai/demo.py is missing); "
+        if exc.name in ("rankseg_monai.app.demo",):
+            raise UsageError("the demo is not available in this installation (rankseg_monai/app/demo.py is missing); "
                              "update rankseg-monai") from exc
         raise UsageError(f"the demo needs a module that is not installed: {exc.name} ({exc})") from exc
     for fn in ("add_arguments", "run"):
         if not callable(getattr(module, fn, None)):
-            raise UsageError(f"rankseg_monai.demo has no {fn}() function; update rankseg-monai")
+            raise UsageError(f"rankseg_monai.app.demo has no {fn}() function; update rankseg-monai")
     return module
 
 

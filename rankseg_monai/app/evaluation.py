@@ -1,4 +1,4 @@
-"""Per-case Dice and HD95 of argmax vs RankSEG decisions, summaries, CSV files and a gains plot.
+"""Per-case Dice and HD95 of argmax vs RankSEG decisions, summaries, CSV files and a differences plot.
 
 All metrics come from MONAI: ``monai.metrics.DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)``
 (with ``spacing=`` so HD95 is in mm), on one-hot masks of the evaluated classes.  Conventions:
@@ -9,43 +9,13 @@ All metrics come from MONAI: ``monai.metrics.DiceMetric`` and ``HausdorffDistanc
   summary also *counts* them (``hd95_undefined_<method>``) and counts empty predictions (``empty_pred_<method>``).
 * A single-channel probability volume is a foreground probability: argmax means ``p > 0.5`` and RankSEG runs in
   multilabel mode; the evaluated class is label ``1``.
+* **Differences are always candidate minus baseline (RankSEG minus argmax)**, for Dice and HD95 alike:
+  ``dice_diff`` > 0 and ``hd95_diff_mm`` < 0 mean RankSEG is better; ``wins`` count the cases where it is.
 
-Functions (the demo and the CLI both use these; every array is a numpy array, spatial order as read):
-
-``decide(probs, method="rankseg", *, metric="dice", solver="rma", output_mode=None, smooth=0.0,
-pruning_prob=0.5, device=None, label_dtype=np.int64, **rankseg_kwargs) -> np.ndarray``
-    ``probs`` ``(C, *spatial)``.  ``method`` ``"argmax"`` or ``"rankseg"``.  Returns a label map
-    ``(*spatial)`` of ``label_dtype`` (multiclass; binary 0/1 when ``C == 1``) or bool masks ``(C, *spatial)``
-    (multilabel).  A ``label_dtype`` that cannot hold every label raises a ``ValueError`` naming the fix.
-
-``evaluate_masks(predictions, label, spacing, classes, *, case="", ignore_empty=False) -> dict``
-    ``predictions`` ``{method: label map}``; ``label`` integer label map; ``spacing`` mm per axis; ``classes``
-    label values to score.  Returns a *case result*: ``{"case", "classes", "methods", "true_voxels",
-    "metrics": {method: {"dice": [...], "hd95": [...], "pred_voxels": [...]}}}`` (lists per class).
-
-``compare_case(probs, label, spacing, classes=None, *, case="", methods=("argmax", "rankseg"),
-ignore_empty=False, return_predictions=False, **decide_kwargs) -> dict``
-    Checks the labels against the class range, makes each method's decision with :func:`decide` (in the
-    narrowest integer type that holds the labels, unless ``label_dtype`` is given) and scores them with
-    :func:`evaluate_masks`.  ``classes=None``: every foreground class ``1..C-1`` (``[1]`` if
-    ``C == 1``).  With ``return_predictions=True`` the result also holds ``"predictions": {method: map}``.
-
-``case_rows(result, baseline="argmax", candidate="rankseg") -> list[dict]``
-    One flat row per class: ``case, class, true_voxels, dice_<m>, hd95_<m>, voxels_<m>`` for each method,
-    plus ``dice_gain`` (candidate - baseline) and ``hd95_gain_mm`` (baseline - candidate) when both methods
-    are present: positive means the candidate (RankSEG) is better.
-
-``summarize(results, baseline="argmax", candidate="rankseg", tie_tol=1e-9) -> list[dict]``
-    One row per class, then a pooled ``"all"`` row: ``cases``, ``empty_truth``, per method
-    ``dice_mean_/dice_median_/hd95_mean_/hd95_median_<m>`` (NaN skipped), ``dice_n_/hd95_n_<m>`` (defined
-    values), ``empty_pred_<m>``, ``hd95_undefined_<m>``; paired over the cases where both are defined:
-    ``dice_mean_gain`` (mean of candidate - baseline), ``hd95_mean_gain_mm`` (mean of baseline - candidate),
-    ``<metric>_wins/losses/ties`` and ``<metric>_paired_n``.  Gains and wins are positive when the candidate
-    is better (higher Dice, lower HD95); |difference| <= tie_tol is a tie.
-
-``format_table(table) -> str``; ``write_csv(results, path, ...)`` (per-case rows); ``write_summary_csv(table,
-path)``; ``plot_gains(results, path, baseline="argmax", candidate="rankseg") -> Path`` (PNG, Agg canvas, no
-pyplot state).  Files are written atomically (temporary file + ``os.replace``).
+The pipeline: :func:`compare_case` (decide with each method, then :func:`evaluate_masks`) per case,
+:func:`summarize` over cases, then :func:`format_table`, :func:`write_csv`, :func:`write_summary_csv` and
+:func:`plot_differences`.  Every array is a numpy array in the spatial order it was read.  Files are written
+atomically (temporary file + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -62,54 +32,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .functional import check_label_dtype, label_range, rankseg, smallest_label_dtype
-from .functional import check_label_range as _check_dtype_range
-from .io import VolumeError, atomic_write
+from .._files import VolumeError, atomic_write
+from ..options import RankSEGOptions, label_range, smallest_label_dtype
+from .decide import METHODS, decide
 
 __all__ = [
     "METHODS",
     "decide",
-    "check_label_range",
+    "check_label_values",
     "default_classes",
     "evaluate_masks",
     "compare_case",
     "case_rows",
+    "nan_stats",
+    "paired_stats",
     "summarize",
     "format_table",
+    "csv_text",
+    "write_rows",
     "write_csv",
     "write_summary_csv",
-    "plot_gains",
+    "plot_differences",
 ]
-
-METHODS = ("argmax", "rankseg")
-
-
-def decide(probs: np.ndarray, method: str = "rankseg", *, metric: str = "dice", solver: str = "rma",
-           output_mode: str | None = None, smooth: float = 0.0, pruning_prob: float = 0.5,
-           device: str | None = None, label_dtype: Any = np.int64, **rankseg_kwargs: Any) -> np.ndarray:
-    """One decision for one case; see the module docstring."""
-    probs = np.asarray(probs)
-    if probs.ndim < 2:
-        raise ValueError(f"probs has shape {probs.shape}: expected (C, *spatial)")
-    num_classes = probs.shape[0]
-    binary = num_classes == 1 and output_mode in (None, "binary")
-    mode = "multilabel" if binary else (output_mode or "multiclass")
-    dtype = check_label_dtype(label_dtype)
-    if dtype == torch.bfloat16:
-        raise ValueError("label_dtype=bfloat16: numpy has no bfloat16; use np.uint8, np.int64 or np.float32")
-    _check_dtype_range(dtype, 0, max(num_classes - 1, 1))
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    if method == "argmax":
-        if mode == "multilabel":
-            masks = probs > 0.5
-            return masks[0].astype(np_dtype) if binary else masks
-        return np.argmax(probs, axis=0).astype(np_dtype, copy=False)
-    if method != "rankseg":
-        raise ValueError(f"unknown method {method!r}: use 'argmax' or 'rankseg'")
-    out = rankseg(probs[None], metric=metric, smooth=smooth, output_mode=mode, solver=solver,
-                  pruning_prob=pruning_prob, device=device, label_dtype=dtype, **rankseg_kwargs)
-    out = np.asarray(out)[0]
-    return out[0].astype(np_dtype) if binary else out
 
 
 def default_classes(num_classes: int) -> list[int]:
@@ -117,8 +61,9 @@ def default_classes(num_classes: int) -> list[int]:
     return [1] if num_classes == 1 else list(range(1, num_classes))
 
 
-def check_label_range(label: np.ndarray, num_classes: int, case: str = "") -> None:
-    """Labels must lie in ``[0, C)`` (``{0, 1}`` for one foreground channel)."""
+def check_label_values(label: np.ndarray, num_classes: int, case: str = "") -> None:
+    """Raise a :class:`VolumeError` unless the truth labels lie in ``[0, C)`` (``{0, 1}`` for one foreground
+    channel): a label file that does not belong to these probabilities."""
     top = max(num_classes, 2)
     values = np.unique(label)
     bad = values[(values < 0) | (values >= top)]
@@ -138,7 +83,20 @@ def _mask(label: np.ndarray, c: int) -> torch.Tensor:
 
 def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spacing: Sequence[float],
                    classes: Sequence[int], *, case: str = "", ignore_empty: bool = False) -> dict:
-    """Dice and HD95 (mm) per class for each prediction; see the module docstring."""
+    """Dice and HD95 (mm) of each prediction, per class.
+
+    Args:
+        predictions: ``{method: label map}`` (integer arrays of the label's shape).
+        label: the integer truth label map.
+        spacing: mm per array axis (HD95 in mm).
+        classes: label values to score.
+        case: the case name (kept in the result).
+        ignore_empty: Dice NaN (MONAI's default) instead of 1/0 when a class is absent from the truth.
+
+    Returns:
+        a *case result* ``{"case", "classes", "methods", "true_voxels", "metrics": {method: {"dice": [...],
+        "hd95": [...], "pred_voxels": [...]}}}`` (lists per class).
+    """
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
     label = np.asarray(label)
@@ -175,25 +133,50 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
 
 def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float], classes: Sequence[int] | None = None,
                  *, case: str = "", methods: Sequence[str] = METHODS, ignore_empty: bool = False,
-                 return_predictions: bool = False, **decide_kwargs: Any) -> dict:
-    """Decide with each method and score against ``label``; see the module docstring."""
+                 return_predictions: bool = False, options: RankSEGOptions | None = None, label_dtype: Any = None,
+                 **option_kwargs: Any) -> dict:
+    """Decide with each method and score the decisions against ``label``.
+
+    Args:
+        probs: probabilities ``(C, *spatial)``.
+        label: the integer truth label map ``(*spatial)``; its values must lie in ``[0, C)``.
+        spacing: mm per axis.
+        classes: label values to score (default: every foreground class ``1..C-1``, ``[1]`` if ``C == 1``).
+        case: the case name.
+        methods: decisions to compare (``"argmax"``, ``"rankseg"``).
+        ignore_empty: see :func:`evaluate_masks`.
+        return_predictions: also return ``"predictions": {method: label map}``.
+        options: RankSEG's options (or give them as keywords; default ``RankSEGOptions()``, the deployed
+            ``pruning_prob="auto"``).  Only label maps are compared: ``output_mode="multilabel"`` is refused for
+            ``C > 1``.
+        label_dtype: dtype of the decisions (default: the narrowest integer type that holds the labels).
+
+    Returns:
+        the case result of :func:`evaluate_masks`.
+    """
     probs = np.asarray(probs)
     label = np.asarray(label)
+    if options is None:
+        options = RankSEGOptions(**option_kwargs)
+    elif option_kwargs:
+        options = options.replace(**option_kwargs)
     if probs.shape[1:] != label.shape:
         raise VolumeError(f"case {case!r}: probabilities have spatial shape {probs.shape[1:]} but labels "
                           f"{label.shape}; resample the labels to the probability grid")
-    if decide_kwargs.get("output_mode") == "multilabel" and probs.shape[0] > 1:
+    if options.output_mode == "multilabel" and probs.shape[0] > 1:
         raise ValueError("evaluation compares label maps: use output_mode='multiclass' (or a single foreground "
                          "channel); score multilabel masks per channel yourself")
     num_classes = probs.shape[0]
-    check_label_range(label, num_classes, case)
+    check_label_values(label, num_classes, case)
     classes = default_classes(num_classes) if classes is None else [int(c) for c in classes]
     for c in classes:
         if not 0 <= c < max(num_classes, 2):
             raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
                              "probabilities")
-    decide_kwargs.setdefault("label_dtype", smallest_label_dtype(*label_range(max(num_classes, 2))))
-    predictions = {m: decide(probs, m, **decide_kwargs) for m in methods}
+    if label_dtype is None:
+        label_dtype = smallest_label_dtype(*label_range(max(num_classes, 2), options.unassigned_policy,
+                                                        options.void_index))
+    predictions = {m: decide(probs, m, options, label_dtype=label_dtype) for m in methods}
     result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty)
     if return_predictions:
         result["predictions"] = predictions
@@ -204,7 +187,8 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
 
 
 def case_rows(result: Mapping[str, Any], baseline: str = "argmax", candidate: str = "rankseg") -> list[dict]:
-    """Flat per-class rows of one case result; see the module docstring."""
+    """One flat row per class of a case result: ``case, class, true_voxels, dice_<m>, hd95_<m>, voxels_<m>`` for
+    each method, plus ``dice_diff`` and ``hd95_diff_mm`` (both candidate minus baseline) when both are there."""
     rows = []
     paired = baseline in result["metrics"] and candidate in result["metrics"]
     for i, c in enumerate(result["classes"]):
@@ -216,13 +200,14 @@ def case_rows(result: Mapping[str, Any], baseline: str = "argmax", candidate: st
             row[f"voxels_{m}"] = vals["pred_voxels"][i]
         if paired:
             b, k = result["metrics"][baseline], result["metrics"][candidate]
-            row["dice_gain"] = k["dice"][i] - b["dice"][i]
-            row["hd95_gain_mm"] = b["hd95"][i] - k["hd95"][i]
+            row["dice_diff"] = k["dice"][i] - b["dice"][i]
+            row["hd95_diff_mm"] = k["hd95"][i] - b["hd95"][i]
         rows.append(row)
     return rows
 
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
+def nan_stats(values: Sequence[float]) -> tuple[float, float, int]:
+    """``(mean, median, count)`` of the finite values (NaN, NaN, 0 when there is none)."""
     arr = np.asarray(values, dtype=np.float64)
     ok = arr[np.isfinite(arr)]
     if ok.size == 0:
@@ -230,21 +215,39 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return float(ok.mean()), float(np.median(ok)), int(ok.size)
 
 
-def _paired(base: list[float], cand: list[float], higher_is_better: bool, tie_tol: float
-            ) -> tuple[float, int, int, int, int]:
+def paired_stats(base: Sequence[float], cand: Sequence[float], higher_is_better: bool, tie_tol: float = 1e-9
+                 ) -> dict[str, Any]:
+    """Paired differences ``cand - base`` over the cases where both are finite.
+
+    Returns ``diff`` (mean difference), ``lo``/``hi`` (its range), ``n`` (pairs) and ``wins``/``losses``/``ties``
+    (the candidate is better / worse / within ``tie_tol``; better is higher when ``higher_is_better``).
+
+    Example:
+        >>> from rankseg_monai.app.evaluation import paired_stats
+        >>> paired_stats([0.5, 0.6, 0.7], [0.6, 0.6, 0.65], higher_is_better=True)["wins"]
+        1
+    """
     b, k = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
     ok = np.isfinite(b) & np.isfinite(k)
-    gain = (k - b)[ok] if higher_is_better else (b - k)[ok]
-    wins = int(np.sum(gain > tie_tol))
-    losses = int(np.sum(gain < -tie_tol))
-    ties = int(gain.size - wins - losses)
-    mean = float(np.mean(gain)) if gain.size else math.nan
-    return mean, wins, losses, ties, int(gain.size)
+    d = (k - b)[ok]
+    signed = d if higher_is_better else -d
+    wins, losses = int(np.sum(signed > tie_tol)), int(np.sum(signed < -tie_tol))
+    empty = d.size == 0
+    return {"diff": math.nan if empty else float(d.mean()), "lo": math.nan if empty else float(d.min()),
+            "hi": math.nan if empty else float(d.max()), "n": int(d.size), "wins": wins, "losses": losses,
+            "ties": int(d.size - wins - losses)}
 
 
 def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", candidate: str = "rankseg",
               tie_tol: float = 1e-9) -> list[dict]:
-    """Per-class (then pooled ``"all"``) summary of case results; see the module docstring."""
+    """One row per class, then a pooled ``"all"`` row, over case results.
+
+    Columns: ``cases``, ``empty_truth``; per method ``dice_mean_/dice_median_/hd95_mean_/hd95_median_<m>`` (NaN
+    skipped), ``dice_n_/hd95_n_<m>`` (defined values), ``empty_pred_<m>``, ``hd95_undefined_<m>``; paired over
+    the cases where both are defined (:func:`paired_stats`): ``dice_mean_diff`` and ``hd95_mean_diff_mm``
+    (candidate minus baseline), ``<metric>_wins/losses/ties`` (the candidate is better / worse / equal) and
+    ``<metric>_paired_n``.
+    """
     if not results:
         return []
     methods = list(results[0]["methods"])
@@ -263,18 +266,18 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
         for m in methods:
             dice = [r["metrics"][m]["dice"][i] for r, i in items]
             hd = [r["metrics"][m]["hd95"][i] for r, i in items]
-            row[f"dice_mean_{m}"], row[f"dice_median_{m}"], row[f"dice_n_{m}"] = _stats(dice)
-            row[f"hd95_mean_{m}"], row[f"hd95_median_{m}"], row[f"hd95_n_{m}"] = _stats(hd)
+            row[f"dice_mean_{m}"], row[f"dice_median_{m}"], row[f"dice_n_{m}"] = nan_stats(dice)
+            row[f"hd95_mean_{m}"], row[f"hd95_median_{m}"], row[f"hd95_n_{m}"] = nan_stats(hd)
             row[f"empty_pred_{m}"] = sum(r["metrics"][m]["pred_voxels"][i] == 0 for r, i in items)
             row[f"hd95_undefined_{m}"] = int(sum(not math.isfinite(v) for v in hd))
         if baseline in methods and candidate in methods:
             for metric, better_high, suffix in (("dice", True, ""), ("hd95", False, "_mm")):
                 base = [r["metrics"][baseline][metric][i] for r, i in items]
                 cand = [r["metrics"][candidate][metric][i] for r, i in items]
-                mean, wins, losses, ties, n = _paired(base, cand, better_high, tie_tol)
-                row[f"{metric}_mean_gain{suffix}"] = mean
-                row[f"{metric}_wins"], row[f"{metric}_losses"], row[f"{metric}_ties"] = wins, losses, ties
-                row[f"{metric}_paired_n"] = n
+                st = paired_stats(base, cand, better_high, tie_tol)
+                row[f"{metric}_mean_diff{suffix}"] = st["diff"]
+                row[f"{metric}_wins"], row[f"{metric}_losses"] = st["wins"], st["losses"]
+                row[f"{metric}_ties"], row[f"{metric}_paired_n"] = st["ties"], st["n"]
         table.append(row)
     return table
 
@@ -295,22 +298,23 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     for m in methods:
         header += [f"Dice {m}"]
     if paired:
-        header += ["Dice gain", "W/L/T"]
+        header += [f"Dice diff ({candidate}-{baseline})", "W/L/T"]
     for m in methods:
         header += [f"HD95 {m}"]
     if paired:
-        header += ["HD95 gain", "W/L/T"]
+        header += [f"HD95 diff mm ({candidate}-{baseline})", "W/L/T"]
     header += [f"empty {m}" for m in methods] + [f"HD95 NaN {m}" for m in methods]
     lines = []
     for row in table:
         cells = [str(row["class"]), str(row["cases"])]
         cells += [_fmt(row[f"dice_mean_{m}"]) for m in methods]
         if paired:
-            cells += [f"{row['dice_mean_gain']:+.4f}" if math.isfinite(row["dice_mean_gain"]) else "nan",
+            d = row["dice_mean_diff"]
+            cells += [f"{d:+.4f}" if math.isfinite(d) else "nan",
                       f"{row['dice_wins']}/{row['dice_losses']}/{row['dice_ties']}"]
         cells += [_fmt(row[f"hd95_mean_{m}"], 2) for m in methods]
         if paired:
-            d = row["hd95_mean_gain_mm"]
+            d = row["hd95_mean_diff_mm"]
             cells += [f"{d:+.2f}" if math.isfinite(d) else "nan",
                       f"{row['hd95_wins']}/{row['hd95_losses']}/{row['hd95_ties']}"]
         cells += [str(row[f"empty_pred_{m}"]) for m in methods]
@@ -322,20 +326,13 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     note = ("Dice/HD95: means over defined values (HD95 in mm; NaN when prediction or truth is empty, counted in "
             "'HD95 NaN').")
     if paired:
-        note += (f" Paired over cases where both are defined: Dice gain = {candidate} - {baseline}, HD95 gain = "
-                 f"{baseline} - {candidate} (mm); positive gains and W(ins) mean {candidate} is better.")
+        note += (f" Paired over cases where both are defined: diff = {candidate} - {baseline} (Dice: > 0 is better; "
+                 f"HD95: < 0 is better); W/L/T count cases where {candidate} is better/worse/equal.")
     return "\n".join(out) + "\n" + note
 
 
-def _write_text(path: str | os.PathLike, text: str, protected: Sequence[str | os.PathLike] = ()) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return atomic_write(path, write, overwrite=True, protected=protected)
-
-
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text of dict rows (the union of their keys as columns, in first-seen order; floats exactly, ``repr``)."""
     buf = _stdio.StringIO()
     fields: list[str] = []
     for row in rows:
@@ -347,42 +344,56 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+               protected: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write dict rows as CSV (:func:`csv_text`), atomically."""
+    text = csv_text(rows)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write, overwrite=True, protected=protected)
+
+
 def write_csv(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
               candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = ()) -> Path:
-    """Per-case, per-class rows (:func:`case_rows`) as CSV; floats are written exactly (``repr``)."""
-    rows = [row for res in results for row in case_rows(res, baseline, candidate)]
-    return _write_text(path, _csv_text(rows), protected)
+    """Per-case, per-class rows (:func:`case_rows`) as CSV."""
+    return write_rows([row for res in results for row in case_rows(res, baseline, candidate)], path, protected)
 
 
 def write_summary_csv(table: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                       protected: Sequence[str | os.PathLike] = ()) -> Path:
     """The :func:`summarize` table as CSV."""
-    return _write_text(path, _csv_text(table), protected)
+    return write_rows(table, path, protected)
 
 
-def plot_gains(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
+def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
                candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = ()) -> Path:
-    """PNG of per-case paired gains (Dice: candidate - baseline; HD95: baseline - candidate, mm) per class."""
+    """PNG of the per-case paired differences (candidate minus baseline; Dice: above 0 is better, HD95 in mm:
+    below 0 is better) per class; green marks the cases where the candidate is better."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = [row for res in results for row in case_rows(res, baseline, candidate)]
-    if rows and "dice_gain" not in rows[0]:
-        raise ValueError(f"plot_gains needs both {baseline!r} and {candidate!r} results")
+    if rows and "dice_diff" not in rows[0]:
+        raise ValueError(f"plot_differences needs both {baseline!r} and {candidate!r} results")
     classes = sorted({row["class"] for row in rows})
     fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 3), 4.0), dpi=100)
     FigureCanvasAgg(fig)
     rng = np.random.default_rng(0)
-    panels = (("dice_gain", f"Dice gain ({candidate} - {baseline})"),
-              ("hd95_gain_mm", f"HD95 gain, mm ({baseline} - {candidate})"))
-    for j, (key, title) in enumerate(panels):
+    panels = (("dice_diff", f"Dice diff ({candidate} - {baseline}; > 0 better)", True),
+              ("hd95_diff_mm", f"HD95 diff, mm ({candidate} - {baseline}; < 0 better)", False))
+    for j, (key, title, higher_better) in enumerate(panels):
         ax = fig.add_subplot(1, 2, j + 1)
         ax.axhline(0.0, color="0.5", lw=1)
         for x, c in enumerate(classes):
             vals = np.array([row[key] for row in rows if row["class"] == c], dtype=np.float64)
             ok = vals[np.isfinite(vals)]
             jitter = rng.uniform(-0.15, 0.15, ok.size)
-            colors = np.where(ok > 0, "tab:green", np.where(ok < 0, "tab:red", "0.4"))
+            better = ok > 0 if higher_better else ok < 0
+            worse = ok < 0 if higher_better else ok > 0
+            colors = np.where(better, "tab:green", np.where(worse, "tab:red", "0.4"))
             ax.scatter(np.full(ok.size, x) + jitter, ok, c=colors, s=18, alpha=0.8)
             if ok.size:
                 ax.plot([x - 0.3, x + 0.3], [ok.mean()] * 2, color="k", lw=2)
@@ -394,7 +405,7 @@ def plot_gains(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, ba
         ax.set_xticklabels([str(c) for c in classes])
         ax.set_xlabel("class")
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Per-case paired gains over {len(results)} cases (above 0: {candidate} better; bar = mean)",
+    fig.suptitle(f"Per-case paired differences over {len(results)} cases (green: {candidate} better; bar = mean)",
                  fontsize=9)
     fig.tight_layout()
 

@@ -11,7 +11,7 @@ Geometry is drawn in millimetres on an anisotropic grid (default 0.8 x 0.8 x 2.5
 something.
 
 Example:
-    >>> from rankseg_monai.synthetic import make_phantom
+    >>> from rankseg_monai.app.synthetic import make_phantom
     >>> ph = make_phantom(seed=0)
     >>> ph.image.shape, ph.image.dtype, ph.label.shape, ph.spacing
     ((1, 64, 64, 32), dtype('float32'), (1, 64, 64, 32), (0.8, 0.8, 2.5))

@@ -3,23 +3,22 @@
 What it does, all on seeded data so every run prints the same numbers on the same machine:
 
 1. generates held-out phantoms (a large organ, class 1, with small low-contrast lesions, class 2; see
-   :mod:`rankseg_monai.synthetic`), seeds from 1 000 000 up (the shipped model was trained on seeds < 100 000);
+   :mod:`rankseg_monai.app.synthetic`), seeds from 1 000 000 up (the shipped model was trained on seeds < 100 000);
 2. loads the shipped 3D UNet (``rankseg_monai/data/demo_unet.pt``, trained with cross-entropy by
    ``scripts/train_demo_model.py``) and runs ``monai.inferers.SlidingWindowInferer`` (CUDA if available);
 3. softmax, then ``argmax`` vs :func:`rankseg_monai.functional.rankseg` with ``metric="dice"`` and
    ``metric="iou"``;
 4. scores every case with MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)`` (in mm, with
-   the phantom's anisotropic spacing) through :mod:`rankseg_monai.evaluation` (IoU is ``D / (2 - D)`` of the
+   the phantom's anisotropic spacing) through :mod:`rankseg_monai.app.evaluation` (IoU is ``D / (2 - D)`` of the
    same masks), prints a per-class table with paired differences, wins/losses and empty-mask counts, and writes
    ``per_case_metrics.csv`` and ``demo_figure.png`` to ``--output-dir``.
 
-Run ``rankseg-monai demo`` or ``python -m rankseg_monai.demo``.
+Run ``rankseg-monai demo`` or ``python -m rankseg_monai.app.demo``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -32,7 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .functional import parse_pruning_prob
+from ..functional import decide
+from ..options import RankSEGOptions, parse_pruning_prob
+from . import evaluation as ev
+from .synthetic import make_phantom
 
 __all__ = ["add_arguments", "run", "main", "load_demo_model", "infer_probabilities", "per_case_rows", "table_rows",
            "format_table", "make_figure", "DEMO_SEED", "METHODS", "CLASS_NAMES"]
@@ -115,10 +117,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed ``args`` (see :func:`add_arguments`); returns the process exit code."""
     from tqdm import tqdm
 
-    from . import evaluation as ev
-    from .functional import rankseg
-    from .synthetic import make_phantom
-
     if args.cases < 1:
         print("error: --cases must be >= 1", file=sys.stderr)
         return 2
@@ -135,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"RankSEG demo: {args.cases} held-out phantoms (seeds {args.seed}..{args.seed + args.cases - 1}), "
           f"3D UNet trained with {meta['training']['loss']}, SlidingWindowInferer(roi={roi}, overlap={overlap}) "
           f"on {device}; RankSEG-RMA pruning_prob={args.pruning_prob}")
+    options = {m: RankSEGOptions(metric=m.split("_")[1], pruning_prob=args.pruning_prob) for m in METHODS[1:]}
     results: list[dict[str, Any]] = []
     timing = dict.fromkeys(("inference", *METHODS, "metrics"), 0.0)
     examples: list[_Example] = []
@@ -147,10 +146,7 @@ def run(args: argparse.Namespace) -> int:
         preds = {}
         for method in METHODS:
             t = time.perf_counter()
-            if method == "argmax":
-                pred = probs.argmax(dim=1)
-            else:
-                pred = rankseg(probs, metric=method.split("_")[1], pruning_prob=args.pruning_prob)
+            pred = probs.argmax(dim=1) if method == "argmax" else decide(probs, options[method])
             preds[method] = pred[0].cpu().numpy()
             timing[method] += time.perf_counter() - t
         t = time.perf_counter()
@@ -189,56 +185,32 @@ def iou_from_dice(dice: float) -> float:
 
 
 def per_case_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`rankseg_monai.evaluation.case_rows` (argmax vs RankSEG-dice) plus the demo's own columns:
-    ``seed``, ``class_name``, ``max_prob`` of the class, ``iou_<method>`` and ``iou_gain`` (RankSEG-iou minus
+    """:func:`rankseg_monai.app.evaluation.case_rows` (argmax vs RankSEG-dice) plus the demo's own columns:
+    ``seed``, ``class_name``, ``max_prob`` of the class, ``iou_<method>`` and ``iou_diff`` (RankSEG-iou minus
     argmax)."""
-    from .evaluation import case_rows
-
     rows = []
     for res in results:
-        for i, row in enumerate(case_rows(res, "argmax", "rankseg_dice")):
+        for i, row in enumerate(ev.case_rows(res, "argmax", "rankseg_dice")):
             row = {"case": row.pop("case"), "seed": res["seed"], "class": row.pop("class"), **row}
             row["class_name"] = _class_name(row["class"])
             row["max_prob"] = res["max_prob"][i]
             for m in res["methods"]:
                 row[f"iou_{m}"] = iou_from_dice(res["metrics"][m]["dice"][i])
-            row["iou_gain"] = row["iou_rankseg_iou"] - row["iou_argmax"]
+            row["iou_diff"] = row["iou_rankseg_iou"] - row["iou_argmax"]
             rows.append(row)
     return rows
 
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write :func:`per_case_rows` (one row per case and foreground class; floats exactly, ``repr``)."""
-    rows = per_case_rows(results)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    return path
-
-
-def _paired(a: np.ndarray, b: np.ndarray, higher_is_better: bool) -> dict[str, Any]:
-    ok = np.isfinite(a) & np.isfinite(b)
-    d = b[ok] - a[ok]
-    signed = d if higher_is_better else -d
-    return {"diff": float(d.mean()) if d.size else math.nan, "lo": float(d.min()) if d.size else math.nan,
-            "hi": float(d.max()) if d.size else math.nan, "n": int(d.size), "wins": int(np.sum(signed > 1e-9)),
-            "losses": int(np.sum(signed < -1e-9)), "ties": int(np.sum(np.abs(signed) <= 1e-9))}
-
-
-def _mean(v: np.ndarray) -> float:
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else math.nan
+    """Write :func:`per_case_rows` (one row per case and foreground class; floats exactly, ``repr``), atomically."""
+    return ev.write_rows(per_case_rows(results), path)
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (class, metric) of the printed table: Dice and HD95 compare argmax with RankSEG-dice, IoU
     with RankSEG-iou.  Means skip undefined values (HD95 of an empty mask); paired statistics use the cases
-    where both are defined.  Counts come from :func:`rankseg_monai.evaluation.summarize`."""
-    from .evaluation import summarize
-
-    summary = {row["class"]: row for row in summarize(results, "argmax", "rankseg_dice")}
+    where both are defined.  Counts come from :func:`rankseg_monai.app.evaluation.summarize`."""
+    summary = {row["class"]: row for row in ev.summarize(results, "argmax", "rankseg_dice")}
     out = []
     for c in results[0]["classes"]:
         def values(method: str, metric: str, c: int = c) -> np.ndarray:
@@ -254,7 +226,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                     ("iou", "rankseg_iou", True)):
             a, b = values("argmax", metric), values(other, metric)
             out.append({"class": c, "class_name": _class_name(c), "metric": metric, "rankseg": other,
-                        "mean_argmax": _mean(a), "mean_rankseg": _mean(b), **_paired(a, b, high),
+                        "mean_argmax": ev.nan_stats(a)[0], "mean_rankseg": ev.nan_stats(b)[0],
+                        **ev.paired_stats(a, b, high),
                         "empty_argmax": s["empty_pred_argmax"], "empty_rankseg": s[f"empty_pred_{other}"],
                         "cases": s["cases"]})
     return out
@@ -355,7 +328,7 @@ def make_figure(results: Sequence[dict[str, Any]], examples: Sequence[_Example],
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m rankseg_monai.demo``."""
+    """Entry point of ``python -m rankseg_monai.app.demo``."""
     parser = argparse.ArgumentParser(prog="rankseg-monai demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

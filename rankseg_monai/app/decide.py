@@ -1,0 +1,78 @@
+"""One case's decision for the command line, the evaluation and the demo: RankSEG or the argmax baseline on a
+channel-first numpy array, with the file conventions of the CLI (a single channel is a foreground probability
+and gives a 0/1 label map)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._arrays import numpy_dtype
+from ..activation import activate
+from ..functional import decide as _decide_batch
+from ..options import RankSEGOptions, check_label_capacity, check_label_dtype
+
+__all__ = ["METHODS", "decide", "activate_case"]
+
+METHODS = ("argmax", "rankseg")
+
+
+def activate_case(values: np.ndarray, options: RankSEGOptions) -> np.ndarray:
+    """``values`` ``(C, *spatial)`` as probabilities: the options' softmax/sigmoid (with temperature) when the file
+    holds logits, else unchanged."""
+    if options.activation is None:
+        return values
+    return activate(values, options.activation, options.temperature, dim=0).numpy()
+
+
+def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions | None = None, *,
+           label_dtype: Any = None, **option_kwargs: Any) -> np.ndarray:
+    """The decision of one case.
+
+    Args:
+        probs: probabilities ``(C, *spatial)`` (numpy).
+        method: ``"rankseg"`` or ``"argmax"`` (``p > 0.5`` for a single channel or multilabel output).
+        options: the RankSEG options (or give them as keywords, e.g. ``metric="iou"``; default
+            ``RankSEGOptions()``).  ``options.output_mode="multilabel"`` gives one mask per channel.
+        label_dtype: dtype of the label map (default: ``options.label_dtype``); it must hold every label, else a
+            ``ValueError`` names the fix.
+
+    Returns:
+        a label map ``(*spatial)`` (multiclass, or a 0/1 map when ``C == 1``) or bool masks ``(C, *spatial)``
+        (multilabel, ``C > 1``).
+
+    Example:
+        >>> import numpy as np
+        >>> from rankseg_monai.app.decide import decide
+        >>> probs = np.array([[0.7, 0.2, 0.6], [0.3, 0.8, 0.4]], dtype=np.float32)  # (C=2, N=3)
+        >>> decide(probs, "argmax"), decide(probs, "rankseg", metric="dice")
+        (array([0, 1, 0]), array([0, 1, 0]))
+    """
+    if options is None:
+        options = RankSEGOptions(**option_kwargs)
+    elif option_kwargs:
+        options = options.replace(**option_kwargs)
+    probs = np.asarray(probs)
+    if probs.ndim < 2:
+        raise ValueError(f"probs has shape {probs.shape}: expected (C, *spatial)")
+    num_classes = probs.shape[0]
+    foreground = num_classes == 1
+    multilabel = foreground or options.output_mode == "multilabel"
+    dtype = check_label_dtype(options.label_dtype if label_dtype is None else label_dtype)
+    np_dtype = numpy_dtype(dtype)
+    check_label_capacity(dtype, *(options.label_bounds(num_classes) if not multilabel else (0, 1)))
+    if method == "argmax":
+        if multilabel:
+            masks = probs > 0.5
+            return masks[0].astype(np_dtype) if foreground else masks
+        return np.argmax(probs, axis=0).astype(np_dtype, copy=False)
+    if method != "rankseg":
+        raise ValueError(f"unknown method {method!r}: use 'argmax' or 'rankseg'")
+    opts = options.replace(output_mode="multilabel") if multilabel and options.output_mode != "multilabel" \
+        else options
+    if not multilabel and dtype != opts.label_dtype:
+        opts = opts.replace(label_dtype=dtype)
+    out = np.asarray(_decide_batch(probs[None], opts))[0]
+    return out[0].astype(np_dtype) if foreground else out
+

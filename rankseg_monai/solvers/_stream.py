@@ -1,0 +1,176 @@
+"""Streaming machinery shared by every solver (pure torch, no MONAI import).
+
+* :func:`flat_view`: a ``(B, C, N)`` view of ``(B, C, *spatial)`` without copying (permuted layouts included);
+* :func:`iter_chunks`: the one chunk loop over the voxels of all rows, which also streams a CPU volume
+  through a GPU when ``device`` differs from the data's device;
+* :class:`RowStats` / :func:`row_statistics`: the one pass that validates the values and gives per-row
+  min/max, the float64 sum and (for RMA) the sum/count above one half;
+* :func:`floor_to_dtype`: thresholds that compare exactly in the input dtype (fp16/bf16 are never upcast);
+* :func:`threshold_masks`: the bool masks ``p > thr`` of every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .validation import check_probability_values
+
+__all__ = [
+    "CLAMP_TOLERANCE",
+    "RowStats",
+    "flat_view",
+    "iter_chunks",
+    "floor_to_dtype",
+    "row_statistics",
+    "threshold_masks",
+]
+
+#: values within this distance outside [0, 1] are clipped when ``clamp=True``; larger ones still raise
+CLAMP_TOLERANCE = 1e-2
+
+
+@dataclass
+class RowStats:
+    """Per-row statistics from one pass over the volume (rows = (batch, class), tensors of shape (B, C)).
+
+    ``vmin``/``vmax`` are float64 (after clamping when requested), ``mu`` the float64 sum of the row,
+    ``s_half``/``n_half`` the float64 sum and int64 count of probabilities ``> 1/2`` (``None`` when the pass
+    was asked not to compute them: only RMA uses them).
+    """
+
+    vmin: torch.Tensor
+    vmax: torch.Tensor
+    mu: torch.Tensor
+    s_half: torch.Tensor | None
+    n_half: torch.Tensor | None
+
+
+def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
+    # values per chunk (all rows): big enough to amortise per-op overhead, at most 1/8 of the volume so that
+    # chunk temporaries stay a fraction of the input on small volumes too
+    target = (1 << 26) if device.type == "cuda" else (1 << 21)
+    target = min(target, max(1 << 16, rows * n // 8))
+    return max(1024, min(n, target // max(rows, 1)))
+
+
+def iter_chunks(
+    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, chunk)`` with chunk ``flat[..., start:stop]`` on ``device`` (clipped if ``clamp``)."""
+    device = flat.device if device is None else torch.device(device)
+    n = flat.shape[-1]
+    step = chunk_size or _auto_chunk(flat.shape[0] * flat.shape[1], n, device)
+    streaming = device != flat.device
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk = flat[..., start:stop]
+        if streaming:
+            chunk = chunk.contiguous()
+            if flat.device.type == "cpu" and device.type == "cuda":
+                chunk = chunk.pin_memory()
+            chunk = chunk.to(device, non_blocking=True)
+        if clamp:
+            chunk = chunk.clamp(0.0, 1.0)
+        yield start, stop, chunk
+
+
+def floor_to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Largest ``dtype`` value ``<= t`` (float64 in): then ``x > t  <=>  x > floor_to_dtype(t)`` for ``dtype`` x."""
+    if dtype == torch.float64:
+        return t.clone()
+    td = t.to(dtype)
+    over = td.double() > t
+    if bool(over.any()):
+        td = torch.where(over, torch.nextafter(td, torch.full_like(td, float("-inf"))), td)
+    return td
+
+
+def row_statistics(
+    flat: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+    half: bool = True,
+) -> RowStats:
+    """One pass: value checks, per-row min/max, float64 sum, and (``half=True``) the sum/count above one half."""
+    device = flat.device if device is None else torch.device(device)
+    shape = flat.shape[:2]
+    f64 = dict(dtype=torch.float64, device=device)
+    vmin = torch.full(shape, float("inf"), **f64)
+    vmax = torch.full(shape, float("-inf"), **f64)
+    raw_min = torch.full(shape, float("inf"), **f64)
+    raw_max = torch.full(shape, float("-inf"), **f64)
+    mu = torch.zeros(shape, **f64)
+    s_half = torch.zeros(shape, **f64) if half else None
+    n_half = torch.zeros(shape, dtype=torch.int64, device=device) if half else None
+    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp=False):
+        lo, hi = chunk.amin(-1), chunk.amax(-1)  # torch.aminmax(dim=) is 10-25x slower on the CPU (torch 2.13)
+        raw_min = torch.minimum(raw_min, lo.double())
+        raw_max = torch.maximum(raw_max, hi.double())
+        if clamp:
+            chunk = chunk.clamp(0.0, 1.0)
+        mu += chunk.sum(-1, dtype=torch.float64)
+        if not half:
+            continue
+        above = chunk > 0.5
+        s_half += (chunk * above).sum(-1, dtype=torch.float64)  # = where(above, chunk, 0), 4x faster
+        n_half += torch.count_nonzero(above, dim=-1)
+    gmin, gmax = float(raw_min.min()), float(raw_max.max())
+    check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
+    vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
+    vmax = raw_max.clamp(0.0, 1.0) if clamp else raw_max
+    return RowStats(vmin=vmin, vmax=vmax, mu=mu, s_half=s_half, n_half=n_half)
+
+
+
+
+def threshold_masks(
+    flat: torch.Tensor,
+    thr: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """Bool masks ``flat > thr[..., None]`` (same device as ``flat``)."""
+    device = flat.device if device is None else torch.device(device)
+    thr_d = thr.to(device).unsqueeze(-1)
+    if device == flat.device and not clamp:
+        return flat > thr_d
+    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        out[..., start:stop] = (chunk > thr_d).to(flat.device, non_blocking=True)
+    return out
+
+
+def flat_view(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(B, C, N)`` view of ``(B, C, *spatial)`` without copying, and the function that shapes results back.
+
+    A contiguous input is reshaped.  A permuted one (e.g. after ``Invertd`` undid an ``Orientationd``, which
+    leaves the spatial dims in memory order ``(1, 2, 0)``) is viewed with its spatial dims in memory order, so
+    no copy of the volume is made; results (``(B, N)`` labels or ``(B, C, N)`` masks) are shaped back into the
+    input's dim order (a view with the input's memory order).  Only layouts that no dim order makes a view of
+    (sliced or overlapping strides) are copied, as ``reshape`` does.
+    """
+    batch, num_classes, *spatial = x.shape
+    ndim = x.dim()
+    if x.is_contiguous() or ndim <= 3:
+        flat = x.reshape(batch, num_classes, -1)
+        return flat, lambda out: out.reshape(*out.shape[:-1], *spatial)
+    perm = sorted(range(2, ndim), key=lambda d: (spatial[d - 2] != 1, -x.stride(d)))  # size-1 dims first
+    try:
+        flat = x.permute(0, 1, *perm).view(batch, num_classes, -1)
+    except RuntimeError:  # no dim order gives a view: copy (as reshape would)
+        flat = x.reshape(batch, num_classes, -1)
+        return flat, lambda out: out.reshape(*out.shape[:-1], *spatial)
+    shape_perm = [spatial[d - 2] for d in perm]
+    inverse = [perm.index(d) for d in range(2, ndim)]
+
+    def unflatten(out: torch.Tensor) -> torch.Tensor:
+        lead = out.dim() - 1  # 1 for labels (B, N), 2 for masks (B, C, N)
+        out = out.reshape(*out.shape[:-1], *shape_perm)
+        return out.permute(*range(lead), *(lead + i for i in inverse))
+
+    return flat, unflatten
