@@ -1,7 +1,22 @@
-"""Test-session settings shared by every test file."""
+"""Test-session settings and fixtures shared by every test file.
 
+Devices: tests that take the ``device`` fixture (or are parametrised with ``DEVICES``) run on the CPU always and on
+CUDA too when ``torch.cuda.is_available()``, as MONAI's tests do.  On a machine without CUDA nothing is skipped:
+the CUDA parameter simply does not exist there.  ``benchmarks/gpu_check.py`` is the one-command GPU check.
+"""
+
+import pytest
 import torch
 
 # pytest-xdist runs 2 workers on 2 cores: one torch thread each avoids oversubscription (OpenMP barriers in
 # many medium-sized ops slow down by 10x or more when threads outnumber cores).
 torch.set_num_threads(1)
+
+#: the devices every device-parametrised test runs on
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """``"cpu"``, then ``"cuda"`` when a CUDA device is visible."""
+    return request.param
