@@ -25,9 +25,15 @@ spacing/origin/direction) so that a mask written in the input's own family of fo
 geometry; it also exposes a RAS ``affine`` (NIfTI convention, for index order) and ``spacing`` (mm per array
 axis, for HD95) that compare across readers.  Writing to the other family converts (RAS <-> LPS).
 
-Writes (:func:`save_mask`) are atomic: the file is written to a hidden temporary file in the target folder and
-moved into place with :func:`os.replace`, so an interrupted run never leaves a truncated mask; a target that is
-one of the ``protected`` input paths is refused.
+Writes (:func:`save_mask`, :func:`stage_mask`) are atomic and verified: the file is written to a hidden temporary
+file in the target folder, flushed to disk, read back and compared with the array (values, shape and grid; a
+writer that silently truncates on a full disk is caught here), and only then moved into place with
+:func:`os.replace`, so a mask on disk is complete and reads back as written; a target that is one of the
+``protected`` input paths is refused.
+
+File names.  SimpleITK aborts the whole process (``SIGABRT``) on a file name that is not valid UTF-8: such inputs
+are refused with a :class:`VolumeError` before SimpleITK sees them, and masks are written under a UTF-8 temporary
+name and renamed.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from typing import Any
 import numpy as np
 
 from .._arrays import numpy_dtype
-from .._files import VolumeError, atomic_write
+from .._files import VolumeError, atomic_write, check_target, commit, discard, stage
 from ..options import smallest_label_dtype
+from ..solvers._stream import CLAMP_TOLERANCE
 
 __all__ = [
     "PROBABILITY_EXTENSIONS",
@@ -61,10 +68,16 @@ __all__ = [
     "load_labels",
     "load_nnunet_properties",
     "save_mask",
+    "stage_mask",
+    "read_mask",
     "mask_path",
     "mask_dtype",
     "check_same_grid",
     "validate_probabilities",
+    "clip_overshoot",
+    "check_logits",
+    "show_value",
+    "sitk_path",
     "atomic_write",
 ]
 
@@ -73,6 +86,10 @@ PROBABILITY_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npz")
 LABEL_EXTENSIONS = IMAGE_EXTENSIONS
 OUTPUT_FORMATS = ("nii.gz", "nii", "mha", "nrrd")
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+#: largest nnU-Net properties file read (nnU-Net writes a few kB; the cap bounds what a hostile file can build)
+MAX_PROPERTIES_BYTES = 16 * 2**20
+#: at most this many voxels are sampled to tell which axis of a 4D file the classes sum to one over
+_AXIS_SAMPLE = 1 << 16
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -221,7 +238,7 @@ def companion_files(path: str | os.PathLike) -> list[Path]:
             if key in ("elementdatafile", "data file", "datafile"):
                 value = value.strip()
                 if value and value.upper() not in ("LOCAL", "LIST"):
-                    out.append(path.with_name(value))
+                    out.append(path.parent / value)  # a relative sub-path or an absolute path
         return out
     return []
 
@@ -296,18 +313,40 @@ def _nifti_arrays(path: Path, as_float: bool) -> tuple[np.ndarray, Any]:
         raise
     except Exception as exc:  # nibabel raises many types for broken files (EOFError, zlib.error, ...)
         raise _corrupt(path, exc) from exc
+    _check_voxels(path, data.shape)
     return data, img
+
+
+def sitk_path(path: str | os.PathLike) -> str:
+    """``path`` as the string SimpleITK takes; a :class:`VolumeError` when it is not valid UTF-8 (SimpleITK would
+    abort the process)."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise VolumeError(f"{text!r}: the file name is not valid UTF-8 and SimpleITK cannot open it (it would abort "
+                          "the whole run); rename the file (e.g. convmv -f latin1 -t utf8), or convert it to "
+                          "NIfTI") from None
+    return text
+
+
+def _check_voxels(path: Path, shape: Sequence[int]) -> None:
+    if any(int(s) == 0 for s in shape):
+        raise VolumeError(f"{path}: array of shape {tuple(int(s) for s in shape)} holds no voxels (an axis of size "
+                          "0); export the volume again")
 
 
 def _sitk_arrays(path: Path) -> tuple[np.ndarray, Geometry, bool]:
     """Array in ITK index order (x, y, z[, extra]) plus 3D geometry; the bool tells a vector image."""
     import SimpleITK as sitk
 
+    name = sitk_path(path)
     try:
-        img = sitk.ReadImage(str(path))
+        img = sitk.ReadImage(name)
         arr = sitk.GetArrayFromImage(img)
     except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace
         raise _corrupt(path, exc) from exc
+    _check_voxels(path, arr.shape)
     dim = img.GetDimension()
     vector = img.GetNumberOfComponentsPerPixel() > 1
     if dim == 3:
@@ -326,32 +365,77 @@ def _sitk_arrays(path: Path) -> tuple[np.ndarray, Geometry, bool]:
     return arr, geometry, vector
 
 
-def _pick_channel_axis(path: Path, shape: tuple[int, ...], channels_last: bool | None,
-                       num_classes: int | None) -> bool:
-    first, last = shape[0], shape[-1]
-    if channels_last is not None:
-        size = last if channels_last else first
-        if num_classes is not None and size != num_classes:
-            raise VolumeError(f"{path}: shape {shape} has {size} classes on its {'last' if channels_last else 'first'}"
-                              f" axis, but {num_classes} classes were expected; check --channels-last/--classes")
-        return channels_last
-    if num_classes is not None:
-        if last == num_classes:
-            return True
-        if first == num_classes:
-            return False
-        raise VolumeError(f"{path}: shape {shape} has no end axis of size {num_classes} (the number of classes); "
-                          "check the file or the class count")
-    if last < min(shape[:-1]):
-        return True
-    if first < min(shape[1:]):
+def _sums_to_one(arr: np.ndarray, axis: int, tolerance: float) -> bool:
+    """Whether the values of a 4D array are probabilities summing to one over ``axis`` (on a strided sample of at
+    most about 65 000 voxels: enough to tell the class axis, whose sums are one everywhere, from a spatial one)."""
+    if arr.shape[axis] < 2:
+        return False  # one value per voxel: summing over it says nothing
+    spatial = [i for i in range(4) if i != axis]
+    voxels = int(np.prod([arr.shape[i] for i in spatial]))
+    step = max(1, int(np.ceil((voxels / _AXIS_SAMPLE) ** (1.0 / 3.0))))
+    index = [slice(None)] * 4
+    for i in spatial:
+        index[i] = slice(None, None, step)
+    sample = np.asarray(arr[tuple(index)], dtype=np.float64)
+    if not np.all(np.isfinite(sample)) or sample.min() < -tolerance:
         return False
-    raise VolumeError(f"{path}: cannot tell which axis of shape {shape} holds the classes; pass --channels-last "
-                      "(X, Y, Z, C) or --channels-first (C, X, Y, Z)")
+    return bool(np.max(np.abs(sample.sum(axis=axis) - 1.0)) <= tolerance)
 
 
-def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None,
-                      num_classes: int | None) -> tuple[np.ndarray, bool]:
+def _pick_channel_axis(path: Path, arr: np.ndarray, channels_last: bool | None, num_classes: int | None,
+                       spatial_shape: Sequence[int] | None, sum_tolerance: float) -> bool:
+    """Whether the classes of a 4D array are on its last axis: from the flag when given, else only when exactly
+    one reading is consistent with the class count / spatial shape given and with the values (probabilities sum
+    to one over the class axis)."""
+    shape = tuple(int(s) for s in arr.shape)
+    readings = {True: (shape[-1], shape[:3]), False: (shape[0], shape[1:])}  # channels_last -> (C, spatial)
+    names = {True: "last", False: "first"}
+    flag = {True: "--channels-last (X, Y, Z, C)", False: "--channels-first (C, X, Y, Z)"}
+    want = tuple(int(s) for s in spatial_shape) if spatial_shape is not None else None
+
+    def fits(last: bool) -> bool:
+        c, spatial = readings[last]
+        return (num_classes is None or c == num_classes) and (want is None or spatial == want)
+
+    if channels_last is not None:
+        c, spatial = readings[channels_last]
+        if num_classes is not None and c != num_classes:
+            raise VolumeError(f"{path}: shape {shape} has {c} classes on its {names[channels_last]} axis, but "
+                              f"{num_classes} classes were expected; check --channels-last/--channels-first")
+        if want is not None and spatial != want:
+            raise VolumeError(f"{path}: shape {shape} read with the classes on its {names[channels_last]} axis gives "
+                              f"the grid {spatial}, but the label map is {want}; check --channels-last/"
+                              "--channels-first")
+        other = not channels_last
+        if (not _sums_to_one(arr, -1 if channels_last else 0, sum_tolerance)
+                and _sums_to_one(arr, -1 if other else 0, sum_tolerance) and fits(other)):
+            raise VolumeError(f"{path}: the values sum to one over the {names[other]} axis of shape {shape}, not over "
+                              f"the {names[channels_last]}: the classes are there; pass {flag[other]}")
+        return channels_last
+    candidates = [last for last in (True, False) if fits(last)]
+    if not candidates:
+        evidence = " and ".join(x for x in (f"{num_classes} classes" if num_classes is not None else "",
+                                            f"the label grid {want}" if want is not None else "") if x)
+        raise VolumeError(f"{path}: shape {shape} does not match {evidence} with the classes on either end axis; "
+                          "pair the right files, or check the export")
+    if len(candidates) == 1:
+        return candidates[0]
+    summing = [last for last in candidates if _sums_to_one(arr, -1 if last else 0, sum_tolerance)]
+    if len(summing) == 1:
+        return summing[0]
+    if summing:
+        why = "the values sum to one over both end axes"
+    elif float(np.nanmin(arr)) < -sum_tolerance or float(np.nanmax(arr)) > 1.0 + sum_tolerance:
+        why = "the values lie outside [0, 1], logits whose sums cannot tell (apply them with --softmax or --sigmoid)"
+    else:
+        why = "the values do not sum to one over either end axis (independent probabilities?)"
+    raise VolumeError(f"{path}: cannot tell which axis of shape {shape} holds the classes ({why}); pass "
+                      f"{flag[True]} or {flag[False]}")
+
+
+def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None, num_classes: int | None,
+                      spatial_shape: Sequence[int] | None = None, sum_tolerance: float = 1e-2
+                      ) -> tuple[np.ndarray, bool]:
     """(x, y, z[, c]) or (c, x, y, z) -> (C, x, y, z); the bool says whether the file was channel-last."""
     if arr.ndim == 3:
         if num_classes not in (None, 1):
@@ -359,23 +443,54 @@ def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None,
         return arr[None], True
     if arr.ndim == 5 and arr.shape[3] == 1:  # NIfTI vector convention (X, Y, Z, 1, C)
         arr = arr[:, :, :, 0]
+        if num_classes is not None and arr.shape[-1] != num_classes:
+            raise VolumeError(f"{path}: {arr.shape[-1]} classes, expected {num_classes}")
+        return np.moveaxis(arr, -1, 0), True
     if arr.ndim != 4:
         raise VolumeError(f"{path}: array of shape {arr.shape} is not a 3D volume with a class axis; expected "
                           "(X, Y, Z, C) or (C, X, Y, Z)")
-    last = _pick_channel_axis(path, arr.shape, channels_last, num_classes)
+    last = _pick_channel_axis(path, arr, channels_last, num_classes, spatial_shape, sum_tolerance)
     return (np.moveaxis(arr, -1, 0) if last else arr), last
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Plain Python containers and numpy arrays/scalars only: a ``.pkl`` from elsewhere cannot run code."""
+def _empty_only(reconstruct: Any) -> Any:
+    """numpy's ``_reconstruct`` limited to what ``ndarray.__reduce__`` pickles: an empty array that the pickle
+    then fills from its own bytes.  Any other shape would allocate memory that the file does not hold."""
 
-    _NUMPY_NAMES = {"_reconstruct", "scalar", "_frombuffer", "ndarray", "dtype"}
-    _BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "slice", "complex", "bytearray", "range"}
+    def build(cls: Any, shape: Any, dtype: Any) -> Any:
+        if cls is not np.ndarray or tuple(shape) != (0,):
+            raise pickle.UnpicklingError(f"refusing to build an array of shape {shape!r} that the file does not hold")
+        return reconstruct(cls, shape, dtype)
+
+    return build
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 0-2 pickles use it for ``bytes`` (latin-1 only: no codec can expand)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing to load _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Plain Python containers and numpy arrays/scalars only, built from the file's own bytes: a ``.pkl`` from
+    elsewhere can neither run code nor make the reader allocate more memory than about the file's size (no
+    ``range``, no ``bytearray(n)``, no array of a shape the file does not hold; files over
+    :data:`MAX_PROPERTIES_BYTES` are refused)."""
+
+    _NUMPY_NAMES = {"scalar", "_frombuffer", "ndarray", "dtype"}
+    _BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "slice", "complex"}
 
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocol 0-2 spelling
+        if module == "_codecs" and name == "encode":  # protocol 0-2 spelling of bytes
+            return _latin1
+        numpy_module = module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                                  "numpy._core.numeric")
+        if numpy_module and name == "_reconstruct":
+            return _empty_only(super().find_class(module, name))
         allowed = (
-            (module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
-                        "numpy._core.numeric") and name in self._NUMPY_NAMES)
+            (numpy_module and name in self._NUMPY_NAMES)
             or (module == "numpy.dtypes" and name.endswith("DType"))
             or (module == "builtins" and name in self._BUILTINS)
             or (module == "collections" and name == "OrderedDict")
@@ -386,11 +501,15 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def load_nnunet_properties(path: str | os.PathLike) -> dict:
-    """The properties dict nnU-Net v2 pickles next to ``<case>.npz`` (allow-list unpickler)."""
+    """The properties dict nnU-Net v2 pickles next to ``<case>.npz`` (allow-list unpickler, bounded memory)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: file not found; nnU-Net writes <case>.pkl next to <case>.npz with "
                           "--save_probabilities: copy it next to the .npz (it holds the geometry)")
+    size = path.stat().st_size
+    if size > MAX_PROPERTIES_BYTES:
+        raise VolumeError(f"{path}: {size} bytes is far more than nnU-Net case properties hold (a few kB; at most "
+                          f"{MAX_PROPERTIES_BYTES} bytes are read); is this the right file?")
     try:
         with open(path, "rb") as fh:
             props = _SafeUnpickler(fh).load()
@@ -404,10 +523,74 @@ def load_nnunet_properties(path: str | os.PathLike) -> dict:
     return props
 
 
-def _load_npz(path: Path, num_classes: int | None) -> ProbabilityVolume:
+def _finite_vector(pkl: Path, where: str, value: Any, size: int, positive: bool = False) -> tuple[float, ...]:
+    try:
+        arr = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.size != size or not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise VolumeError(f"{pkl}: {where} is {value!r}; expected {size} {kind} (nnU-Net writes them for every "
+                          "case): export the case again")
+    return tuple(float(v) for v in arr)
+
+
+def _affine(pkl: Path, where: str, value: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros(0)
+    if arr.shape != (4, 4) or not np.all(np.isfinite(arr)) or abs(np.linalg.det(arr[:3, :3])) < 1e-12:
+        raise VolumeError(f"{pkl}: {where} is not a finite, invertible 4x4 affine ({np.array2string(arr)[:200]}); "
+                          "export the case again")
+    return arr
+
+
+def _nnunet_geometry(props: dict, pkl: Path, arr: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    """The geometry of an nnU-Net case from its properties (every field checked, errors name the ``.pkl``); the
+    array is reoriented back for ``NibabelIOWithReorient``."""
     import nibabel as nib
 
-    props = load_nnunet_properties(path.with_name(case_name(path) + ".pkl"))
+    if isinstance(props.get("sitk_stuff"), dict):
+        s = props["sitk_stuff"]
+        for key in ("spacing", "origin", "direction"):
+            if key not in s:
+                raise VolumeError(f"{pkl}: sitk_stuff has no {key!r} (keys: {sorted(map(str, s))}); is this nnU-Net "
+                                  "v2 output?")
+        spacing = _finite_vector(pkl, "sitk_stuff['spacing']", s["spacing"], 3, positive=True)
+        origin = _finite_vector(pkl, "sitk_stuff['origin']", s["origin"], 3)
+        direction = _finite_vector(pkl, "sitk_stuff['direction']", s["direction"], 9)
+        return arr, Geometry.from_sitk(spacing, origin, direction, arr.shape[1:])
+    if isinstance(props.get("nibabel_stuff"), dict):
+        s = props["nibabel_stuff"]
+        if "original_affine" not in s:
+            raise VolumeError(f"{pkl}: nibabel_stuff has no 'original_affine' (keys: {sorted(map(str, s))}); is this "
+                              "nnU-Net v2 output?")
+        original = _affine(pkl, "nibabel_stuff['original_affine']", s["original_affine"])
+        if "reoriented_affine" in s:  # NibabelIOWithReorient: the array is in the RAS-reoriented frame
+            from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+            reoriented = _affine(pkl, "nibabel_stuff['reoriented_affine']", s["reoriented_affine"])
+            back = ornt_transform(axcodes2ornt("RAS"), io_orientation(original))
+            spatial = arr.shape[1:]
+            arr = np.ascontiguousarray(np.moveaxis(
+                nib.orientations.apply_orientation(np.moveaxis(arr, 0, -1), back), -1, 0))
+            restored = reoriented @ inv_ornt_aff(back, spatial)
+            if not np.allclose(restored, original, atol=1e-4):
+                raise VolumeError(f"{pkl}: reorienting back to the original affine failed (nnU-Net "
+                                  "NibabelIOWithReorient properties are inconsistent)")
+        return arr, Geometry.from_nifti(original, arr.shape[1:])
+    for key in ("sitk_stuff", "nibabel_stuff"):
+        if key in props:
+            raise VolumeError(f"{pkl}: {key} is a {type(props[key]).__name__}, expected a dict; export the case "
+                              "again")
+    raise VolumeError(f"{pkl}: neither 'sitk_stuff' nor 'nibabel_stuff' in the properties (keys: "
+                      f"{sorted(map(str, props))}); is this nnU-Net v2 output?")
+
+
+def _load_npz(path: Path, num_classes: int | None) -> ProbabilityVolume:
+    pkl = path.with_name(case_name(path) + ".pkl")
+    props = load_nnunet_properties(pkl)
     try:
         # our own handle: np.load leaks the one it opens when the file is not a valid zip
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
@@ -422,30 +605,11 @@ def _load_npz(path: Path, num_classes: int | None) -> ProbabilityVolume:
         raise _corrupt(path, exc) from exc
     if arr.ndim != 4:
         raise VolumeError(f"{path}: probabilities of shape {arr.shape}; expected (C, z, y, x) (3D nnU-Net output)")
+    _check_voxels(path, arr.shape)
     if num_classes is not None and arr.shape[0] != num_classes:
         raise VolumeError(f"{path}: {arr.shape[0]} classes, expected {num_classes}")
     arr = np.ascontiguousarray(np.transpose(arr, (0, 3, 2, 1)))  # nnU-Net (C, z, y, x) -> (C, x, y, z)
-    if "sitk_stuff" in props:
-        s = props["sitk_stuff"]
-        geometry = Geometry.from_sitk(s["spacing"], s["origin"], s["direction"], arr.shape[1:])
-    elif "nibabel_stuff" in props:
-        s = props["nibabel_stuff"]
-        original = np.asarray(s["original_affine"], dtype=np.float64)
-        if "reoriented_affine" in s:  # NibabelIOWithReorient: the array is in the RAS-reoriented frame
-            from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-
-            back = ornt_transform(axcodes2ornt("RAS"), io_orientation(original))
-            spatial = arr.shape[1:]
-            arr = np.ascontiguousarray(np.moveaxis(
-                nib.orientations.apply_orientation(np.moveaxis(arr, 0, -1), back), -1, 0))
-            restored = np.asarray(s["reoriented_affine"], dtype=np.float64) @ inv_ornt_aff(back, spatial)
-            if not np.allclose(restored, original, atol=1e-4):
-                raise VolumeError(f"{path}: reorienting back to the original affine failed (nnU-Net "
-                                  "NibabelIOWithReorient properties are inconsistent)")
-        geometry = Geometry.from_nifti(original, arr.shape[1:])
-    else:
-        raise VolumeError(f"{path.with_suffix('.pkl')}: neither 'sitk_stuff' nor 'nibabel_stuff' in the properties "
-                          f"(keys: {sorted(props)}); is this nnU-Net v2 output?")
+    arr, geometry = _nnunet_geometry(props, pkl, arr)
     return ProbabilityVolume(case_name(path), arr, geometry, path)
 
 
@@ -461,15 +625,20 @@ def _default_reader(path: Path, reader: str) -> str:
 
 
 def load_probabilities(path: str | os.PathLike, *, channels_last: bool | None = None,
-                       num_classes: int | None = None, reader: str = "auto") -> ProbabilityVolume:
+                       num_classes: int | None = None, reader: str = "auto",
+                       spatial_shape: Sequence[int] | None = None, sum_tolerance: float = 1e-2) -> ProbabilityVolume:
     """Read one case's probabilities as ``(C, x, y, z)`` float32 plus its geometry.
 
     Args:
         path: a NIfTI/MHA/MHD/NRRD file, or an nnU-Net ``<case>.npz`` (with ``<case>.pkl`` beside it).
         channels_last: for 4D files, whether the classes are on the last file axis (``X, Y, Z, C``, NIfTI and
-            MONAI convention) or the first (``C, X, Y, Z``); ``None`` decides (see the module docstring).
+            MONAI convention) or the first (``C, X, Y, Z``).  ``None``: guessed only when exactly one reading is
+            consistent with ``num_classes`` and ``spatial_shape`` (when given) and with the values (probabilities
+            that sum to one over exactly one end axis); otherwise a :class:`VolumeError` asks for the flag.
         num_classes: expected class count (checked; also used to find the class axis).
         reader: ``"auto"`` (nibabel for NIfTI, SimpleITK otherwise), ``"nibabel"`` or ``"sitk"``.
+        spatial_shape: the expected grid ``(x, y, z)`` (e.g. the label map's), used to find the class axis.
+        sum_tolerance: largest deviation of a class sum from one that still counts as summing to one.
     """
     path = Path(path)
     _readable(path)
@@ -480,7 +649,7 @@ def load_probabilities(path: str | os.PathLike, *, channels_last: bool | None = 
         return _load_npz(path, num_classes)
     if _default_reader(path, reader) == "nibabel":
         data, img = _nifti_arrays(path, as_float=True)
-        probs, _ = _to_channel_first(path, data, channels_last, num_classes)
+        probs, _ = _to_channel_first(path, data, channels_last, num_classes, spatial_shape, sum_tolerance)
         geometry = Geometry.from_nifti(img.affine, probs.shape[1:], header=img.header.copy(),
                                        nifti_class=type(img))
     else:
@@ -496,7 +665,7 @@ def load_probabilities(path: str | os.PathLike, *, channels_last: bool | None = 
             if num_classes is not None and probs.shape[0] != num_classes:
                 raise VolumeError(f"{path}: {probs.shape[0]} classes, expected {num_classes}")
         else:
-            probs, _ = _to_channel_first(path, arr, channels_last, num_classes)
+            probs, _ = _to_channel_first(path, arr, channels_last, num_classes, spatial_shape, sum_tolerance)
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     return ProbabilityVolume(case_name(path), probs, geometry, path)
 
@@ -551,22 +720,95 @@ def check_same_grid(probs: Geometry, labels: Geometry, case: str, atol: float = 
                           "labels onto the probability grid (monai.transforms.ResampleToMatch, mode='nearest')")
 
 
+def show_value(value: float, dtype: Any = np.float64) -> str:
+    """The shortest text that reads back as the same ``dtype`` value, so an overshoot shows:
+    ``show_value(np.float32(1) + np.float32(1e-7), np.float32)`` is ``'1.0000001'`` (not ``'1'``).
+
+    >>> show_value(1.0000001192092896, "float32"), show_value(1.0), show_value(-3.5e-9)
+    ('1.0000001', '1', '-3.5e-09')
+    """
+    v = np.asarray(value, dtype=np.dtype(dtype))[()]
+    if v == 0 or 1e-4 <= abs(float(v)) < 1e7 or not np.isfinite(v):
+        return np.format_float_positional(v, unique=True, trim="-")
+    return np.format_float_scientific(v, unique=True, trim="-", exp_digits=2)
+
+
+def _value_range(probs: np.ndarray) -> tuple[float, float, str, str]:
+    lo, hi = probs.min(), probs.max()
+    dtype = probs.dtype if probs.dtype.kind == "f" else np.float64
+    return float(lo), float(hi), show_value(lo, dtype), show_value(hi, dtype)
+
+
+def _check_tolerance(sum_tolerance: float) -> float:
+    tol = float(sum_tolerance)
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"sum_tolerance (--sum-tolerance) must be a finite number >= 0, got {sum_tolerance}")
+    return tol
+
+
 def validate_probabilities(probs: np.ndarray, *, where: str, output_mode: str = "multiclass",
                            sum_tolerance: float = 1e-2) -> None:
-    """Finite, within [0, 1], and (multiclass, C > 1) summing to one across classes within ``sum_tolerance``."""
+    """Finite, within [0, 1], and (multiclass, C > 1) summing to one across classes within ``sum_tolerance``.
+
+    Values just outside ``[0, 1]`` (by at most ``0.01``: float32 rounding, spline interpolation) are told apart
+    from logits: the message suggests ``--clamp`` for them and ``--softmax``/``--sigmoid`` only for values far
+    outside; both print enough digits to show the overshoot.
+    """
+    tol = _check_tolerance(sum_tolerance)
+    probs = np.asarray(probs)
+    if probs.size == 0:
+        raise VolumeError(f"{where}: no voxels (shape {probs.shape}); export the volume again")
     if not np.all(np.isfinite(probs)):
         raise VolumeError(f"{where}: probabilities contain NaN or inf; check the model export")
-    lo, hi = float(probs.min()), float(probs.max())
+    lo, hi, lo_text, hi_text = _value_range(probs)
     if lo < 0.0 or hi > 1.0:
-        raise VolumeError(f"{where}: values outside [0, 1] (min {lo:.4g}, max {hi:.4g}): these look like logits; "
+        if lo >= -CLAMP_TOLERANCE and hi <= 1.0 + CLAMP_TOLERANCE:
+            raise VolumeError(f"{where}: values slightly outside [0, 1] (min {lo_text}, max {hi_text}): a rounding "
+                              "or interpolation overshoot of probabilities, not logits; pass --clamp to clip them "
+                              f"to [0, 1] (overshoots up to {CLAMP_TOLERANCE:g} are clipped)")
+        raise VolumeError(f"{where}: values outside [0, 1] (min {lo_text}, max {hi_text}): these look like logits; "
                           "pass --softmax (multiclass) or --sigmoid (multilabel)")
     if output_mode == "multiclass" and probs.shape[0] > 1:
         total = probs.sum(axis=0, dtype=np.float64)
         err = float(np.max(np.abs(total - 1.0)))
-        if err > sum_tolerance:
+        if err > tol:
             raise VolumeError(f"{where}: class probabilities do not sum to 1 (largest deviation {err:.3g} > "
-                              f"{sum_tolerance:g}); pass --softmax if these are logits, or --output-mode multilabel "
+                              f"{tol:g}); pass --softmax if these are logits, or --output-mode multilabel "
                               "for independent (sigmoid) class probabilities")
+
+
+def clip_overshoot(probs: np.ndarray, *, where: str) -> np.ndarray:
+    """``probs`` clipped to ``[0, 1]`` (``--clamp``); values further than ``0.01`` outside are not an overshoot but
+    logits or a broken export: a :class:`VolumeError`."""
+    probs = np.asarray(probs)
+    if probs.size and np.all(np.isfinite(probs)):
+        lo, hi, lo_text, hi_text = _value_range(probs)
+        if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
+            raise VolumeError(f"{where}: values reach min {lo_text}, max {hi_text}, more than {CLAMP_TOLERANCE:g} "
+                              "outside [0, 1]: --clamp only clips small overshoots; these look like logits: pass "
+                              "--softmax or --sigmoid instead")
+        if lo < 0.0 or hi > 1.0:
+            return np.clip(probs, 0.0, 1.0)
+    return probs
+
+
+def check_logits(values: np.ndarray, *, where: str, activation: str, sum_tolerance: float = 1e-2) -> None:
+    """Refuse to apply ``activation`` (``"softmax"``/``"sigmoid"``) to values that already look like
+    probabilities (all within ``[0, 1]``): applying it again silently changes the decisions."""
+    values = np.asarray(values)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        return
+    lo, hi, lo_text, hi_text = _value_range(values)
+    if lo < 0.0 or hi > 1.0:
+        return
+    what = f"every value lies in [0, 1] (min {lo_text}, max {hi_text})"
+    if values.shape[0] > 1:
+        err = float(np.max(np.abs(values.sum(axis=0, dtype=np.float64) - 1.0)))
+        if err <= _check_tolerance(sum_tolerance):
+            what += " and the classes sum to 1"
+    raise VolumeError(f"{where}: --{activation} was given, but {what}: these look like probabilities already, and "
+                      f"a {activation} over probabilities changes the masks; drop --{activation}, or pass "
+                      "--force-activation if these really are logits")
 
 
 # ------------------------------------------------------------------------------------------------ writers
@@ -590,13 +832,16 @@ def mask_path(outdir: str | os.PathLike, case: str, fmt: str) -> Path:
     return Path(outdir) / f"{case}.{fmt}"
 
 
-def _write_nifti(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
-    import nibabel as nib
-
+def _file_layout(mask: np.ndarray) -> np.ndarray:
+    """The mask as the file holds it: the narrowest integer dtype, ``(C, x, y, z)`` masks as ``(x, y, z, C)``."""
     dtype = np.uint8 if mask.dtype == np.bool_ else mask_dtype(mask)
     data = np.asarray(mask, dtype=dtype)
-    if data.ndim == 4:  # (C, x, y, z) -> NIfTI (x, y, z, C)
-        data = np.moveaxis(data, 0, -1)
+    return np.moveaxis(data, 0, -1) if data.ndim == 4 else data
+
+
+def _write_nifti(data: np.ndarray, geometry: Geometry, tmp: str) -> None:
+    import nibabel as nib
+
     cls = geometry.nifti_class or nib.Nifti1Image
     if geometry.header is not None:
         header = geometry.header.copy()
@@ -608,35 +853,69 @@ def _write_nifti(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
         img.header["cal_min"] = img.header["cal_max"] = 0
     else:
         img = cls(data, geometry.affine)
-    img.set_data_dtype(dtype)
+    img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     nib.save(img, tmp)
 
 
-def _write_sitk(mask: np.ndarray, geometry: Geometry, tmp: str) -> None:
+def _write_sitk(data: np.ndarray, geometry: Geometry, tmp: str) -> None:
     import SimpleITK as sitk
 
-    dtype = np.uint8 if mask.dtype == np.bool_ else mask_dtype(mask)
-    data = np.asarray(mask, dtype=dtype)
-    if data.ndim == 4:  # (C, x, y, z) -> vector image, numpy (z, y, x, C)
-        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0))), isVector=True)
+    if data.ndim == 4:  # (x, y, z, C) -> vector image, numpy (z, y, x, C)
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0, 3))), isVector=True)
     else:
         img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
     spacing, origin, direction = geometry.sitk_geometry()
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
     img.SetDirection(direction)
-    sitk.WriteImage(img, tmp, True)
+    sitk.WriteImage(img, sitk_path(tmp), True)
 
 
-def save_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, overwrite: bool = False,
-              protected: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write a label map ``(x, y, z)`` or per-class masks ``(C, x, y, z)`` (as ``X, Y, Z, C``) atomically.
+def read_mask(path: str | os.PathLike, reader: str = "auto") -> tuple[np.ndarray, Geometry]:
+    """A mask file as written by :func:`save_mask`: the label map ``(x, y, z)`` or the per-class masks in file
+    layout ``(x, y, z, C)``, in the file's dtype, plus its geometry."""
+    path = Path(path)
+    if _default_reader(path, reader) == "nibabel":
+        import nibabel as nib
 
-    The format comes from ``path``'s extension (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``).  NIfTI from a
-    NIfTI-read input keeps the input header (qform/sform codes included); otherwise SimpleITK writes the
-    native (or converted) spacing/origin/direction.  dtype: uint8 when the labels fit, else int16/int32.
-    """
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+        return data, Geometry.from_nifti(img.affine, data.shape[:3])
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(sitk_path(path))
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x) or (z, y, x, C) for a vector image
+    order = (2, 1, 0, 3) if img.GetNumberOfComponentsPerPixel() > 1 else (2, 1, 0)
+    data = np.transpose(arr, order)
+    return data, Geometry.from_sitk(img.GetSpacing(), img.GetOrigin(), img.GetDirection(), data.shape[:3])
+
+
+def _verify(target: Path, tmp: str, data: np.ndarray, geometry: Geometry, reader: str) -> None:
+    """Read the written file back: same values, shape, dtype and grid, else a :class:`VolumeError` (and the caller
+    leaves nothing)."""
+    fix = ("; nothing was written for this case (is the disk full or failing? free space and run the same command "
+           "again)")
+    try:
+        back, grid = read_mask(tmp, reader)
+    except Exception as exc:  # nibabel/SimpleITK raise many types for a truncated file
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise VolumeError(f"{target}: the written file cannot be read back ({type(exc).__name__}: {reason})"
+                          f"{fix}") from exc
+    if back.shape != data.shape or back.dtype != data.dtype or not np.array_equal(back, data):
+        what = ", other values" if back.shape == data.shape and back.dtype == data.dtype else ""
+        raise VolumeError(f"{target}: the written file does not read back as written (shape {back.shape} "
+                          f"{back.dtype}, expected {data.shape} {data.dtype}{what}){fix}")
+    if not grid.same_grid(geometry):
+        raise VolumeError(f"{target}: the written file reads back on another grid ({grid.describe()}, expected "
+                          f"{geometry.describe()}){fix}")
+
+
+def stage_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, overwrite: bool = False,
+               protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a mask to a hidden temporary beside ``path``, flush it and read it back (:func:`save_mask` without the
+    final rename).  Returns the temporary: move it into place with :func:`rankseg_monai._files.commit` (or remove
+    it with :func:`rankseg_monai._files.discard`)."""
     mask = np.asarray(mask)
     if mask.dtype.kind not in "biu":
         raise VolumeError(f"a mask must be integer or bool, got {mask.dtype}")
@@ -646,8 +925,26 @@ def save_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, 
     ext = _extension(path)
     if ext not in (".nii.gz", ".nii", ".mha", ".nrrd"):
         raise VolumeError(f"{path}: masks are written as {', '.join(OUTPUT_FORMATS)}")
-    if ext in _NIFTI_EXTENSIONS and geometry.kind == "nibabel":
-        writer = _write_nifti
-    else:
-        writer = _write_sitk
-    return atomic_write(path, lambda tmp: writer(mask, geometry, tmp), overwrite=overwrite, protected=protected)
+    check_target(path, overwrite=overwrite, protected=protected)
+    nifti = ext in _NIFTI_EXTENSIONS and geometry.kind == "nibabel"
+    writer, reader = (_write_nifti, "nibabel") if nifti else (_write_sitk, "sitk")
+    data = _file_layout(mask)
+    return stage(path, lambda tmp: writer(data, geometry, tmp),
+                 verify=lambda tmp: _verify(path, tmp, data, geometry, reader))
+
+
+def save_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, overwrite: bool = False,
+              protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a label map ``(x, y, z)`` or per-class masks ``(C, x, y, z)`` (as ``X, Y, Z, C``) atomically, verified.
+
+    The format comes from ``path``'s extension (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``).  NIfTI from a
+    NIfTI-read input keeps the input header (qform/sform codes included); otherwise SimpleITK writes the
+    native (or converted) spacing/origin/direction.  dtype: uint8 when the labels fit, else int16/int32.  The file
+    is read back before it is moved into place (same values, dtype, shape and grid): a writer that fails silently
+    (e.g. a truncated file on a full disk) raises a :class:`VolumeError` and leaves nothing.
+    """
+    tmp = stage_mask(mask, geometry, path, overwrite=overwrite, protected=protected)
+    try:
+        return commit(tmp, path)
+    finally:
+        discard(tmp)
