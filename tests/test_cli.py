@@ -29,7 +29,7 @@ from volume_files import (
     write_sitk_probs,
 )
 
-from rankseg_monai.app.cli import SETTINGS_FILE, main
+from rankseg_monai.app.cli import main
 from rankseg_monai.functional import rankseg
 
 
@@ -67,7 +67,8 @@ def test_predict_end_to_end(inputs, capsys):
     out = root / "out"
     rc = main(["predict", str(root / "nifti"), str(root / "m1.mha"), str(root / "nnunet"), "-o", str(out)])
     assert rc == 0
-    assert files_in(out) == sorted(["n1.nii.gz", "n2.nii.gz", "m1.mha", "u1.nii.gz", SETTINGS_FILE])
+    masks = ["n1.nii.gz", "n2.nii.gz", "m1.mha", "u1.nii.gz"]
+    assert files_in(out) == sorted(masks + [m + ".rankseg.json" for m in masks])  # each mask with its record
     assert "4 written, 0 skipped" in capsys.readouterr().err
     # masks equal the functional API on the same probabilities, geometry is the input's
     for name in ("n1", "n2"):
@@ -111,10 +112,10 @@ def test_predict_options_reach_the_solver(inputs):
 def test_predict_logits_need_softmax(tmp_path, capsys):
     probs, _, logits = make_case(seed=40)
     write_nifti_probs(tmp_path / "lg.nii.gz", logits, nifti_affine())
-    rc = main(["predict", str(tmp_path / "lg.nii.gz"), "-o", str(tmp_path / "o1")])
+    rc = main(["predict", str(tmp_path / "lg.nii.gz"), "-o", str(tmp_path / "o1"), "--channels-last"])
     err = capsys.readouterr().err
     assert rc == 1 and "--softmax" in err and "lg.nii.gz" in err
-    assert files_in(tmp_path / "o1") == [SETTINGS_FILE]  # no mask, no temporary file
+    assert files_in(tmp_path / "o1") == []  # no mask, no record, no temporary file
     # logits do not sum to one over any axis: the class axis of a 4D NIfTI is not guessed (issue 13, item 6)
     rc = main(["predict", str(tmp_path / "lg.nii.gz"), "-o", str(tmp_path / "o2"), "--softmax", "--channels-last"])
     assert rc == 0
@@ -147,14 +148,18 @@ def test_resume_and_overwrite(inputs, capsys):
     nib.save(tampered, str(target))
     (out / "n2.nii.gz").unlink()
     capsys.readouterr()
-    assert main(["predict", str(root / "nifti"), "-o", str(out)]) == 0  # resumes: n2 redone, n1 kept
-    assert "1 written, 1 skipped" in capsys.readouterr().err
-    assert not np.asarray(nib.load(str(target)).dataobj).any()
-    np.testing.assert_array_equal(np.asarray(nib.load(str(out / "n2.nii.gz")).dataobj),
-                                  expected_mask(cases["n2"][0]))
+    # resumes: n2 redone; n1 no longer matches its record, so it is redone too (issue 13, item 1)
+    assert main(["predict", str(root / "nifti"), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 written, 0 skipped" in err and "redoing n1: the mask's bytes do not match its record" in err
+    for name in ("n1", "n2"):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out / f"{name}.nii.gz")).dataobj),
+                                      expected_mask(cases[name][0]))
+    assert main(["predict", str(root / "nifti"), "-o", str(out)]) == 0
+    assert "0 written, 2 skipped" in capsys.readouterr().err
     # other settings: refuse to mix, unless --overwrite
     assert main(["predict", str(root / "nifti"), "-o", str(out), "--metric", "iou"]) == 2
-    assert "other settings (metric: 'dice' -> 'iou')" in capsys.readouterr().err
+    assert "other settings (e.g. n1.nii.gz: options.metric: 'dice' -> 'iou')" in capsys.readouterr().err
     assert main(["predict", str(root / "nifti"), "-o", str(out), "--overwrite"]) == 0
     assert "2 written, 0 skipped" in capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(nib.load(str(target)).dataobj), expected_mask(cases["n1"][0]))
@@ -163,7 +168,7 @@ def test_resume_and_overwrite(inputs, capsys):
     foreign.mkdir()
     (foreign / "n1.nii.gz").write_bytes(b"x")
     assert main(["predict", str(root / "nifti"), "-o", str(foreign)]) == 2
-    assert "no rankseg_predict.json" in capsys.readouterr().err
+    assert "without a valid record (e.g. n1.nii.gz: no n1.nii.gz.rankseg.json)" in capsys.readouterr().err
     assert (foreign / "n1.nii.gz").read_bytes() == b"x"
 
 
@@ -186,8 +191,8 @@ def test_one_bad_case_does_not_stop_the_others(inputs, capsys):
     rc = main(["predict", str(folder), "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "FAILED bad" in err and "corrupt" in err and "2 written, 0 skipped (already in" in err
-    assert files_in(out) == sorted(["n1.nii.gz", "n2.nii.gz", SETTINGS_FILE])  # nothing partial
+    assert "FAILED bad" in err and "corrupt" in err and "2 written, 0 skipped (up to date), 1 failed" in err
+    assert files_in(out) == sorted(["n1.nii.gz", "n2.nii.gz", "n1.nii.gz.rankseg.json", "n2.nii.gz.rankseg.json"])
     np.testing.assert_array_equal(np.asarray(nib.load(str(out / "n2.nii.gz")).dataobj), expected_mask(cases["n2"][0]))
 
 
@@ -245,7 +250,7 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     rc = main(["evaluate", "--probs", str(root / "probs"), "--labels", str(root / "labels"), "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert files_in(out) == ["differences.png", "per_case.csv", "summary.csv"]
+    assert files_in(out) == ["differences.png", "evaluation.json", "per_case.csv", "summary.csv"]
     assert "Dice argmax" in captured.out and "HD95 NaN rankseg" in captured.out
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -310,7 +315,7 @@ def test_evaluate_pred_masks(eval_inputs, capsys):
     rc = main(["evaluate", "--pred", str(root / "masks"), "--labels", str(root / "labels"), "-o", str(out),
                "--classes", "2"])
     assert rc == 0, capsys.readouterr().err
-    assert files_in(out) == ["per_case.csv", "summary.csv"]
+    assert files_in(out) == ["evaluation.json", "per_case.csv", "summary.csv"]
     with open(out / "per_case.csv", newline="") as fh:
         rows = {r["case"]: r for r in csv.DictReader(fh)}
     assert sorted(rows) == ["a", "b", "c"]

@@ -1,27 +1,53 @@
-"""Command line: ``rankseg-monai predict | evaluate | demo`` (see ``docs/cli.md``).
+"""Command line: ``rankseg-monai predict | evaluate | merge-reports | demo`` (see ``docs/cli.md``).
 
-Exit codes: 0 success; 1 some case failed (the others were still done); 2 usage error (nothing was done).
+Exit codes: 0 success; 1 some case failed (the others were still done); 2 usage error or unusable output folder
+(nothing was done, or, when the final report cannot be written, nothing was kept); 130 interrupted.
+
+Layout, so that options and per-case outputs are added in one place each:
+
+* :func:`build_parser` and ``_add_*_options``: the options;
+* :func:`decision_options` (the validated ``RankSEGOptions``) and :func:`run_settings` (every setting that makes a
+  mask or report what it is, recorded beside each mask and report and compared on resume);
+* :func:`_open_outdir`: output-folder checks, the folder lock, stale temporaries;
+* :func:`_predict_case` / :func:`_write_case` (``predict``) and :func:`_evaluate_case` / :func:`_write_report`
+  (``evaluate``, ``merge-reports``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import re
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype
+from .. import __version__
+from .._files import atomic_write, clean_temporaries, sha256_file
+from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype, supported_solvers
+from ..solvers.pruning import AUTO_MODES
 from . import io as rio
+from . import provenance as prov
 from .decide import activate_case, decide
+from .runlock import FolderRuns, RunConflict, is_claim
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "decision_options", "run_settings", "select_part", "UsageError",
+           "LEGACY_SETTINGS_FILE", "REPORT_FILE"]
 
-SETTINGS_FILE = "rankseg_predict.json"
-_CASE_ERRORS = (ValueError, TypeError, OSError, RuntimeError, MemoryError, KeyError, IndexError)
+#: settings file of versions before per-mask records; a folder holding it is recognised, its masks are redone
+LEGACY_SETTINGS_FILE = "rankseg_predict.json"
+#: what ``evaluate`` records beside its report (settings, version, cases, files and their SHA-256)
+REPORT_FILE = "evaluation.json"
+REPORT_KIND = "rankseg-monai evaluation"
+SOLVER_CHOICES = ("rma", "ba", "trna", "ba+trna", "exact")
 
 
 class UsageError(Exception):
@@ -31,31 +57,53 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------------- parser
 
 
+def _pruning_arg(text: str) -> float | str:
+    try:
+        return parse_pruning_prob(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(_cli_spelling(str(err))) from None
+
+
 def _add_decision_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decision (RankSEG) options")
-    g.add_argument("--metric", choices=("dice", "iou"), default="dice", help="metric to optimise (default: dice)")
-    g.add_argument("--solver", default="rma",
-                   help="rma (default), or for Dice with --output-mode multilabel: ba, trna, ba+trna, exact")
-    g.add_argument("--output-mode", choices=("multiclass", "multilabel"), default=None,
-                   help="multiclass: one label map (default for C > 1); multilabel: one mask per class, written as "
-                        "a 4D (X, Y, Z, C) volume. A single-channel input is a foreground probability and gives a "
-                        "0/1 mask")
+    g.add_argument("--metric", choices=("dice", "iou"), default="dice", type=str.lower,
+                   help="metric to optimise (default: dice)")
+    g.add_argument("--solver", choices=SOLVER_CHOICES, default="rma", type=str.lower,
+                   help="rma (default), or for --metric dice with --output-mode multilabel: ba, trna, ba+trna, exact")
+    g.add_argument("--output-mode", choices=("multiclass", "multilabel"), default=None, type=str.lower,
+                   help="multiclass: one label map (default for C > 1, except with --sigmoid); multilabel: one mask "
+                        "per class, written as a 4D (X, Y, Z, C) volume (the default with --sigmoid). A "
+                        "single-channel input is a foreground probability and gives a 0/1 mask")
     act = g.add_mutually_exclusive_group()
     act.add_argument("--softmax", action="store_true", help="the files hold logits: apply softmax over classes")
-    act.add_argument("--sigmoid", action="store_true", help="the files hold logits: apply a sigmoid per class")
+    act.add_argument("--sigmoid", action="store_true",
+                     help="the files hold logits: apply a sigmoid per class (independent classes: multilabel)")
+    g.add_argument("--force-activation", action="store_true",
+                   help="apply --softmax/--sigmoid even to files whose values already look like probabilities "
+                        "(all in [0, 1]); without it such files are refused")
+    g.add_argument("--clamp", action="store_true",
+                   help="clip values up to 0.01 outside [0, 1] (float rounding, spline interpolation) to [0, 1]")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where RankSEG computes (default: cpu)")
     g.add_argument("--pruning-prob", type=_pruning_arg, default="auto",
-                   help="'auto' (default): keep a class when its best mask beats the empty mask's expected Dice; "
-                        "a number p: keep it only if its maximum probability exceeds p (rankseg 0.0.8: 0.5); "
-                        "0 disables pruning")
+                   help=f"{', '.join(AUTO_MODES)} ('auto' is the default: keep a class when its best mask beats the "
+                        "empty mask's expected Dice; -independent/-correlated choose the model of the voxels), or a "
+                        "number p in [0, 1]: keep a class only if its maximum probability exceeds p (rankseg 0.0.8: "
+                        "0.5); 0 disables pruning")
     g.add_argument("--smooth", type=float, default=0.0, help="smoothing constant of the metric (default 0)")
     ch = g.add_mutually_exclusive_group()
     ch.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=None,
-                    help="4D NIfTI files are (X, Y, Z, C) (detected when not given)")
+                    help="4D NIfTI files are (X, Y, Z, C) (guessed only when exactly one reading fits)")
     ch.add_argument("--channels-first", dest="channels_last", action="store_const", const=False,
                     help="4D NIfTI files are (C, X, Y, Z)")
     g.add_argument("--sum-tolerance", type=float, default=1e-2,
                    help="multiclass: largest accepted |sum over classes - 1| per voxel (default 0.01)")
+
+
+def _add_part_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out (as nnU-Net's nnUNetv2_predict)")
+    g.add_argument("--part-id", type=int, default=0, metavar="K",
+                   help="do part K (0 <= K < N) of the cases sorted by name: cases K, K+N, K+2N, ...")
+    g.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts (default 1)")
 
 
 def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
@@ -66,21 +114,26 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     sub.required = True
 
     pred = sub.add_parser("predict", help="probability volumes -> RankSEG masks",
-                          description="Write one RankSEG mask per case, named after the case, into OUTDIR. "
-                                      "Cases already written are skipped (resumable); --overwrite redoes them.")
+                          description="Write one RankSEG mask per case, named after the case, into OUTDIR, each with "
+                                      "a record of its settings, inputs and version (<mask>.rankseg.json). Cases "
+                                      "whose mask matches its record, the settings and the inputs are skipped "
+                                      "(resumable); --overwrite redoes them.")
     pred.add_argument("inputs", nargs="+", metavar="INPUT",
                       help="probability files (.nii.gz, .nii, .mha, .mhd, .nrrd, nnU-Net .npz + .pkl) or folders")
     pred.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     pred.add_argument("--format", choices=rio.OUTPUT_FORMATS, default=None,
                       help="mask file format (default: the input's own; mha for .mhd, nrrd for .nhdr, nii.gz for "
                            "nnU-Net .npz)")
-    pred.add_argument("--overwrite", action="store_true", help="redo cases whose mask exists already")
+    pred.add_argument("--overwrite", action="store_true",
+                      help="redo every case, also those already done, and replace masks made with other settings")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_decision_options(pred)
+    _add_part_options(pred)
 
     ev = sub.add_parser("evaluate", help="per-case Dice/HD95 of argmax vs RankSEG, summary, CSV and plot",
                         description="Compare argmax and RankSEG decisions (--probs) or score existing masks "
-                                    "(--pred) against labels; writes per_case.csv, summary.csv and differences.png.")
+                                    "(--pred) against labels; writes per_case.csv, summary.csv, differences.png "
+                                    "(differences are RankSEG minus argmax) and evaluation.json.")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", metavar="DIR", help="folder of probability volumes (argmax vs RankSEG)")
     src.add_argument("--pred", metavar="DIR", help="folder of label-map masks to score as they are")
@@ -88,12 +141,24 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the CSV files and plot")
     ev.add_argument("--classes", type=int, nargs="+", default=None,
                     help="label values to score (default: every foreground class)")
+    ev.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
+                    help="names of the label values 0, 1, 2, ... in order (background first), for the table and CSVs")
     ev.add_argument("--ignore-empty", action="store_true",
                     help="Dice is NaN (not 1 or 0) for classes absent from the labels (MONAI's default)")
     ev.add_argument("--skip-failed", action="store_true",
                     help="write the reports for the cases that worked even if others failed (exit code still 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_decision_options(ev)
+    _add_part_options(ev)
+
+    merge = sub.add_parser("merge-reports", help="merge the parts of evaluate --part-id/--num-parts into one report",
+                           description="Read the part reports that evaluate --part-id K --num-parts N wrote into DIR "
+                                       "(per_case.part-K-of-N.csv + evaluation.part-K-of-N.json), check that every "
+                                       "part is there, made with the same settings and unchanged, and write "
+                                       "per_case.csv, summary.csv, differences.png and evaluation.json.")
+    merge.add_argument("folder", metavar="DIR", help="the -o folder of the evaluate parts")
+    merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
+                       help="where to write the report (default: DIR)")
 
     demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
                           description="End-to-end demonstration on embedded data (no download): seeded CT-like "
@@ -104,48 +169,96 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- settings
+
+_OPTION_FLAGS = {"output_mode": "--output-mode", "pruning_prob": "--pruning-prob", "smooth": "--smooth",
+                 "metric": "--metric", "solver": "--solver", "device": "--device", "softmax": "--softmax",
+                 "sigmoid": "--sigmoid", "clamp": "--clamp"}
+
+
+def _cli_spelling(message: str) -> str:
+    """A ``RankSEGOptions`` message in the command line's own words (``output_mode='x'`` -> ``--output-mode x``)."""
+    for name, flag in _OPTION_FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){name}=('?)([^',;)\s]*)\1", lambda m, f=flag: f"{f} {m.group(2)}", message)
+        message = re.sub(rf"^{name}\b", flag, message)
+    return re.sub(r"'(RMA|BA\+TRNA|BA|TRNA)'", lambda m: m.group(1).lower(), message)
+
+
+def _output_mode(args: argparse.Namespace) -> str:
+    if args.output_mode is not None:
+        return args.output_mode
+    return "multilabel" if args.sigmoid else "multiclass"
+
+
+def decision_options(args: argparse.Namespace) -> RankSEGOptions:
+    """Every decision option of the command line, validated once before any case runs; a :class:`UsageError`
+    (exit 2) in the command line's own spelling otherwise."""
+    for flag, value in (("--sum-tolerance", args.sum_tolerance), ("--smooth", args.smooth)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+    mode = _output_mode(args)
+    if args.sigmoid and mode == "multiclass":
+        raise UsageError("--sigmoid gives independent per-class probabilities, not a label map: drop --output-mode "
+                         "multiclass (--sigmoid writes one mask per class), or use --softmax for a label map")
+    allowed = supported_solvers(args.metric, mode)
+    if args.solver not in allowed:
+        extra = (" (ba, trna, ba+trna and exact need --metric dice --output-mode multilabel)"
+                 if args.solver != "rma" else "")
+        raise UsageError(f"--solver {args.solver} does not work with --metric {args.metric} --output-mode {mode}; "
+                         f"use --solver {' or '.join(allowed)}{extra}")
+    if args.force_activation and not (args.softmax or args.sigmoid):
+        raise UsageError("--force-activation only applies with --softmax or --sigmoid")
+    try:
+        return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
+                              pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
+                              clamp=args.clamp, device=args.device)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(_cli_spelling(str(exc))) from None
+
+
+def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> dict[str, Any]:
+    """Everything that makes a mask (``predict``) or a report (``evaluate``) what it is: recorded beside it and
+    compared on resume / merge.  The one place to add a setting."""
+    settings: dict[str, Any] = {"command": args.command}
+    if options is not None:
+        settings["options"] = options.to_dict()
+        settings["channels_last"] = args.channels_last
+    if args.command == "evaluate":
+        settings.update(source="probs" if args.probs else "pred", classes=args.classes,
+                        ignore_empty=args.ignore_empty, class_names=args.class_names)
+    return settings
+
+
+def _settings_key(settings: Mapping[str, Any]) -> str:
+    text = json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _class_names(names: Sequence[str] | None) -> dict[int, str] | None:
+    return {i: n for i, n in enumerate(names)} if names else None
+
+
+def select_part(cases: Sequence[Path], part_id: int, num_parts: int) -> list[Path]:
+    """Part ``part_id`` of ``num_parts`` of the cases sorted by case name: cases ``K, K+N, K+2N, ...`` (as
+    ``nnUNetv2_predict -part_id K -num_parts N``), the same split on every machine.
+
+    >>> select_part([Path("c.nii.gz"), Path("a.nii.gz"), Path("b.nii.gz")], 0, 2)
+    [PosixPath('a.nii.gz'), PosixPath('c.nii.gz')]
+    """
+    if num_parts < 1:
+        raise UsageError(f"--num-parts must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise UsageError(f"--part-id must lie in [0, {num_parts}) for --num-parts {num_parts}, got {part_id}")
+    if num_parts == 1:
+        return list(cases)
+    return sorted(cases, key=rio.case_name)[part_id::num_parts]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _err(msg: str) -> None:
     print(f"rankseg-monai: error: {msg}", file=sys.stderr)
-
-
-def _pruning_arg(text: str) -> float | str:
-    try:
-        return parse_pruning_prob(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _options(args: argparse.Namespace) -> RankSEGOptions:
-    """Every decision option of the command line, validated once before any case runs (exit 2 otherwise)."""
-    if args.sum_tolerance < 0 or args.sum_tolerance != args.sum_tolerance:
-        raise UsageError(f"--sum-tolerance must be a number >= 0, got {args.sum_tolerance}")
-    try:
-        return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=args.output_mode or "multiclass",
-                              smooth=args.smooth, pruning_prob=args.pruning_prob, softmax=args.softmax,
-                              sigmoid=args.sigmoid, device=args.device)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: RankSEGOptions) -> np.ndarray:
-    """Activation and value checks for one case."""
-    probs = volume.probabilities
-    where = str(volume.path)
-    if options.activation is not None:
-        if not np.all(np.isfinite(probs)):
-            raise rio.VolumeError(f"{where}: logits contain NaN or inf; check the model export")
-        if options.softmax and probs.shape[0] == 1:
-            raise rio.VolumeError(f"{where}: --softmax over a single channel gives 1 everywhere; use --sigmoid")
-        probs = activate_case(probs, options)
-    if args.sigmoid and args.output_mode is None and probs.shape[0] > 1:
-        raise rio.VolumeError(f"{where}: --sigmoid gives independent class probabilities; pass --output-mode "
-                              "multilabel (one mask per class), or --output-mode multiclass for a label map anyway")
-    check_mode = "multilabel" if (args.sigmoid or args.output_mode == "multilabel") else "multiclass"
-    rio.validate_probabilities(probs, where=where, output_mode=check_mode, sum_tolerance=args.sum_tolerance)
-    return probs
 
 
 def _progress(items: Sequence[Any], args: argparse.Namespace, desc: str):
@@ -170,6 +283,11 @@ def _default_format(path: Path) -> str:
     return "nii.gz"
 
 
+def _inputs_of(path: Path) -> list[Path]:
+    """The files read for one case: the input and its existing companions (``.pkl``, ``.raw``)."""
+    return [path, *(p for p in rio.companion_files(path) if p.is_file())]
+
+
 def _protected(cases: Sequence[Path]) -> list[Path]:
     out = []
     for path in cases:
@@ -178,7 +296,97 @@ def _protected(cases: Sequence[Path]) -> list[Path]:
     return out
 
 
+def _check_outdir(outdir: Path, input_dirs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Refuse (before any work) an output folder that is a file, an input folder or holds an input file."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {outdir}: exists and is not a folder; choose another -o")
+    for parent in outdir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"-o {outdir}: {parent} is a file, not a folder; choose another -o")
+    resolved = outdir.resolve()
+    for item in input_dirs:
+        if item.resolve() == resolved:
+            raise UsageError(f"-o {outdir} is an input folder; write to another folder (inputs are never written)")
+    for path in inputs:
+        if path.resolve().parent == resolved:
+            raise UsageError(f"-o {outdir} holds the input {path}; write to another folder (inputs are never "
+                             "written)")
+
+
+def _remove_if_empty(outdir: Path, created: bool) -> None:
+    """Remove the output folder when this run created it and wrote nothing there (nothing done, nothing left)."""
+    if created:
+        try:
+            outdir.rmdir()
+        except OSError:
+            pass
+
+
+def _open_outdir(outdir: Path, settings: Mapping[str, Any], command: str) -> FolderRuns:
+    """Create the output folder, register this run in it (refused when a run with other settings is writing
+    there) and remove the temporaries that killed runs left; a :class:`UsageError` when the folder is unusable."""
+    description = {"command": f"rankseg-monai {command}", "settings": settings, "version": __version__}
+    runs = FolderRuns(outdir, _settings_key(settings), description,
+                      warn=lambda msg: print(f"rankseg-monai: warning: {msg}", file=sys.stderr))
+    try:
+        runs.open()
+    except RunConflict as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write into -o {outdir}: {exc.strerror or exc}; choose another -o or fix its "
+                         "permissions") from None
+    try:
+        if runs.alone or not runs.locked:  # alone: every temporary there is stale; no locks: only older ones
+            removed = clean_temporaries(outdir, older_than=None if runs.alone else time.time(),
+                                        extra=is_claim if runs.alone else None)
+            if removed:
+                print(f"removed {len(removed)} stale temporary file(s) of an interrupted run from {outdir}",
+                      file=sys.stderr)
+    except OSError as exc:
+        runs.close()
+        raise UsageError(f"cannot clean -o {outdir}: {exc}") from None
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- one case
+
+
+def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: RankSEGOptions) -> np.ndarray:
+    """Activation and value checks for one case."""
+    probs = volume.probabilities
+    where = str(volume.path)
+    if options.activation is not None:
+        if not np.all(np.isfinite(probs)):
+            raise rio.VolumeError(f"{where}: logits contain NaN or inf; check the model export")
+        if options.softmax and probs.shape[0] == 1:
+            raise rio.VolumeError(f"{where}: --softmax over a single channel gives 1 everywhere; use --sigmoid")
+        if not args.force_activation:
+            rio.check_logits(probs, where=where, activation=options.activation, sum_tolerance=args.sum_tolerance)
+        probs = activate_case(probs, options)
+    if options.clamp:
+        probs = rio.clip_overshoot(probs, where=where)
+    rio.validate_probabilities(probs, where=where, output_mode=options.output_mode, sum_tolerance=args.sum_tolerance)
+    return probs
+
+
+def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None) -> rio.ProbabilityVolume:
+    return rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
+                                  sum_tolerance=args.sum_tolerance)
+
+
 # ---------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class _PredictRun:
+    args: argparse.Namespace
+    options: RankSEGOptions
+    settings: dict[str, Any]
+    outdir: Path
+    protected: list[Path]
+    runs: FolderRuns
+    counts: dict[str, int] = field(default_factory=lambda: {"written": 0, "skipped": 0, "elsewhere": 0})
+    failed: list[str] = field(default_factory=list)
 
 
 def _narrowest(num_classes: int, options: RankSEGOptions) -> Any:
@@ -186,86 +394,103 @@ def _narrowest(num_classes: int, options: RankSEGOptions) -> Any:
     return smallest_label_dtype(*options.label_bounds(max(num_classes, 2)))
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {"metric": args.metric, "solver": args.solver.lower(), "output_mode": args.output_mode,
-            "softmax": args.softmax, "sigmoid": args.sigmoid, "pruning_prob": args.pruning_prob,
-            "smooth": args.smooth, "channels_last": args.channels_last}
-
-
-def _check_outdir(outdir: Path, inputs: Sequence[str], cases: Sequence[Path]) -> None:
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"-o {outdir}: exists and is not a folder")
-    resolved = outdir.resolve()
-    for item in inputs:
-        p = Path(item).resolve()
-        if p == resolved:
-            raise UsageError(f"-o {outdir} is an input folder; write the masks to another folder (inputs are never "
-                             "overwritten)")
-    for path in cases:
-        if path.resolve().parent == resolved:
-            raise UsageError(f"-o {outdir} holds the input {path}; write the masks to another folder (inputs are "
-                             "never overwritten)")
-
-
-def _check_settings(outdir: Path, args: argparse.Namespace, targets: Sequence[Path]) -> None:
-    """Resuming is only safe with the same settings: refuse a mix unless --overwrite."""
-    existing = [t for t in targets if t.exists()]
-    settings_path = outdir / SETTINGS_FILE
-    if args.overwrite or not existing:
+def _survey(run: _PredictRun, targets: Sequence[Path]) -> None:
+    """Refuse (unless --overwrite) a folder holding masks made with other settings or masks without a record."""
+    other, foreign = [], []
+    for rec in sorted(run.outdir.glob("*" + prov.RECORD_SUFFIX)):
+        mask = rec.with_name(rec.name[: -len(prov.RECORD_SUFFIX)])
+        status = prov.case_status(mask, run.settings)
+        if status.state == prov.OTHER_SETTINGS:
+            other.append((mask, status.detail))
+    for target in targets:
+        status = prov.case_status(target, run.settings)
+        if status.state == prov.FOREIGN:
+            foreign.append((target, status.detail))
+    outdir = run.outdir
+    if run.args.overwrite:
+        mine = {t.name for t in targets}
+        kept = [m for m, _ in other if m.name not in mine]
+        if kept:
+            print(f"rankseg-monai: warning: {outdir} keeps {len(kept)} mask(s) of other cases made with other "
+                  f"settings (e.g. {kept[0].name}); each has its record", file=sys.stderr)
         return
-    if not settings_path.exists():
-        raise UsageError(f"{outdir} already holds {existing[0].name} but no {SETTINGS_FILE} (not written by "
-                         "rankseg-monai predict); pass --overwrite to replace such files, or choose another -o")
-    try:
-        old = json.loads(settings_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{settings_path}: unreadable ({exc}); delete it or pass --overwrite") from exc
-    new = _settings(args)
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise UsageError(f"{outdir} holds masks made with other settings ({shown}); pass --overwrite to redo them, "
-                         "or choose another -o")
+    if other:
+        mask, detail = other[0]
+        raise UsageError(f"{outdir} holds {len(other)} mask(s) made with other settings (e.g. {mask.name}: {detail}); "
+                         "pass --overwrite to redo them, or choose another -o (a folder never mixes settings)")
+    if foreign:
+        mask, detail = foreign[0]
+        legacy = " (and a settings file of an older rankseg-monai)" if (outdir / LEGACY_SETTINGS_FILE).exists() else ""
+        raise UsageError(f"{outdir} holds {len(foreign)} file(s) named like the masks but without a valid record "
+                         f"(e.g. {mask.name}: {detail}){legacy}: not written by this version of rankseg-monai "
+                         "predict; pass --overwrite to replace them, or choose another -o")
+
+
+def _write_case(run: _PredictRun, volume: rio.ProbabilityVolume, mask: np.ndarray, target: Path,
+                inputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The one place a case is written: the mask (verified) and its record, together."""
+    return prov.write_mask(mask, volume.geometry, target, case=volume.case, inputs=inputs, settings=run.settings,
+                           protected=run.protected)
+
+
+def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
+    """Decide and write one case, or skip it; returns ``"written"``, ``"skipped"`` or ``"elsewhere"``."""
+    case = rio.case_name(path)
+    with run.runs.claim(case) as mine:
+        if not mine:
+            return "elsewhere"
+        inputs = prov.hash_inputs(_inputs_of(path))
+        if not run.args.overwrite:
+            status = prov.case_status(target, run.settings, inputs)
+            if status.state == prov.DONE:
+                return "skipped"
+            if status.state in (prov.OTHER_SETTINGS, prov.FOREIGN):  # appeared since the survey
+                raise rio.VolumeError(f"{target}: {status.detail or status.state}; pass --overwrite to replace it")
+            if status.state != prov.ABSENT:
+                _report(bar, f"redoing {case}: {status.detail}")
+        volume = _load(path, run.args)
+        probs = _prepare(volume, run.args, run.options)
+        # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
+        # narrowest type anyway)
+        mask = decide(probs, "rankseg", run.options, label_dtype=_narrowest(probs.shape[0], run.options))
+        _write_case(run, volume, mask, target, inputs)
+        return "written"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    options = _options(args)
+    options = decision_options(args)
     cases = rio.find_cases(args.inputs)
     if not cases:
         raise UsageError(f"no probability files found in {', '.join(args.inputs)} (looked for "
                          f"{', '.join(rio.PROBABILITY_EXTENSIONS)})")
     outdir = Path(args.output)
-    _check_outdir(outdir, args.inputs, cases)
+    _check_outdir(outdir, [Path(i) for i in args.inputs if Path(i).is_dir()], cases)
+    cases = select_part(cases, args.part_id, args.num_parts)
     targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
-    _check_settings(outdir, args, targets)
-    protected = _protected(cases)
-    outdir.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps(_settings(args), indent=2) + "\n"
-    if not (outdir / SETTINGS_FILE).exists() or args.overwrite:
-        rio.atomic_write(outdir / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(settings), protected=protected)
-
-    written, skipped, failed = 0, 0, []
-    bar = _progress(list(zip(cases, targets)), args, "rankseg")
-    for path, target in bar:
-        case = rio.case_name(path)
-        if target.exists() and not args.overwrite:
-            skipped += 1
-            continue
-        try:
-            volume = rio.load_probabilities(path, channels_last=args.channels_last)
-            probs = _prepare(volume, args, options)
-            # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
-            # narrowest type anyway)
-            mask = decide(probs, "rankseg", options, label_dtype=_narrowest(probs.shape[0], options))
-            rio.save_mask(mask, volume.geometry, target, overwrite=True, protected=protected)
-            written += 1
-        except _CASE_ERRORS as exc:
-            failed.append((case, exc))
-            _report(bar, f"FAILED {case}: {exc}")
-    print(f"{written} written, {skipped} skipped (already in {outdir}), {len(failed)} failed", file=sys.stderr)
-    for case, exc in failed:
-        print(f"  {case}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return 1 if failed else 0
+    settings = run_settings(args, options)
+    created = not outdir.exists()
+    runs = _open_outdir(outdir, settings, "predict")
+    with runs:
+        run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
+        _survey(run, targets)
+        bar = _progress(list(zip(cases, targets)), args, "rankseg")
+        for path, target in bar:
+            try:
+                run.counts[_predict_case(run, path, target, bar)] += 1
+            except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
+                run.failed.append(rio.case_name(path))
+                _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
+    _remove_if_empty(outdir, created)
+    c = run.counts
+    part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
+    line = f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
+           f"{len(run.failed)} failed"
+    if c["elsewhere"]:
+        line += f", {c['elsewhere']} left to another run writing them now"
+    print(line, file=sys.stderr)
+    if run.failed:
+        print(f"failed (reasons above): {', '.join(run.failed)}", file=sys.stderr)
+    return 1 if run.failed else 0
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -277,10 +502,71 @@ def _label_index(labels_dir: Path) -> dict[str, Path]:
     return {rio.case_name(p): p for p in rio.find_cases([labels_dir], rio.LABEL_EXTENSIONS)}
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namespace, options: RankSEGOptions,
+                   classes: Sequence[int] | None) -> dict:
     from . import evaluation as ev
 
-    options = _options(args)
+    case = rio.case_name(path)
+    if case not in labels:
+        raise rio.VolumeError(f"case {case!r}: no label file in {args.labels} (expected {case}.nii.gz, .nii, .mha, "
+                              ".mhd or .nrrd)")
+    label = rio.load_labels(labels[case])
+    if args.probs:
+        volume = _load(path, args, spatial_shape=label.labels.shape)
+        rio.check_same_grid(volume.geometry, label.geometry, case)
+        probs = _prepare(volume, args, options)
+        return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
+                               ignore_empty=args.ignore_empty, options=options)
+    pred = rio.load_labels(path)
+    rio.check_same_grid(pred.geometry, label.geometry, case)
+    return ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing, classes, case=case,
+                             ignore_empty=args.ignore_empty)
+
+
+def _part_suffix(part: tuple[int, int] | None) -> str:
+    return "" if part is None else f".part-{part[0]}-of-{part[1]}"
+
+
+def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, Any], *, methods: Sequence[str],
+                  cases: Sequence[str], failed: Mapping[str, str], part: tuple[int, int] | None,
+                  protected: Sequence[Path] = (), parts: Sequence[str] = ()) -> list[Path]:
+    """The one place an evaluation report is written: the per-case CSV and, for a whole report (not a part), the
+    summary CSV, the table on standard output and the plot; then ``evaluation[.part-K-of-N].json`` with the settings,
+    version, cases, failures and the SHA-256 of every file written.  An ``OSError`` becomes a :class:`UsageError`
+    (exit 2) naming the file."""
+    from . import evaluation as ev
+
+    names = _class_names(settings.get("class_names"))
+    suffix = _part_suffix(part)
+    written: list[Path] = []
+    current = outdir / f"per_case{suffix}.csv"
+    try:
+        written.append(ev.write_csv(results, current, protected=protected, class_names=names))
+        if part is None:
+            table = ev.summarize(results)
+            print(ev.format_table(table, class_names=names))
+            current = outdir / "summary.csv"
+            written.append(ev.write_summary_csv(table, current, protected=protected, class_names=names))
+            if "argmax" in methods and "rankseg" in methods:
+                current = outdir / "differences.png"
+                written.append(ev.plot_differences(results, current, protected=protected, class_names=names))
+        record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
+                  "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
+                  "failed": dict(failed), "merged_from": list(parts),
+                  "files": {p.name: sha256_file(p) for p in written},
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        current = outdir / f"{Path(REPORT_FILE).stem}{suffix}.json"
+        text = json.dumps(record, indent=1) + "\n"
+        written.append(atomic_write(current, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+                                    protected=protected))
+    except OSError as exc:
+        raise UsageError(f"cannot write {current}: {exc.strerror or exc}; free space or fix the folder, then run "
+                         "the same command again") from None
+    return written
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    options = decision_options(args)
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
@@ -289,58 +575,136 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"no files found in {source}")
     labels = _label_index(Path(args.labels))
     outdir = Path(args.output)
-    protected = _protected(cases) + list(labels.values())
-    classes = args.classes
-    if args.pred and classes is None:  # one class list for every case: the values present anywhere
-        found: set[int] = set()
-        for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
-            try:
-                found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0}
-            except _CASE_ERRORS:
-                pass  # reported with its case below
-        classes = sorted(found) or [1]
+    _check_outdir(outdir, [source, Path(args.labels)], [*cases, *labels.values()])
+    if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
+        raise UsageError("--class-names holds a name twice; give one name per label value 0, 1, 2, ...")
+    part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
+    if part and args.pred and args.classes is None:
+        raise UsageError("--pred with --num-parts needs --classes (each part would otherwise score the classes found "
+                         "in its own cases, and the parts could not be merged)")
+    all_cases = cases = sorted(cases, key=rio.case_name)  # the order of the rows, also of merged parts
+    cases = select_part(cases, args.part_id, args.num_parts)
+    protected = _protected(all_cases) + list(labels.values())
+    settings = run_settings(args, options)
+    created = not outdir.exists()
+    try:
+        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected)
+    finally:
+        _remove_if_empty(outdir, created)
 
-    results, failed = [], []
-    bar = _progress(cases, args, "evaluate")
-    for path in bar:
-        case = rio.case_name(path)
-        try:
-            if case not in labels:
-                raise rio.VolumeError(f"case {case!r}: no label file in {args.labels} (expected {case}.nii.gz, "
-                                      ".nii, .mha, .mhd or .nrrd)")
-            label = rio.load_labels(labels[case])
-            if args.probs:
-                volume = rio.load_probabilities(path, channels_last=args.channels_last)
-                rio.check_same_grid(volume.geometry, label.geometry, case)
-                probs = _prepare(volume, args, options)
-                result = ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
-                                         ignore_empty=args.ignore_empty, options=options)
-            else:
-                pred = rio.load_labels(path)
-                rio.check_same_grid(pred.geometry, label.geometry, case)
-                result = ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing, classes, case=case,
-                                           ignore_empty=args.ignore_empty)
-            results.append(result)
-        except _CASE_ERRORS as exc:
-            failed.append((case, exc))
-            _report(bar, f"FAILED {case}: {exc}")
-    for case, exc in failed:
-        print(f"  {case}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if failed and not args.skip_failed:
-        _err(f"{len(failed)} of {len(cases)} cases failed; no report written (fix them, or pass --skip-failed to "
-             "report on the others)")
-        return 1
-    if not results:
-        _err("no case could be evaluated; no report written")
-        return 1
-    table = ev.summarize(results)
-    print(ev.format_table(table))
-    outdir.mkdir(parents=True, exist_ok=True)
-    written = [ev.write_csv(results, outdir / "per_case.csv", protected=protected),
-               ev.write_summary_csv(table, outdir / "summary.csv", protected=protected)]
-    if args.probs:
-        written.append(ev.plot_differences(results, outdir / "differences.png", protected=protected))
+
+def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
+                   cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
+                   protected: Sequence[Path]) -> int:
+    with _open_outdir(outdir, settings, "evaluate"):
+        classes = args.classes
+        if args.pred and classes is None:  # one class list for every case: the values present anywhere
+            found: set[int] = set()
+            for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
+                try:
+                    found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0}
+                except Exception:
+                    pass  # reported with its case below
+            classes = sorted(found) or [1]
+        results, failed = [], {}
+        bar = _progress(cases, args, "evaluate")
+        for path in bar:
+            case = rio.case_name(path)
+            try:
+                results.append(_evaluate_case(path, labels, args, options, classes))
+            except Exception as exc:  # one bad case never stops the others
+                failed[case] = f"{type(exc).__name__}: {exc}"
+                _report(bar, f"FAILED {case}: {failed[case]}")
+        if failed and not args.skip_failed:
+            _err(f"{len(failed)} of {len(cases)} cases failed ({', '.join(failed)}; reasons above); no report written "
+                 "(fix them, or pass --skip-failed to report on the others)")
+            return 1
+        if not results:
+            _err("no case could be evaluated; no report written")
+            return 1
+        methods = list(results[0]["methods"])
+        written = _write_report(outdir, results, settings, methods=methods, cases=[r["case"] for r in results],
+                                failed=failed, part=part, protected=protected)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if part:
+        print(f"part {part[0]} of {part[1]} done; when every part is done: rankseg-monai merge-reports {outdir}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------- merge-reports
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable ({exc}); run that part of evaluate again") from None
+    if not isinstance(data, dict) or data.get("record") != REPORT_KIND:
+        raise UsageError(f"{path}: not a report record of rankseg-monai evaluate")
+    return data
+
+
+def cmd_merge_reports(args: argparse.Namespace) -> int:
+    from . import evaluation as ev
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder")
+    pattern = re.compile(r"^evaluation\.part-(\d+)-of-(\d+)\.json$")
+    found = {}
+    for p in sorted(folder.iterdir()):
+        m = pattern.match(p.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = p
+    if not found:
+        raise UsageError(f"{folder} holds no evaluation.part-K-of-N.json; run evaluate --part-id K --num-parts N "
+                         f"-o {folder} for every K first")
+    totals = sorted({n for _, n in found})
+    if len(totals) > 1:
+        raise UsageError(f"{folder} holds parts of splits into {' and '.join(map(str, totals))} parts; keep one split")
+    n = totals[0]
+    missing = [k for k in range(n) if (k, n) not in found]
+    if missing:
+        k = missing[0]
+        raise UsageError(f"part {k} of {n} is missing in {folder} (evaluation.part-{k}-of-{n}.json"
+                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run evaluate --part-id {k} "
+                         f"--num-parts {n} -o {folder}, then merge again")
+    records = [_read_json(found[(k, n)]) for k in range(n)]
+    first = records[0]
+    for k, rec in enumerate(records):
+        for key in ("settings", "version", "methods"):
+            if json.dumps(rec.get(key), sort_keys=True) != json.dumps(first.get(key), sort_keys=True):
+                raise UsageError(f"part {k} of {n} was made with other {key} than part 0 ({rec.get(key)!r} vs "
+                                 f"{first.get(key)!r}); run every part with the same command")
+    results, failed, seen = [], {}, {}
+    methods = list(first["methods"])
+    for k, rec in enumerate(records):
+        csv_path = folder / f"per_case.part-{k}-of-{n}.csv"
+        expected = (rec.get("files") or {}).get(csv_path.name)
+        if not csv_path.is_file() or expected != sha256_file(csv_path):
+            raise UsageError(f"{csv_path} is missing or does not match its record (changed or truncated); run part "
+                             f"{k} of {n} again")
+        part_results = ev.results_from_rows(ev.read_rows(csv_path), methods)
+        for res in part_results:
+            if res["case"] in seen:
+                raise UsageError(f"case {res['case']!r} is in parts {seen[res['case']]} and {k}; run every part with "
+                                 "the same inputs")
+            seen[res["case"]] = k
+        results.extend(part_results)
+        failed.update(rec.get("failed") or {})
+    results.sort(key=lambda r: r["case"])  # the order of one evaluate run over every case
+    if not results:
+        raise UsageError(f"the parts in {folder} hold no evaluated case")
+    outdir = Path(args.output) if args.output else folder
+    settings = first["settings"]
+    with _open_outdir(outdir, {**settings, "merged": True}, "merge-reports"):
+        written = _write_report(outdir, results, settings, methods=methods, cases=[r["case"] for r in results],
+                                failed=failed, part=None, parts=[found[(k, n)].name for k in range(n)])
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} case(s) failed in the parts and are not in the report: {', '.join(failed)}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -374,6 +738,13 @@ def _load_demo() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        if not sys.warnoptions:  # MONAI's deprecation notices are not the user's to fix (-W still shows them)
+            warnings.simplefilter("ignore", FutureWarning)
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         demo = _load_demo() if _first_command(argv) == "demo" else None
         parser = build_parser(demo)
@@ -385,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "merge-reports":
+            return cmd_merge_reports(args)
         return int(demo.run(args) or 0)
     except UsageError as exc:
         _err(str(exc))
@@ -399,4 +772,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-

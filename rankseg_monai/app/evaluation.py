@@ -50,6 +50,8 @@ __all__ = [
     "format_table",
     "csv_text",
     "write_rows",
+    "read_rows",
+    "results_from_rows",
     "write_csv",
     "write_summary_csv",
     "plot_differences",
@@ -288,8 +290,31 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", candidate: str = "rankseg") -> str:
-    """A fixed-width text table of :func:`summarize` output (means; medians and counts are in the CSV)."""
+def _class_label(c: Any, class_names: Mapping[int, str] | None) -> str:
+    if class_names and not isinstance(c, str) and int(c) in class_names:
+        return f"{class_names[int(c)]} ({c})"
+    return str(c)
+
+
+def _with_class_names(rows: Sequence[Mapping[str, Any]], class_names: Mapping[int, str] | None) -> list[dict]:
+    """Rows with a ``class_name`` column after ``class`` (unchanged without names)."""
+    if not class_names:
+        return [dict(r) for r in rows]
+    out = []
+    for row in rows:
+        new: dict[str, Any] = {}
+        for k, v in row.items():
+            new[k] = v
+            if k == "class":
+                new["class_name"] = "" if isinstance(v, str) else class_names.get(int(v), "")
+        out.append(new)
+    return out
+
+
+def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", candidate: str = "rankseg",
+                 class_names: Mapping[int, str] | None = None) -> str:
+    """A fixed-width text table of :func:`summarize` output (means; medians and counts are in the CSV); classes
+    are shown by name when ``class_names`` (label value -> name) has them."""
     if not table:
         return "(no cases)"
     methods = [k[len("empty_pred_"):] for k in table[0] if k.startswith("empty_pred_")]
@@ -306,7 +331,7 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     header += [f"empty {m}" for m in methods] + [f"HD95 NaN {m}" for m in methods]
     lines = []
     for row in table:
-        cells = [str(row["class"]), str(row["cases"])]
+        cells = [_class_label(row["class"], class_names), str(row["cases"])]
         cells += [_fmt(row[f"dice_mean_{m}"]) for m in methods]
         if paired:
             d = row["dice_mean_diff"]
@@ -346,30 +371,65 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                protected: Sequence[str | os.PathLike] = ()) -> Path:
-    """Write dict rows as CSV (:func:`csv_text`), atomically."""
+    """Write dict rows as CSV (:func:`csv_text`), atomically (UTF-8; bytes of case names that are not UTF-8 are
+    written as they are, so they read back the same with :func:`read_rows`)."""
     text = csv_text(rows)
 
     def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(text)
 
     return atomic_write(path, write, overwrite=True, protected=protected)
 
 
+def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file written by :func:`write_rows` (values as text)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))
+
+
+def results_from_rows(rows: Sequence[Mapping[str, str]], methods: Sequence[str]) -> list[dict]:
+    """Case results (as :func:`evaluate_masks` returns them) from per-case CSV rows (:func:`case_rows` /
+    :func:`write_csv`, read back with :func:`read_rows`): the inverse of :func:`case_rows`, exact because floats
+    are written with ``repr``.  Used to merge the reports of ``evaluate --part-id K --num-parts N``."""
+    results: dict[str, dict] = {}
+    for row in rows:
+        case = row["case"]
+        res = results.get(case)
+        if res is None:
+            res = results[case] = {"case": case, "classes": [], "methods": list(methods), "true_voxels": [],
+                                   "metrics": {m: {"dice": [], "hd95": [], "pred_voxels": []} for m in methods}}
+        try:
+            res["classes"].append(int(row["class"]))
+            res["true_voxels"].append(int(row["true_voxels"]))
+            for m in methods:
+                res["metrics"][m]["dice"].append(float(row[f"dice_{m}"]))
+                res["metrics"][m]["hd95"].append(float(row[f"hd95_{m}"]))
+                res["metrics"][m]["pred_voxels"].append(int(row[f"voxels_{m}"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VolumeError(f"case {case!r}: per-case row {dict(row)} is incomplete or not a number ({exc}); "
+                              "the CSV was not written by rankseg-monai evaluate, or it was edited") from exc
+    return list(results.values())
+
+
 def write_csv(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
-              candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = ()) -> Path:
-    """Per-case, per-class rows (:func:`case_rows`) as CSV."""
-    return write_rows([row for res in results for row in case_rows(res, baseline, candidate)], path, protected)
+              candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = (),
+              class_names: Mapping[int, str] | None = None) -> Path:
+    """Per-case, per-class rows (:func:`case_rows`) as CSV (with a ``class_name`` column when names are given)."""
+    rows = [row for res in results for row in case_rows(res, baseline, candidate)]
+    return write_rows(_with_class_names(rows, class_names), path, protected)
 
 
 def write_summary_csv(table: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                      protected: Sequence[str | os.PathLike] = ()) -> Path:
-    """The :func:`summarize` table as CSV."""
-    return write_rows(table, path, protected)
+                      protected: Sequence[str | os.PathLike] = (), class_names: Mapping[int, str] | None = None
+                      ) -> Path:
+    """The :func:`summarize` table as CSV (with a ``class_name`` column when names are given)."""
+    return write_rows(_with_class_names(table, class_names), path, protected)
 
 
 def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
-               candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = ()) -> Path:
+                     candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = (),
+                     class_names: Mapping[int, str] | None = None) -> Path:
     """PNG of the per-case paired differences (candidate minus baseline; Dice: above 0 is better, HD95 in mm:
     below 0 is better) per class; green marks the cases where the candidate is better."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -402,7 +462,7 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
                 ax.annotate(f"{undefined} NaN", (x, 0), textcoords="offset points", xytext=(0, -14),
                             ha="center", fontsize=7, color="0.3")
         ax.set_xticks(range(len(classes)))
-        ax.set_xticklabels([str(c) for c in classes])
+        ax.set_xticklabels([_class_label(c, class_names) for c in classes])
         ax.set_xlabel("class")
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"Per-case paired differences over {len(results)} cases (green: {candidate} better; bar = mean)",

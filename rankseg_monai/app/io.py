@@ -794,14 +794,16 @@ def clip_overshoot(probs: np.ndarray, *, where: str) -> np.ndarray:
 
 def check_logits(values: np.ndarray, *, where: str, activation: str, sum_tolerance: float = 1e-2) -> None:
     """Refuse to apply ``activation`` (``"softmax"``/``"sigmoid"``) to values that already look like
-    probabilities (all within ``[0, 1]``): applying it again silently changes the decisions."""
+    probabilities (all within ``[0, 1]``, give or take a ``0.01`` overshoot): applying it again silently changes the
+    decisions."""
     values = np.asarray(values)
     if values.size == 0 or not np.all(np.isfinite(values)):
         return
     lo, hi, lo_text, hi_text = _value_range(values)
-    if lo < 0.0 or hi > 1.0:
+    if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
         return
-    what = f"every value lies in [0, 1] (min {lo_text}, max {hi_text})"
+    near = "" if lo >= 0.0 and hi <= 1.0 else f" (give or take a {CLAMP_TOLERANCE:g} rounding overshoot)"
+    what = f"every value lies in [0, 1]{near} (min {lo_text}, max {hi_text})"
     if values.shape[0] > 1:
         err = float(np.max(np.abs(values.sum(axis=0, dtype=np.float64) - 1.0)))
         if err <= _check_tolerance(sum_tolerance):
