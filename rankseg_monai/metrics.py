@@ -36,6 +36,23 @@ def _items(data: Any, what: str) -> list:
     )
 
 
+def _check_binary(t: torch.Tensor, name: str) -> None:
+    """Distances are defined between masks: any value other than 0 and 1 (probabilities, labels > 1) is an error
+    (MONAI returns NaN for them, which would then be counted neither as empty nor in the mean)."""
+    if t.dtype == torch.bool:
+        return
+    bad = (t != 0) & (t != 1)
+    if bool(bad.any()):
+        example = t[bad].flatten()[0].item()
+        fix = ("RankSEG(to_onehot=C) / AsDiscrete(argmax=True, to_onehot=C)" if name == "y_pred"
+               else "AsDiscrete(to_onehot=C)")
+        raise ValueError(
+            f"HausdorffDistance95: {name} holds values other than 0 and 1 (e.g. {example!r}): it needs binarised "
+            f"one-hot masks (C, *spatial); binarise it first, e.g. with {fix}, or threshold probabilities "
+            "(AsDiscrete(threshold=0.5))"
+        )
+
+
 class HausdorffDistance95Metric(CumulativeIterationMetric):
     """
     The 95th-percentile Hausdorff distance per case and class, in the physical units of each item's spacing
@@ -47,7 +64,8 @@ class HausdorffDistance95Metric(CumulativeIterationMetric):
     that case's spacing.  Cases where the prediction or the truth of a class is empty give NaN (as in MONAI);
     they are recorded with an empty code per (case, class): ``EMPTY_PRED`` (1), ``EMPTY_TRUTH`` (2), or both (3).
 
-    Inputs are one-hot/binary ``(C, *spatial)`` items (a list) or a batch-first tensor, as for MONAI's metrics.
+    Inputs are one-hot/binary ``(C, *spatial)`` items (a list) or a batch-first tensor, as for MONAI's metrics; any
+    value other than 0 and 1 (probabilities, labels) raises a ``ValueError`` naming the fix.
     Both buffers (distances and empty codes) are gathered over distributed ranks by :meth:`get_buffer`
     (MONAI's ``Cumulative`` machinery; a collective call that every rank must make).
 
@@ -154,6 +172,8 @@ class HausdorffDistance95Metric(CumulativeIterationMetric):
             )
         if y_pred.ndim < 3:
             raise ValueError(f"expected (B, C, *spatial) with at least one spatial dim, got {tuple(y_pred.shape)}")
+        _check_binary(y_pred, "y_pred")
+        _check_binary(y, "y")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_EMPTY_WARNING)
             dist = compute_hausdorff_distance(

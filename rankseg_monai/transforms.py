@@ -24,7 +24,7 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
-from ._arrays import as_tensor
+from ._arrays import as_tensor, numpy_dtype
 from .activation import activate
 from .functional import decide
 from .options import (
@@ -246,6 +246,8 @@ class RankSEG(Transform):
         self._check_shape(tuple(x.shape))
         num_channels = x.shape[0]
         out_dtype = self.dtype if self.dtype is not None else x.dtype
+        if isinstance(img, np.ndarray):
+            numpy_dtype(out_dtype)  # bfloat16: no numpy dtype, an error naming the fix (before any work)
         if onehot is not None:
             self._check_onehot(onehot, num_channels, opts)
         elif opts.output_mode == "multiclass" and num_channels > 1:

@@ -58,6 +58,11 @@ def check_probability_tensor(probs: torch.Tensor) -> None:
     """Structural checks: dtype, (B, C, *spatial) layout, non-empty classes and spatial dims."""
     if not isinstance(probs, torch.Tensor):
         raise TypeError(f"probs must be a torch.Tensor or numpy.ndarray, got {type(probs).__name__}")
+    if probs.device.type == "meta":
+        raise ValueError(
+            "probs is a meta tensor (a shape without values): RankSEG decides from the values; pass the probabilities "
+            "on 'cpu' or 'cuda' (load or compute them there, e.g. model.to_empty(device='cpu') before inference)"
+        )
     if probs.is_complex():
         raise TypeError("probs is complex: pass real-valued probabilities (e.g. probs.real or probs.abs())")
     if probs.dtype not in SUPPORTED_DTYPES:
@@ -83,8 +88,16 @@ def check_probability_values(vmin: float, vmax: float, tolerance: float = 0.0) -
             "probs contains NaN or inf: check the model output (NaN logits) or the interpolation step before RankSEG"
         )
     if vmin < -tolerance or vmax > 1.0 + tolerance:
+        from ._stream import CLAMP_TOLERANCE  # here: _stream imports this module
+
+        shown = f"(min {vmin!r}, max {vmax!r})"  # every digit: float32 1 + 1e-7 must not read as 1
+        if vmin >= -CLAMP_TOLERANCE and vmax <= 1.0 + CLAMP_TOLERANCE:
+            raise ValueError(
+                f"probs has values just outside [0, 1] {shown}: a rounding or interpolation overshoot of "
+                f"probabilities (e.g. spline resampling after Invertd), not logits; set clamp=True to clip overshoots "
+                f"up to {CLAMP_TOLERANCE:g} (softmax/sigmoid would change the probabilities)"
+            )
         raise ValueError(
-            f"probs has values outside [0, 1] (min {vmin:.6g}, max {vmax:.6g}): pass probabilities, or set "
-            "softmax=True / sigmoid=True if these are logits; for tiny overshoots from spline interpolation "
-            "(e.g. after Invertd) set clamp=True"
+            f"probs has values outside [0, 1] {shown}: pass probabilities, or set softmax=True / sigmoid=True if "
+            "these are logits"
         )
