@@ -368,6 +368,7 @@ def _sitk_arrays(path: Path) -> tuple[np.ndarray, Geometry, bool]:
 def _sums_to_one(arr: np.ndarray, axis: int, tolerance: float) -> bool:
     """Whether the values of a 4D array are probabilities summing to one over ``axis`` (on a strided sample of at
     most about 65 000 voxels: enough to tell the class axis, whose sums are one everywhere, from a spatial one)."""
+    axis %= 4
     if arr.shape[axis] < 2:
         return False  # one value per voxel: summing over it says nothing
     spatial = [i for i in range(4) if i != axis]

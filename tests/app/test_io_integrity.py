@@ -148,6 +148,14 @@ def test_three_classes_last_on_a_grid_with_two_slices(tmp_path):
     rio.validate_probabilities(vol.probabilities, where="b")  # sums to one over the classes
 
 
+@pytest.mark.parametrize("last", [True, False])
+def test_the_class_axis_is_found_on_a_sampled_large_volume(tmp_path, last):
+    """Volumes above 65 000 voxels are checked on a strided sample: the class axis itself is never strided."""
+    probs = np.random.default_rng(2).dirichlet([1, 1, 1], size=(48, 44, 40)).astype(np.float32)  # (x, y, z, C)
+    vol = rio.load_probabilities(_nifti(tmp_path / "big.nii.gz", probs if last else np.moveaxis(probs, -1, 0)))
+    np.testing.assert_array_equal(vol.probabilities, np.moveaxis(probs, -1, 0))
+
+
 def test_no_guess_when_nothing_tells(tmp_path, case):
     _, _, logits = case
     path = _nifti(tmp_path / "lg.nii.gz", np.moveaxis(logits, 0, -1))
