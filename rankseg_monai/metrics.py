@@ -176,6 +176,9 @@ class HausdorffDistance95Metric(CumulativeIterationMetric):
         _check_binary(y, "y")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_EMPTY_WARNING)
+            # MONAI 1.5+ warns about its own internal call (get_mask_edges(always_return_as_numpy=...)) on every case:
+            # nothing a user of this metric can change
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
             dist = compute_hausdorff_distance(
                 y_pred, y, include_background=self.include_background, distance_metric=self.distance_metric,
                 percentile=self.percentile, directed=self.directed, spacing=kwargs.get("spacing"),

@@ -185,9 +185,9 @@ def iou_from_dice(dice: float) -> float:
 
 
 def per_case_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`rankseg_monai.app.evaluation.case_rows` (argmax vs RankSEG-dice) plus the demo's own columns:
-    ``seed``, ``class_name``, ``max_prob`` of the class, ``iou_<method>`` and ``iou_diff`` (RankSEG-iou minus
-    argmax)."""
+    """:func:`rankseg_monai.app.evaluation.case_rows` (argmax vs RankSEG-dice: ``dice_diff`` and ``hd95_diff_mm`` are
+    RankSEG-dice minus argmax) plus the demo's own columns: ``seed``, ``class_name``, ``max_prob`` of the class,
+    ``iou_<method>`` and ``iou_diff`` (RankSEG-iou minus argmax).  Every difference is RankSEG minus argmax."""
     rows = []
     for res in results:
         for i, row in enumerate(ev.case_rows(res, "argmax", "rankseg_dice")):
@@ -236,7 +236,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """The printed per-class comparison table."""
     labels = {"dice": "Dice", "hd95": "HD95 mm", "iou": "IoU*"}
-    head = (f"{'class':<8}{'metric':<9}{'argmax':>8}{'RankSEG':>9}{'paired diff':>13}  {'[min, max]':<19}"
+    head = (f"{'class':<8}{'metric':<9}{'argmax':>8}{'RankSEG':>9}{'RankSEG-argmax':>16}  {'[min, max]':<19}"
             f"{'wins/losses/ties':>17}{'empty masks':>13}")
     lines = [head, "-" * len(head)]
     for s in table_rows(results):
@@ -245,9 +245,10 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         wlt = f"{s['wins']}/{s['losses']}/{s['ties']}"
         empty = f"{s['empty_argmax']}/{s['empty_rankseg']}"
         lines.append(f"{s['class_name']:<8}{labels[s['metric']]:<9}{s['mean_argmax']:>8{fmt}}"
-                     f"{s['mean_rankseg']:>9{fmt}}{s['diff']:>+13{fmt}}  {rng:<19}{wlt:>17}{empty:>13}")
-    lines.append(f"{len(results)} cases.  Dice, HD95: RankSEG(metric='dice'); IoU*: RankSEG(metric='iou').  paired "
-                 "diff = RankSEG - argmax (HD95: negative is better);\nwins/losses/ties count cases where RankSEG is "
+                     f"{s['mean_rankseg']:>9{fmt}}{s['diff']:>+16{fmt}}  {rng:<19}{wlt:>17}{empty:>13}")
+    lines.append(f"{len(results)} cases.  Dice, HD95: RankSEG(metric='dice'); IoU*: RankSEG(metric='iou').  "
+                 "RankSEG-argmax: mean paired difference (HD95: negative is better);\nwins/losses/ties count cases "
+                 "where RankSEG is "
                  "better/worse/equal; empty masks = cases with an empty predicted mask (argmax/RankSEG); HD95 of an "
                  "empty mask is undefined\nand left out of the HD95 means and paired statistics.")
     return "\n".join(lines)
