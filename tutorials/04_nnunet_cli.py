@@ -9,7 +9,8 @@ Here the demo UNet plays nnU-Net: its sliding-window softmax on the first three 
 the same grid), and then the command line does the rest:
 
     rankseg-monai predict  <tmp>/nnunet_out -o <tmp>/rankseg_masks
-    rankseg-monai evaluate --probs <tmp>/nnunet_out --labels <tmp>/labelsTs -o <tmp>/report
+    rankseg-monai evaluate --probs <tmp>/nnunet_out --labels <tmp>/labelsTs -o <tmp>/report \
+        --class-names background organ lesion
 
 (run as ``python -m rankseg_monai.app.cli ...`` so the script works without the console script on ``PATH``).
 
@@ -105,7 +106,8 @@ def main() -> int:
 
         cli("predict", str(nnunet_out), "-o", str(tmp / "rankseg_masks"), "--quiet")
         masks = sorted((tmp / "rankseg_masks").glob("*.nii.gz"))
-        print(f"masks: {', '.join(p.name for p in masks)}")
+        print(f"masks: {', '.join(p.name for p in masks)} (each with its record <mask>.rankseg.json: settings, "
+              "version, SHA-256 of the inputs and of the mask)")
         # check one mask against the Python API on the same probabilities (files are x, y, z after transposing)
         case = masks[0].name[: -len(".nii.gz")]
         on_disk = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(masks[0]))), (2, 1, 0))
@@ -113,7 +115,8 @@ def main() -> int:
         print(f"{case}: mask on disk == rankseg_monai.functional.rankseg(probabilities): "
               f"{bool(np.array_equal(on_disk, direct))}")
 
-        cli("evaluate", "--probs", str(nnunet_out), "--labels", str(labels_dir), "-o", str(tmp / "report"), "--quiet")
+        cli("evaluate", "--probs", str(nnunet_out), "--labels", str(labels_dir), "-o", str(tmp / "report"), "--quiet",
+            "--class-names", "background", "organ", "lesion")
         with open(tmp / "report" / "summary.csv", newline="") as f:
             summary = {row["class"]: row for row in csv.DictReader(f)}
         print(f"report/: {', '.join(sorted(p.name for p in (tmp / 'report').iterdir()))}")
@@ -125,7 +128,8 @@ def main() -> int:
         for metric, label, fmt in (("dice", "Dice", ".4f"), ("hd95", "HD95mm", ".2f")):
             a, r = float(row[f"{metric}_mean_argmax"]), float(row[f"{metric}_mean_rankseg"])
             print(f"{name:<8}{label:<9}{a:>9{fmt}}{r:>9{fmt}}{r - a:>+16{fmt}}")
-    print(f"means over {NUM_CASES} cases from report/summary.csv (rankseg-monai evaluate); HD95: lower is better")
+    print(f"means over {NUM_CASES} cases from report/summary.csv (rankseg-monai evaluate); RankSEG-argmax is RankSEG "
+          "minus argmax, as in the report's dice_diff/hd95_diff_mm (HD95: lower is better)")
     print(f"time: {time.perf_counter() - t0:.1f} s")
     return 0
 
