@@ -415,7 +415,9 @@ def test_sum_tolerance_must_be_finite(cases, tmp_path, capsys, value):
 
 
 def test_evaluate_reads_the_class_axis_from_the_label_grid(tmp_path):
-    probs, label, logits = make_case(seed=9, shape=(12, 11, 10))
+    """Logits (1, 30, 30, 2) on disk: the sums cannot tell, the label map's (1, 30, 30) grid can (before: read as
+    one channel on a (30, 30, 2) grid)."""
+    probs, label, logits = make_case(seed=9, shape=(1, 30, 30), num_classes=2)
     (tmp_path / "lg").mkdir()
     (tmp_path / "lab").mkdir()
     write_nifti_probs(tmp_path / "lg" / "a.nii.gz", logits, nifti_affine())
@@ -423,6 +425,9 @@ def test_evaluate_reads_the_class_axis_from_the_label_grid(tmp_path):
     rc = main(["evaluate", "--probs", str(tmp_path / "lg"), "--labels", str(tmp_path / "lab"), "-o",
                str(tmp_path / "r"), "--softmax", "--quiet"])
     assert rc == 0
+    with open(tmp_path / "r" / "per_case.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert int(row["true_voxels"]) == int((label == 1).sum())
 
 
 # ----------------------------------------------------------------------------------------- items 10-12
