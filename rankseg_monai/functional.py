@@ -19,6 +19,7 @@ from .guard import apply_guard
 from .options import PARITY_PRUNING_PROB, RankSEGOptions
 from .solvers import multiclass as _multiclass
 from .solvers import pruning as _pruning
+from .solvers import regions as _regions
 from .solvers import rma as _rma
 from .solvers._stream import flat_view, floor_to_dtype, row_statistics, threshold_masks
 from .solvers.validation import check_probability_tensor
@@ -42,6 +43,9 @@ def rankseg(
     chunk_size: int | None = None,
     guard: Any = None,
     label_dtype: Any = torch.int64,
+    regions: Any = None,
+    regions_class_order: Any = None,
+    region_probs: bool = False,
 ) -> torch.Tensor | np.ndarray:
     r"""Turn class probabilities into the segmentation that maximises expected Dice or IoU.
 
@@ -81,6 +85,14 @@ def rankseg(
             ``torch.float32`` (what ``AsDiscrete`` returns) write it directly in that type.  It
             must hold every label exactly (``C - 1`` and ``void_index``), otherwise a ``ValueError`` names the
             fix.  Multilabel masks are always bool.
+        regions: decide on nested regions (nnU-Net's ``dataset.json`` form, e.g. LiTS
+            ``{"liver": [1, 2], "tumour": [2]}`` or ``[[1, 2], [2]]``) so that the summed expected Dice of the
+            regions, the structures the challenges score, is maximal; the label map's region masks are nested.
+            ``output_mode="multilabel"`` then returns the region masks ``(B, R, *spatial)``.  See
+            ``docs/regions.md``.
+        regions_class_order: the label painted for each region (nnU-Net's ``regions_class_order``).
+        region_probs: the channels are region probabilities (one sigmoid per region, in the order of
+            ``regions``) rather than class probabilities.
 
     Returns:
         label map ``(B, *spatial)`` of ``label_dtype`` (multiclass) or bool masks ``(B, C, *spatial)``
@@ -100,7 +112,8 @@ def rankseg(
     options = RankSEGOptions(metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
                              pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
                              eps=eps, clamp=clamp, device=device, chunk_size=chunk_size, guard=guard,
-                             label_dtype=label_dtype)
+                             label_dtype=label_dtype, regions=regions, regions_class_order=regions_class_order,
+                             region_probs=region_probs)
     return decide(probs, options)
 
 
@@ -181,6 +194,9 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
     device = x.device if opts.device is None else opts.device
     metric, smooth, chunk, clamp = opts.metric, opts.smooth, opts.chunk_size, opts.clamp
     flat, unflatten = flat_view(x)
+    if opts.regions is not None:
+        out, info = _decide_regions(flat, opts, device)
+        return unflatten(out), info
     stats = row_statistics(flat, device=device, chunk_size=chunk, clamp=clamp,
                            half=opts.solver == "rma" and metric != "acc")
     info: dict[str, torch.Tensor] = {"mu": stats.mu}
@@ -216,6 +232,33 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
                                       clamp=clamp)
         info.update(guard_info)
     return unflatten(out), info
+
+
+def _region_keep(opts: RankSEGOptions, device: torch.device) -> Any:
+    """The pruning rule of the regions' independent solve (``solvers.regions.solve_regions``'s ``keep``)."""
+    if opts.auto_pruning:
+        absence = _pruning.AUTO_MODES[opts.pruning_prob]
+        return lambda q, stats, thr: _pruning.auto_active_from_thresholds(
+            q, thr, stats, opts.metric, opts.smooth, device=device, chunk_size=opts.chunk_size, absence=absence)
+    return lambda q, stats, thr: stats.vmax > opts.pruning_prob
+
+
+def _decide_regions(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Region-aware decision (``solvers/regions.py``): label map ``(B, N)`` or region masks ``(B, R, N)``."""
+    tree = opts.regions
+    stats = row_statistics(flat, device=device, chunk_size=opts.chunk_size, clamp=opts.clamp, half=False)  # checks
+    if opts.clamp:
+        flat = flat.clamp(0.0, 1.0)
+    nodes, details = _regions.solve_regions(flat, tree, opts.metric, opts.smooth, _region_keep(opts, device),
+                                            region_probs=opts.region_probs, device=device,
+                                            chunk_size=opts.chunk_size, return_details=True)
+    info = {"mu": stats.mu, "region_mu": details["mu"], "region_objective": details["objective"],
+            "region_active": details["active"]}
+    if opts.output_mode == "multilabel":
+        return _regions.region_masks(nodes, tree), info
+    probs = None if opts.region_probs else flat
+    return _regions.labels_from_nodes(nodes, tree, probs, opts.label_dtype), info
 
 
 def _accuracy(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device) -> torch.Tensor:

@@ -137,6 +137,16 @@ class RankSEG(Transform):
         guard: ``None`` (default) or ``True``/a :class:`rankseg_monai.guard.Guard`: fall back to argmax
             for classes whose probabilities look too diffuse for RankSEG (label-free; see
             ``docs/calibration.md``).
+        regions: decide on nested regions, the structures LiTS/KiTS/BraTS score, instead of on the channels
+            (nnU-Net's ``dataset.json`` form: ``{"liver": [1, 2], "tumour": [2]}`` or ``[[1, 2], [2]]``): the
+            label map maximises the summed expected Dice of the regions, and its region masks are nested.  With
+            ``output_mode="multilabel"`` the output is one mask per region ``(R, *spatial)``, in the order given
+            (e.g. MONAI's BraTS channels TC, WT, ET).  See ``docs/regions.md``.
+        regions_class_order: the label nnU-Net paints for each region (for a label map from region
+            probabilities when a region has several labels of its own).
+        region_probs: the channels are region probabilities (one sigmoid channel per region, in the order of
+            ``regions``: nnU-Net region models, MONAI's BraTS pipeline after ``Activations(sigmoid=True)``), not
+            class probabilities (a region's probability is then the sum of its classes').
 
     Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
     a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
@@ -180,11 +190,15 @@ class RankSEG(Transform):
         device: str | torch.device | None = None,
         spatial_dims: int | None = None,
         guard: Any = None,
+        regions: Any = None,
+        regions_class_order: Sequence[int] | None = None,
+        region_probs: bool = False,
     ) -> None:
         self.options = RankSEGOptions(
             metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
             unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
-            temperature=temperature, clamp=clamp, device=device, guard=guard,
+            temperature=temperature, clamp=clamp, device=device, guard=guard, regions=regions,
+            regions_class_order=regions_class_order, region_probs=region_probs,
         )
         self.to_onehot = _check_to_onehot(to_onehot, self.options.output_mode)
         self.dtype = _check_output_dtype(dtype)
@@ -339,6 +353,9 @@ class RankSEGd(MapTransform):
         device: Sequence[str | torch.device | None] | str | torch.device | None = None,
         spatial_dims: Sequence[int | None] | int | None = None,
         guard: Any = None,
+        regions: Any = None,
+        regions_class_order: Sequence[int] | None = None,
+        region_probs: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         """
@@ -348,7 +365,7 @@ class RankSEGd(MapTransform):
             metric, solver, output_mode, smooth, pruning_prob, unassigned_policy, void_index, softmax, sigmoid,
                 clamp, to_onehot, dtype, device, spatial_dims: see :py:class:`RankSEG`; each can also be a
                 sequence, one element per key.
-            guard: see :py:class:`RankSEG` (one value for all keys).
+            guard, regions, regions_class_order, region_probs: see :py:class:`RankSEG` (one value for all keys).
             temperature: see :py:class:`RankSEG` and the class docstring for per-key values.
             allow_missing_keys: don't raise an exception if a key is missing.
         """
@@ -371,6 +388,9 @@ class RankSEGd(MapTransform):
             "device": ensure_tuple_rep(device, n),
             "spatial_dims": ensure_tuple_rep(spatial_dims, n),
             "guard": (guard,) * n,
+            "regions": (regions,) * n,
+            "regions_class_order": (regions_class_order,) * n,
+            "region_probs": (region_probs,) * n,
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 
