@@ -47,8 +47,8 @@ from ._stream import RowStats, row_statistics
 from .objectives import increment_score, rma_score
 from .rma import rma_thresholds
 
-__all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_objective", "nodes_from_labels",
-           "labels_from_nodes", "region_masks", "MAX_SWEEPS"]
+__all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_objective", "region_sums",
+           "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
 
 #: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
 MAX_SWEEPS = 20
@@ -317,8 +317,10 @@ def region_objective(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu:
 
 
 # ------------------------------------------------------------------------------------------------- solve
-def _paint(masks: torch.Tensor, tree: RegionTree, order: Sequence[int]) -> torch.Tensor:
-    """Node map of per-region masks ``(B, R, N)`` painted region by region in ``order`` (later ones overwrite)."""
+def paint_nodes(masks: torch.Tensor, tree: RegionTree, order: Sequence[int] | None = None) -> torch.Tensor:
+    """Node map of per-region masks ``(B, R, N)`` painted region by region in ``order`` (later ones overwrite; default:
+    the order of the regions, as nnU-Net paints ``regions_class_order``)."""
+    order = range(len(tree)) if order is None else order
     nodes = torch.zeros((masks.shape[0], masks.shape[2]), dtype=_node_dtype(len(tree)), device=masks.device)
     for r in order:
         nodes.masked_fill_(masks[:, r], r + 1)
@@ -468,10 +470,10 @@ def solve_regions(
     for r in tree.order:  # each region solved exactly inside its parent's mask
         top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size)
     candidates = {
-        "threshold_paint" if region_probs else "argmax": (
-            _paint(q > 0.5, tree, given) if region_probs else nodes_from_labels(flat.argmax(1), tree, flat.shape[1])),
-        "independent_paint": _paint(independent, tree, given),
-        "independent_nested": _paint(nested, tree, tree.order),
+        "threshold_paint" if region_probs else "argmax": (paint_nodes(q > 0.5, tree, given) if region_probs else
+                                                           nodes_from_labels(flat.argmax(1), tree, flat.shape[1])),
+        "independent_paint": paint_nodes(independent, tree, given),
+        "independent_nested": paint_nodes(nested, tree, tree.order),
         "top_down": top_down,
     }
     names = list(candidates)
