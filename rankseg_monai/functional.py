@@ -16,14 +16,14 @@ import torch
 
 from ._arrays import as_tensor
 from .guard import apply_guard
-from .options import PARITY_PRUNING_PROB, RankSEGOptions
+from .options import METRIC_ALIASES, METRICS, PARITY_PRUNING_PROB, RankSEGOptions
 from .solvers import multiclass as _multiclass
 from .solvers import objectives as _objectives
 from .solvers import pruning as _pruning
 from .solvers import regions as _regions
 from .solvers import rma as _rma
 from .solvers._stream import flat_view, floor_to_dtype, mask_sums, row_statistics, threshold_masks
-from .solvers.validation import check_probability_tensor
+from .solvers.validation import check_choice, check_probability_tensor
 
 __all__ = ["rankseg", "decide", "guarded_rankseg", "expected_score", "baseline_decision"]
 
@@ -284,11 +284,11 @@ def expected_score(
         >>> expected_score(p, mask), expected_score(p, p > 0.5)          # RankSEG's mask vs thresholding
         (tensor([[0.7006]], dtype=torch.float64), tensor([[0.6715]], dtype=torch.float64))
     """
+    if check_choice("metric", metric, METRICS, METRIC_ALIASES) == "acc":
+        raise ValueError("expected_score estimates Dice or IoU: use metric='dice' or 'iou'")
     opts = RankSEGOptions(metric=metric, smooth=smooth, output_mode="multilabel", pruning_prob=0.0, device=device,
                           chunk_size=chunk_size, clamp=clamp, regions=regions, regions_class_order=regions_class_order,
                           region_probs=region_probs)
-    if opts.metric not in ("dice", "iou"):
-        raise ValueError(f"expected_score estimates Dice or IoU, got metric={opts.metric!r}")
     x, was_numpy = as_tensor(probs, "probs")
     check_probability_tensor(x)
     y, _ = as_tensor(pred, "pred", floating=False)

@@ -29,6 +29,7 @@ from .solvers.validation import check_choice, check_int, check_real
 
 __all__ = [
     "METRICS",
+    "METRIC_ALIASES",
     "SOLVERS",
     "OUTPUT_MODES",
     "UNASSIGNED_POLICIES",
@@ -51,7 +52,7 @@ METRICS = ("dice", "iou", "acc")
 SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
 OUTPUT_MODES = ("multiclass", "multilabel")
 UNASSIGNED_POLICIES = ("max_score", "void")
-_METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
+METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
 _DISPLAY = {"rma": "RMA", "ba": "BA", "trna": "TRNA", "ba+trna": "BA+TRNA", "exact": "exact", "tr": "TR",
             "argmax": "argmax"}
 
@@ -262,7 +263,7 @@ class RankSEGOptions:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "metric", check_choice("metric", self.metric, METRICS, _METRIC_ALIASES))
+        set_(self, "metric", check_choice("metric", self.metric, METRICS, METRIC_ALIASES))
         set_(self, "smooth", check_real("smooth", self.smooth, low=0.0))
         set_(self, "output_mode", check_choice("output_mode", self.output_mode, OUTPUT_MODES))
         set_(self, "solver", check_choice("solver", self.solver, SOLVERS))
