@@ -1,8 +1,11 @@
 """Metrics for segmentation decisions, apart from the Ignite handlers (as MONAI splits ``monai.metrics`` and
-``monai.handlers``): :class:`HausdorffDistance95Metric`, the 95th-percentile Hausdorff distance in millimetres from
-each item's ``MetaTensor`` spacing, with a record of the empty cases that make it undefined.
+``monai.handlers``):
 
-The Ignite handler that wraps it is :class:`rankseg_monai.handlers.HausdorffDistance95`.
+* :class:`HausdorffDistance95Metric`: the 95th-percentile Hausdorff distance in millimetres from each item's
+  ``MetaTensor`` spacing, with a record of the empty cases that make it undefined
+  (handler: :class:`rankseg_monai.handlers.HausdorffDistance95`);
+* :class:`ExpectedScoreMetric`: collects the label-free expected Dice/IoU estimates that ``RankSEGd(...,
+  expected_score=True)`` attaches to each case (handler: :class:`rankseg_monai.handlers.ExpectedScore`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
 
-__all__ = ["HausdorffDistance95Metric", "EMPTY_PRED", "EMPTY_TRUTH"]
+__all__ = ["HausdorffDistance95Metric", "ExpectedScoreMetric", "EMPTY_PRED", "EMPTY_TRUTH"]
 
 #: bit flags of the per-(case, class) empty codes stored by :class:`HausdorffDistance95Metric`
 EMPTY_PRED = 1
@@ -181,3 +186,47 @@ class HausdorffDistance95Metric(CumulativeIterationMetric):
         dist = buf[0]
         valid = dist[~torch.isnan(dist)]
         return valid.mean() if valid.numel() else torch.tensor(float("nan"))
+
+
+class ExpectedScoreMetric(CumulativeIterationMetric):
+    """
+    Collects per-case estimates of the Dice (or IoU) a decision will score, as ``RankSEGd(...,
+    expected_score=True)`` puts them under ``<key>_expected_dice`` (one float64 ``(C,)`` tensor per case, or a
+    batch ``(B, C)``), and reduces them like MONAI's metrics.  No labels are involved: the values come from the
+    model's probabilities (:func:`rankseg_monai.functional.expected_score`).
+
+    Args:
+        include_background: keep the first channel (class 0); default ``False``.  With ``regions`` every channel is
+            a region: set ``True``.
+        reduction: MONAI's ``MetricReduction`` for :meth:`aggregate` (default ``"mean"``: over cases and classes).
+
+    Example:
+        >>> import torch
+        >>> from rankseg_monai.metrics import ExpectedScoreMetric
+        >>> metric = ExpectedScoreMetric(reduction="mean_batch")
+        >>> _ = metric([torch.tensor([0.99, 0.9, 0.6]), torch.tensor([0.98, 0.8, 0.4])])
+        >>> metric.aggregate()
+        tensor([0.8500, 0.5000])
+    """
+
+    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN
+                 ) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.reduction = reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore
+        """``(B, C)`` estimates -> ``(B, C')`` (without the background unless ``include_background``)."""
+        est = torch.as_tensor(y_pred, dtype=torch.float64)
+        if est.ndim != 2:
+            raise ValueError(f"expected estimates of shape (C,) per case or (B, C), got {tuple(est.shape)}: pass the "
+                             "<key>_expected_dice entries that RankSEGd(expected_score=True) writes")
+        return (est if self.include_background else est[:, 1:]).cpu()
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:  # type: ignore[override]
+        """The reduced estimates (NaN-free inputs; MONAI's ``do_metric_reduction``)."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("ExpectedScoreMetric: nothing to aggregate, no case was added")
+        f, _ = do_metric_reduction(data, reduction or self.reduction)
+        return f
