@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ._stream import RowStats, row_statistics
-from .objectives import increment_score, rma_score
+from .objectives import dinkelbach_threshold, increment_score, rma_score
 from .rma import rma_thresholds
 
 __all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_objective", "region_sums",
@@ -52,6 +52,8 @@ __all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_object
 
 #: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
 MAX_SWEEPS = 20
+#: the ascent stops when a sweep raises the summed objective by less than this fraction of it
+REL_TOL = 1e-9
 #: the joint move is also tried on the voxels whose gain is at least this fraction of the largest gain
 JOINT_FRACTIONS = (0.0, 0.5, 0.9)
 #: voxels per chunk of the region passes (float64 temporaries of R+1 rows stay a few tens of MB)
@@ -300,9 +302,11 @@ def region_sums(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree) -> tuple
     node_s = torch.zeros((batch, num_regions, num_regions + 1), dtype=torch.float64, device=q.device)
     node_n = torch.zeros((batch, num_regions + 1), dtype=torch.float64, device=q.device)
     for a, b in _chunks(n_vox):
-        idx = nodes[:, a:b].long()
-        node_s.scatter_add_(2, idx.unsqueeze(1).expand(-1, num_regions, -1), q[..., a:b].double())
-        node_n.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64, device=q.device))
+        for i in range(batch):
+            idx = nodes[i, a:b].long()
+            node_n[i] += torch.bincount(idx, minlength=num_regions + 1).double()
+            for r in range(num_regions):
+                node_s[i, r] += torch.bincount(idx, weights=q[i, r, a:b].double(), minlength=num_regions + 1)
     member = _membership(tree, q.device)  # (R + 1, R)
     S = (node_s * member.T.unsqueeze(0)).sum(-1)
     n = node_n @ member
@@ -336,6 +340,32 @@ def _restrict(nodes: torch.Tensor, tree: RegionTree, active: torch.Tensor) -> to
     return out
 
 
+def _threshold_bounds(values: torch.Tensor, current: torch.Tensor, s_off: torch.Tensor, n_off: torch.Tensor,
+                      mu: torch.Tensor, metric: str, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of the coordinate step's optimal threshold from the current mask (Dice ``s = 0`` and IoU).
+
+    With ``lam = f(current)`` (a feasible set, so ``f* >= lam``), Dinkelbach's ``t* = g(f*) >= g(lam)``; and
+    ``f* - lam <= max_A (N_A - lam D_A) / D_min`` where the maximum of the linearised objective is a sum over voxels
+    of ``max(0, .)`` and ``D_min`` the smallest denominator of a feasible set, so ``t* <= g(lam + that)``.  Near
+    the optimum both bounds meet, and the band between them is a sliver.
+    """
+    sel = current.unsqueeze(1)
+    S = s_off + (values.unsqueeze(1) * sel).sum(-1, dtype=torch.float64)
+    n = n_off + sel.sum(-1)
+    lam = rma_score(metric, S, n.double(), mu, smooth)
+    v = values.unsqueeze(1)
+    if metric == "dice":  # N - lam D = 2 S - lam (mu + n + 1): per free voxel 2 q - lam
+        gain = (2.0 * v.double() - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        base = 2.0 * s_off - lam * (mu + n_off.double() + 1.0)
+        d_min = mu + n_off.double() + 1.0
+    else:  # N - lam D = S + s - lam (mu - S + n + s): per free voxel q (1 + lam) - lam
+        gain = (v.double() * (1.0 + lam.unsqueeze(-1)) - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        base = s_off * (1.0 + lam) + smooth - lam * (mu + n_off.double() + smooth)
+        d_min = (mu + smooth).clamp(min=1e-300)
+    upper = lam + (base + gain).clamp(min=0.0) / d_min
+    return dinkelbach_threshold(metric, lam), dinkelbach_threshold(metric, upper)
+
+
 def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
                      active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
                      chunk_size: int | None) -> torch.Tensor:
@@ -359,11 +389,14 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
         n_off = torch.zeros((q.shape[0], 1), dtype=torch.int64, device=q.device)
     row = values.unsqueeze(1)
     st = row_statistics(row, device=device, chunk_size=chunk_size)
-    stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu[:, r:r + 1].to(st.vmax.device), s_half=st.s_half,
-                     n_half=st.n_half)
     on = st.vmax.device
+    mu_r = mu[:, r:r + 1].to(on)
+    stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu_r, s_half=st.s_half, n_half=st.n_half)
+    bounds = None
+    if metric == "iou" or smooth == 0:
+        bounds = _threshold_bounds(values, nodes == r + 1, s_off.to(on), n_off.to(on), mu_r, metric, smooth)
     thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
-                         offsets=(s_off.to(on), n_off.to(on))).to(values.device)
+                         offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
     take = values > thr
     out = torch.where(free, torch.full_like(nodes, par), nodes)
     return out.masked_fill_(free & take, r + 1)
@@ -396,13 +429,25 @@ def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: tor
 def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
             metric: str, smooth: float, device: torch.device | None, chunk_size: int | None
             ) -> tuple[torch.Tensor, int]:
-    """Coordinate sweeps (top-down) and joint moves until a sweep changes nothing; the objective never drops."""
+    """Coordinate sweeps (top-down) and joint moves until a sweep changes nothing or raises the summed objective by
+    less than :data:`REL_TOL` of it; the objective never drops.  A region is solved again only when a region
+    whose voxels its step reads (its parent, siblings or children) moved since its last step."""
+    neighbours = [{tree.parent[r], *tree.children(r), *(j for j in range(len(tree)) if j != r and tree.parent[j] ==
+                                                         tree.parent[r])} - {-1} for r in range(len(tree))]
+    dirty = set(range(len(tree)))
+    current = region_objective(q, nodes, tree, mu, metric, smooth).sum(-1)
     sweeps = 0
-    while sweeps < MAX_SWEEPS:
+    while sweeps < MAX_SWEEPS and dirty:
         sweeps += 1
-        before = nodes
+        start = current
         for r in tree.order:
-            nodes = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+            if r not in dirty:
+                continue
+            dirty.discard(r)
+            new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+            if not torch.equal(new, nodes):
+                dirty |= neighbours[r]
+                nodes = new
         current = region_objective(q, nodes, tree, mu, metric, smooth).sum(-1)
         for trial in _joint_moves(q, nodes, tree, mu, active, metric, smooth):
             value = region_objective(q, trial, tree, mu, metric, smooth).sum(-1)
@@ -410,7 +455,8 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
             if bool(better.any()):
                 nodes = torch.where(better.unsqueeze(-1), trial, nodes)
                 current = torch.where(better, value, current)
-        if torch.equal(nodes, before):
+                dirty = set(range(len(tree)))
+        if bool((current - start <= REL_TOL * current.abs()).all()):
             break
     return nodes, sweeps
 
