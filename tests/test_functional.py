@@ -5,17 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generators import softmax_probs
 
 from rankseg_monai._arrays import numpy_as_tensor
 from rankseg_monai.functional import rankseg
 from rankseg_monai.options import check_label_dtype, label_range, smallest_label_dtype
 from rankseg_monai.solvers._stream import flat_view
-
-
-def _probs(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(shape, generator=g) * 2.0, dim=1)
-
 
 LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16, torch.float32,
                 torch.float64, "uint8", np.float32, np.dtype("int16")]
@@ -24,7 +19,7 @@ LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["torch", "numpy"])
 def test_label_dtype_gives_the_int64_labels_in_that_dtype(label_dtype, kind):
-    x = _probs((2, 5, 9, 8, 7), seed=1)
+    x = softmax_probs((2, 5, 9, 8, 7), seed=1)
     expected = rankseg(x)
     assert expected.dtype == torch.int64
     want = check_label_dtype(label_dtype)
@@ -42,7 +37,7 @@ def test_label_dtype_gives_the_int64_labels_in_that_dtype(label_dtype, kind):
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.float32])
 def test_label_dtype_with_void_argmax_guard_and_empty_batch(label_dtype):
-    x = _probs((2, 4, 10, 10), seed=2)
+    x = softmax_probs((2, 4, 10, 10), seed=2)
     void = rankseg(x, unassigned_policy="void")
     assert torch.equal(rankseg(x, unassigned_policy="void", label_dtype=label_dtype).long(), void)
     arg = rankseg(x, metric="acc", solver="argmax")
@@ -59,31 +54,31 @@ def test_label_dtype_with_void_argmax_guard_and_empty_batch(label_dtype):
 
 
 def test_label_dtype_does_not_touch_bool_outputs():
-    x = _probs((1, 3, 6, 6), seed=3)
+    x = softmax_probs((1, 3, 6, 6), seed=3)
     assert rankseg(x, output_mode="multilabel", label_dtype=torch.uint8).dtype == torch.bool
     assert rankseg(x[:, :1], metric="acc", solver="tr", output_mode="multilabel",
                    label_dtype=torch.float32).dtype == torch.bool
 
 
 def test_label_dtype_that_cannot_hold_the_labels_names_the_fix():
-    x = _probs((1, 3, 6, 6), seed=4)
+    x = softmax_probs((1, 3, 6, 6), seed=4)
     with pytest.raises(ValueError, match=r"cannot hold the label 255 exactly: use torch.int64"):
         rankseg(x, unassigned_policy="void", label_dtype=torch.int8)  # void_index 255 > 127
     with pytest.raises(ValueError, match=r"cannot hold the label -1 exactly"):
         rankseg(x, unassigned_policy="void", void_index=-1, label_dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"cannot hold the label 299 exactly"):
-        rankseg(_probs((1, 300, 4), seed=5), label_dtype=torch.bfloat16)  # bfloat16 is exact up to 256
+        rankseg(softmax_probs((1, 300, 4), seed=5), label_dtype=torch.bfloat16)  # bfloat16 is exact up to 256
     with pytest.raises(ValueError, match=r"cannot hold the label 299 exactly"):
-        rankseg(_probs((1, 300, 4), seed=5), label_dtype=torch.uint8)
+        rankseg(softmax_probs((1, 300, 4), seed=5), label_dtype=torch.uint8)
     # the guard path checks the labels it produced
     with pytest.raises(ValueError, match=r"cannot hold the label 299 exactly"):
-        rankseg(_probs((1, 300, 40), seed=5), guard=True, label_dtype=torch.bfloat16, pruning_prob=0.0)
+        rankseg(softmax_probs((1, 300, 40), seed=5), guard=True, label_dtype=torch.bfloat16, pruning_prob=0.0)
 
 
 @pytest.mark.parametrize("bad", [torch.bool, torch.complex64, "foo", 3.5], ids=str)
 def test_label_dtype_that_is_no_label_type_names_the_fix(bad):
     with pytest.raises(ValueError, match="label_dtype"):
-        rankseg(_probs((1, 3, 4), seed=6), label_dtype=bad)
+        rankseg(softmax_probs((1, 3, 4), seed=6), label_dtype=bad)
 
 
 
@@ -96,7 +91,7 @@ def test_label_range_and_smallest_label_dtype():
     assert smallest_label_dtype(-1, 2) == torch.int16
     assert smallest_label_dtype(0, 2**15) == torch.int32
     assert smallest_label_dtype(0, 2**40) == torch.int64
-    x = _probs((1, 3, 5, 5), seed=8)
+    x = softmax_probs((1, 3, 5, 5), seed=8)
     for policy, void in (("max_score", 255), ("void", 255), ("void", -1), ("void", 70000)):
         dtype = smallest_label_dtype(*label_range(3, policy, void))
         got = rankseg(x, unassigned_policy=policy, void_index=void, label_dtype=dtype)
@@ -111,7 +106,7 @@ PERMS = [(0, 4, 3, 2, 1), (0, 4, 2, 1, 3), (0, 4, 1, 3, 2), (0, 4, 1, 2, 3)]
 
 @pytest.mark.parametrize("perm", PERMS, ids=str)
 def test_permuted_input_is_viewed_not_copied(perm):
-    base = _probs((2, 3, 6, 5, 4), seed=9).permute(0, 2, 3, 4, 1).contiguous()  # (B, X, Y, Z, C)
+    base = softmax_probs((2, 3, 6, 5, 4), seed=9).permute(0, 2, 3, 4, 1).contiguous()  # (B, X, Y, Z, C)
     x = base.permute(*perm)
     flat, unflatten = flat_view(x)
     assert flat.data_ptr() == x.data_ptr() and flat.shape == (x.shape[0], x.shape[1], 120)
@@ -131,24 +126,24 @@ def test_permuted_input_is_viewed_not_copied(perm):
                                     dict(unassigned_policy="void", label_dtype=torch.uint8), dict(guard=True)],
                          ids=str)
 def test_permuted_input_gives_the_contiguous_decisions(perm, kwargs):
-    x = _probs((2, 3, 12, 10, 8), seed=10).permute(0, 2, 3, 4, 1).contiguous().permute(*perm)
+    x = softmax_probs((2, 3, 12, 10, 8), seed=10).permute(0, 2, 3, 4, 1).contiguous().permute(*perm)
     assert not x.is_contiguous() and flat_view(x)[0].data_ptr() == x.data_ptr()
     got, want = rankseg(x, **kwargs), rankseg(x.contiguous(), **kwargs)
     assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_strided_and_sliced_inputs():
-    x = _probs((1, 3, 12, 10, 8), seed=12)[..., ::2]  # a step along the last dim: still a (strided) view
+    x = softmax_probs((1, 3, 12, 10, 8), seed=12)[..., ::2]  # a step along the last dim: still a (strided) view
     assert flat_view(x)[0].data_ptr() == x.data_ptr()
     assert torch.equal(rankseg(x), rankseg(x.contiguous()))
-    y = _probs((1, 3, 12, 10, 8), seed=12)[:, :, :, :3]  # a slice of a middle dim: no dim order gives a view
+    y = softmax_probs((1, 3, 12, 10, 8), seed=12)[:, :, :, :3]  # a slice of a middle dim: no dim order gives a view
     flat, _ = flat_view(y)
     assert flat.is_contiguous() and flat.data_ptr() != y.data_ptr()
     assert torch.equal(rankseg(y), rankseg(y.contiguous()))
 
 
 def test_numpy_inputs_are_shared_not_copied():
-    base = _probs((1, 3, 8, 7, 6), seed=13).numpy()
+    base = softmax_probs((1, 3, 8, 7, 6), seed=13).numpy()
     fortran = np.asfortranarray(base)  # what a column-major reader gives
     t = numpy_as_tensor(fortran)
     assert t.data_ptr() == fortran.ctypes.data and flat_view(t)[0].data_ptr() == t.data_ptr()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generators import meta_cases, monai_volumes, softmax_probs, train_tiny_unet
 from monai.bundle import ConfigParser
-from monai.data import MetaTensor, create_test_image_3d
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.nets import UNet
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -19,6 +19,7 @@ from monai.transforms import (
     Orientationd,
     Spacingd,
 )
+from oracle import best_threshold_mask
 
 from rankseg_monai import RankSEG, RankSEGD, RankSEGd, RankSEGDict
 from rankseg_monai.functional import decide, rankseg
@@ -28,10 +29,9 @@ AFFINE = torch.tensor(
 )
 
 
-def _probs(shape, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(shape, generator=g) * 2.0
-    return torch.softmax(logits, dim=0).to(dtype)
+def _probs(shape, seed=0, dtype=torch.float32, device=None):
+    """Probabilities of one channel-first item (softmax over dim 0)."""
+    return softmax_probs(shape, seed=seed, dim=0, dtype=dtype, device=device)
 
 
 def _as(kind, x):
@@ -43,19 +43,6 @@ def _as(kind, x):
         m.applied_operations.append({"class": "Spacingd", "id": 1})  # stands in for a preprocessing trace
         return m
     return x
-
-
-def _dice_oracle_mask(p: np.ndarray) -> np.ndarray:
-    """Multilabel RMA Dice (smooth 0, no pruning) in float64: top-tau set with tau the first argmax of
-    2 S_tau / (mu + tau + 1) over tau = 0..N (written from the formula, independent of the package)."""
-    flat = p.astype(np.float64).ravel()
-    order = np.argsort(-flat, kind="stable")
-    s = np.concatenate([[0.0], np.cumsum(flat[order])])
-    tau = np.arange(flat.size + 1)
-    tau_star = int(np.argmax(2.0 * s / (flat.sum() + tau + 1.0)))
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order[:tau_star]] = True
-    return mask.reshape(p.shape)
 
 
 # ------------------------------------------------------------------------------------------------ array transform
@@ -100,7 +87,7 @@ def test_multilabel_matches_float64_oracle():
     x = _probs((2, 9, 11), seed=3).double()
     out = RankSEG(output_mode="multilabel", pruning_prob=0.0, dtype=torch.bool)(x)
     for c in range(2):
-        assert torch.equal(out[c], torch.from_numpy(_dice_oracle_mask(x[c].numpy())))
+        assert torch.equal(out[c], torch.from_numpy(best_threshold_mask(x[c].numpy(), "dice", 0.0).reshape(x[c].shape)))
         assert 0 < int(out[c].sum()) < out[c].numel()  # a non-trivial decision, not all/none
 
 
@@ -288,12 +275,12 @@ def test_output_dtype_too_narrow_for_the_labels_raises():
     """An output dtype that cannot hold every label is an error naming the fix, never a silent wrap (uint8 with 300
     classes once wrote 299 as 43; int8 cannot hold void_index 255; bool holds two labels; float16 labels above 2048
     round)."""
-    x300 = torch.softmax(torch.randn(300, 4, 4, generator=torch.Generator().manual_seed(0)) * 4, 0)
+    x300 = softmax_probs((300, 4, 4), seed=0, scale=4.0, dim=0)
     x3 = _probs((3, 5, 5))
     for kwargs, x in ((dict(dtype=torch.uint8), x300), (dict(dtype=torch.int8, unassigned_policy="void"), x3),
                       (dict(dtype=torch.bool), x3), (dict(guard=True, dtype=torch.uint8), x300),
-                      (dict(dtype=torch.float16), torch.softmax(torch.randn(3000, 2, 2), 0)),
-                      (dict(dtype=None), torch.softmax(torch.randn(3000, 2, 2), 0).half())):
+                      (dict(dtype=torch.float16), softmax_probs((3000, 2, 2), scale=1.0, dim=0)),
+                      (dict(dtype=None), softmax_probs((3000, 2, 2), scale=1.0, dim=0, dtype=torch.float16))):
         with pytest.raises(ValueError, match="dtype=.*cannot hold the label .*use torch.int64"):
             RankSEG(**kwargs)(x)
     assert RankSEG(dtype=torch.bool)(_probs((2, 5, 5))).dtype == torch.bool  # two classes fit
@@ -399,23 +386,10 @@ def test_bundle_config_parser():
 @pytest.fixture(scope="module")
 def trained():
     """Three 24^3 test volumes and a tiny UNet trained for 30 Adam steps on two of them (well under a second)."""
-    torch.manual_seed(0)
-    cases = [
-        create_test_image_3d(24, 24, 24, num_objs=2, rad_max=7, rad_min=4, num_seg_classes=2, noise_max=0.2,
-                             random_state=np.random.RandomState(i))
-        for i in range(3)
-    ]
+    cases = monai_volumes(3)
     x = torch.tensor(np.stack([im for im, _ in cases]))[:, None].float()
     y = torch.tensor(np.stack([seg for _, seg in cases]))[:, None].float()
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
-    from monai.losses import DiceCELoss
-
-    loss_fn, opt = DiceCELoss(to_onehot_y=True, softmax=True), torch.optim.Adam(net.parameters(), 3e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        loss_fn(net(x[:2]), y[:2]).backward()
-        opt.step()
-    return net.eval(), x, y
+    return train_tiny_unet(x[:2], y[:2]), x, y
 
 
 def test_post_chain_after_sliding_window(trained):
@@ -447,10 +421,7 @@ def test_post_chain_after_sliding_window(trained):
 
 
 def _meta_case(seed=0):
-    im, seg = create_test_image_3d(24, 24, 20, num_objs=2, rad_max=7, rad_min=4, num_seg_classes=2,
-                                   random_state=np.random.RandomState(seed))
-    return {"image": MetaTensor(torch.tensor(im)[None].float(), affine=AFFINE.clone()),
-            "label": MetaTensor(torch.tensor(seg)[None].float(), affine=AFFINE.clone())}
+    return meta_cases(monai_volumes(1, (24, 24, 20), first_seed=seed, noise_max=0.0), [AFFINE])[0]
 
 
 def test_invertd_flip_commutes(trained):
@@ -531,8 +502,7 @@ def test_guard_is_forwarded_and_default_pruning_is_auto():
     from rankseg_monai.calibration import guarded_rankseg
     from rankseg_monai.functional import rankseg as functional_rankseg
 
-    g = torch.Generator().manual_seed(1)
-    fog = torch.softmax(torch.randn((3, 12, 12, 6), generator=g) * 0.2, 0)
+    fog = softmax_probs((3, 12, 12, 6), seed=1, scale=0.2, dim=0)
     out = RankSEG(guard=True, dtype=torch.int64)(fog)
     assert torch.equal(out[0], guarded_rankseg(fog[None], guard=True, pruning_prob="auto")[0])
     assert torch.equal(RankSEG(dtype=torch.int64)(fog)[0], functional_rankseg(fog[None], pruning_prob="auto")[0])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _jmlr_helpers import blob, brute_force_expected_dice, mask_expected_dice, pb_pmf, splits_tie_group
+from generators import noisy_ball
+from oracle import brute_force_expected_dice, mask_expected_dice, pb_pmf, splits_tie_group
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import exact as exact_mod
@@ -86,7 +87,7 @@ def test_ties_are_never_split_and_best_boundary_is_chosen():
 
 
 def test_matches_oracle_on_moderate_rows_and_beats_or_ties_trna():
-    x = blob((12, 12), seed=2, sharp=6.0, noise=1.5)
+    x = noisy_ball((12, 12), seed=2, sharp=6.0, noise=1.5)
     p = x.flatten().numpy()
     got = solve(x).numpy().ravel()
     desc = np.sort(p)[::-1]
@@ -99,7 +100,7 @@ def test_matches_oracle_on_moderate_rows_and_beats_or_ties_trna():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes_strides_and_contract(dtype):
-    x = blob((7, 6), seed=4, sharp=6.0, noise=1.0).to(dtype).flatten(2).repeat(2, 2, 1)
+    x = noisy_ball((7, 6), seed=4, sharp=6.0, noise=1.0).to(dtype).flatten(2).repeat(2, 2, 1)
     x[1, 0] *= 0.3
     stats = row_statistics(x)
     active = stats.vmax > 0.5

@@ -4,12 +4,13 @@ prod(1 - p) ("auto-independent"), 1 - max p ("auto-correlated") or their average
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from generators import faint_blob_maps
+from oracle import dice_ignore_empty_false, mask_expected_dice
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import pruning
@@ -17,24 +18,6 @@ from rankseg_monai.solvers._stream import row_statistics
 from rankseg_monai.solvers.objectives import rma_score, rma_score_bound
 
 torch.set_num_threads(1)
-
-
-def _dice_ie_false(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-row Dice of bool (..., N) masks, 1 when both are empty (MONAI ignore_empty=False)."""
-    inter = (pred & truth).sum(-1).double()
-    tot = pred.sum(-1).double() + truth.sum(-1).double()
-    return torch.where(tot > 0, 2 * inter / tot.clamp(min=1), 1.0)
-
-
-def _exact_expected_dice(p: np.ndarray, mask: np.ndarray) -> float:
-    """E[Dice(mask, Y)] with Y_i ~ Bernoulli(p_i) independent, empty/empty = 1, by enumeration (small n)."""
-    total = 0.0
-    for y in itertools.product((0, 1), repeat=len(p)):
-        y = np.asarray(y, bool)
-        prob = float(np.prod(np.where(y, p, 1 - p)))
-        s = int(y.sum() + mask.sum())
-        total += prob * (1.0 if s == 0 else 2.0 * (y & mask).sum() / s)
-    return total
 
 
 # ------------------------------------------------------------------------------------------- building blocks
@@ -91,7 +74,7 @@ def test_auto_active_agrees_with_exact_expected_dice_on_small_rows():
         p = torch.tensor(vals, dtype=torch.float64).view(1, 1, -1)
         mask = rankseg(p, output_mode="multilabel", pruning_prob=0.0)[0, 0].numpy()
         kept = bool(rankseg(p, output_mode="multilabel", pruning_prob="auto-independent")[0, 0].any())
-        e_mask = _exact_expected_dice(np.asarray(vals), mask)
+        e_mask = mask_expected_dice(np.asarray(vals), mask, 0.0, empty=1.0)
         e_empty = float(np.prod(1 - np.asarray(vals)))
         assert abs(e_mask - e_empty) > 0.05, name  # the rows have a clear answer
         assert kept == (e_mask > e_empty), (name, e_mask, e_empty)
@@ -215,7 +198,7 @@ def test_scenario_uniform_045_is_kept_with_its_exact_expected_dice():
     assert exact == pytest.approx(0.619, abs=5e-4)
     rng = np.random.default_rng(0)
     truth = torch.from_numpy(rng.random((4000, 100)) < 0.45)
-    mc = float(_dice_ie_false(auto[0, 0].expand(4000, -1), truth).mean())
+    mc = float(dice_ignore_empty_false(auto[0, 0].expand(4000, -1), truth).mean())
     assert mc == pytest.approx(exact, abs=0.005)  # MC standard error ~ 0.0006
 
 
@@ -240,7 +223,7 @@ def test_scenario_region_keeps_class_2():
     for _ in range(300):
         y = (torch.from_numpy(rng.random(flat.shape[1])).float()[None] > cum).sum(0).clamp(max=2)
         for key, lab in list(labels.items()) + [("argmax", am)]:
-            d[key].append(float(_dice_ie_false((lab.reshape(-1) == 2)[None], (y == 2)[None])[0]))
+            d[key].append(float(dice_ignore_empty_false((lab.reshape(-1) == 2)[None], (y == 2)[None])[0]))
     mean = {k: float(np.mean(v)) for k, v in d.items()}
     assert mean[0.5] < 0.01
     assert mean["auto"] == pytest.approx(mean["argmax"], abs=1e-12)
@@ -260,25 +243,10 @@ def test_absent_speck_is_pruned_and_that_pays_under_ignore_empty_false():
     p0 = float(torch.prod(1 - p.double()))
     rng = np.random.default_rng(2)
     truth = torch.from_numpy(rng.random((20000, 512)) < p.reshape(1, -1).numpy())
-    d_auto = float(_dice_ie_false(auto.reshape(1, -1).expand(20000, -1), truth).mean())
-    d_zero = float(_dice_ie_false(zero.reshape(1, -1).expand(20000, -1), truth).mean())
+    d_auto = float(dice_ignore_empty_false(auto.reshape(1, -1).expand(20000, -1), truth).mean())
+    d_zero = float(dice_ignore_empty_false(zero.reshape(1, -1).expand(20000, -1), truth).mean())
     assert d_auto == pytest.approx(p0, abs=0.01)
     assert d_auto > d_zero + 0.3
-
-
-def _blob_probs(rng, n_maps):
-    """Calibrated multilabel maps: soft blobs with peak probability 0.25-0.75 and faint specks."""
-    maps = []
-    grids = torch.meshgrid(*[torch.arange(12, dtype=torch.float64) + 0.5] * 3, indexing="ij")
-    for i in range(n_maps):
-        ctr = rng.uniform(3, 9, 3)
-        r2 = sum((g - c) ** 2 for g, c in zip(grids, ctr))
-        if i % 2:
-            p = rng.uniform(0.25, 0.75) * torch.sigmoid((rng.uniform(1.5, 3.5) - r2.sqrt()) / 0.7)
-        else:
-            p = rng.uniform(0.05, 0.5) * torch.exp(-r2 / (2 * rng.uniform(0.6, 1.0) ** 2))
-        maps.append(p.float().reshape(1, 1, -1))
-    return maps
 
 
 def test_auto_on_calibrated_synthetic_data():
@@ -288,11 +256,11 @@ def test_auto_on_calibrated_synthetic_data():
     rng = np.random.default_rng(3)
     modes = (0.5, 0.0, "auto-independent", "auto")
     scores = {m: [] for m in modes}
-    for p in _blob_probs(rng, 24):
+    for p in faint_blob_maps(rng, 24):
         preds = {pp: rankseg(p, output_mode="multilabel", pruning_prob=pp)[0] for pp in modes}
         truth = torch.from_numpy(rng.random((200, p.shape[-1])) < p[0].numpy())
         for pp, m in preds.items():
-            scores[pp].append(float(_dice_ie_false(m.expand(200, -1), truth).mean()))
+            scores[pp].append(float(dice_ignore_empty_false(m.expand(200, -1), truth).mean()))
     mean = {k: float(np.mean(v)) for k, v in scores.items()}
     diff = np.asarray(scores["auto-independent"]) - np.asarray(scores[0.0])
     assert mean["auto-independent"] > mean[0.0] > mean[0.5] + 0.05
@@ -314,6 +282,6 @@ def test_auto_prunes_a_false_positive_blob_when_the_truth_is_all_or_nothing():
     rng = np.random.default_rng(4)
     present = torch.from_numpy(rng.random(4000) < 0.2)
     truth = present[:, None] & (p[0] > 0)  # (4000, 2000)
-    d_keep = float(_dice_ie_false((p[0] > 0).expand(4000, -1), truth).mean())
-    d_empty = float(_dice_ie_false(torch.zeros(4000, 2000, dtype=torch.bool), truth).mean())
+    d_keep = float(dice_ignore_empty_false((p[0] > 0).expand(4000, -1), truth).mean())
+    d_empty = float(dice_ignore_empty_false(torch.zeros(4000, 2000, dtype=torch.bool), truth).mean())
     assert d_keep == pytest.approx(0.2, abs=0.02) and d_empty == pytest.approx(0.8, abs=0.02)
