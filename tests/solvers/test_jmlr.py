@@ -78,6 +78,7 @@ def test_interval_replica_is_scipys_value_for_value():
 
 
 # --------------------------------------------------------------------------------- scores vs naive 0.0.8
+@pytest.mark.slow  # 3-7 s each on one core: the naive TRNA reference is quadratic
 @pytest.mark.parametrize("smooth", [0.0, 0.5, 3.0])
 def test_vectorised_scores_equal_naive_per_tau_scores(smooth):
     rng = np.random.default_rng(int(smooth * 10))
@@ -317,6 +318,7 @@ def fmt(counts):
     return ", ".join(f"{k.upper()} {int(v)}/60" for k, v in counts.items())
 
 
+@pytest.mark.slow  # 5-8 s on one core: 60 cases x 7 solvers against the oracle
 def test_hit_rates_brute_force_n5_to_10():
     rng = np.random.default_rng(2023)
     cases = [(rng.uniform(size=int(rng.integers(5, 11))), 0.0) for _ in range(60)]
@@ -340,6 +342,7 @@ def test_hit_rates_brute_force_n5_to_10():
     assert counts["trna"] >= 55  # the refined normal approximation is very good even for n = 5
 
 
+@pytest.mark.slow  # 5-8 s on one core: 60 cases x 7 solvers against the oracle
 @pytest.mark.parametrize("smooth", [0.0, 1.0])
 def test_hit_rates_exact_oracle_n5_to_60(smooth):
     """The protocol of the reference notes: 60 random cases, n = 5..60, against the exact optimum."""
