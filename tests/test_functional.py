@@ -105,22 +105,6 @@ PERMS = [(0, 4, 3, 2, 1), (0, 4, 2, 1, 3), (0, 4, 1, 3, 2), (0, 4, 1, 2, 3)]
 
 
 @pytest.mark.parametrize("perm", PERMS, ids=str)
-def test_permuted_input_is_viewed_not_copied(perm):
-    base = softmax_probs((2, 3, 6, 5, 4), seed=9).permute(0, 2, 3, 4, 1).contiguous()  # (B, X, Y, Z, C)
-    x = base.permute(*perm)
-    flat, unflatten = flat_view(x)
-    assert flat.data_ptr() == x.data_ptr() and flat.shape == (x.shape[0], x.shape[1], 120)
-    labels = torch.arange(2 * 120).reshape(2, 120)
-    back = unflatten(labels)
-    assert back.shape == (x.shape[0], *x.shape[2:])
-    # element (b, n) of the flat view is the voxel that unflatten puts at the same place
-    for b in range(2):
-        for c in range(x.shape[1]):
-            assert torch.equal(unflatten(flat[:, c : c + 1])[b, 0], x[b, c])
-    assert unflatten(flat).shape == x.shape and torch.equal(unflatten(flat), x)
-
-
-@pytest.mark.parametrize("perm", PERMS, ids=str)
 @pytest.mark.parametrize("kwargs", [dict(), dict(output_mode="multilabel"), dict(metric="iou", smooth=1.0),
                                     dict(output_mode="multilabel", solver="ba"), dict(metric="acc", solver="argmax"),
                                     dict(unassigned_policy="void", label_dtype=torch.uint8), dict(guard=True)],
