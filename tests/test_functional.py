@@ -18,7 +18,7 @@ LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["torch", "numpy"])
-def test_label_dtype_gives_the_int64_labels_in_that_dtype(label_dtype, kind):
+def test_label_dtype_gives_the_int64_labels_in_that_dtype(label_dtype, kind, device):
     x = softmax_probs((2, 5, 9, 8, 7), seed=1)
     expected = rankseg(x)
     assert expected.dtype == torch.int64
@@ -27,30 +27,31 @@ def test_label_dtype_gives_the_int64_labels_in_that_dtype(label_dtype, kind):
         with pytest.raises(ValueError, match="numpy has no bfloat16"):
             rankseg(x.numpy(), label_dtype=label_dtype)
         return
-    got = rankseg(x.numpy() if kind == "numpy" else x, label_dtype=label_dtype)
+    got = rankseg(x.numpy() if kind == "numpy" else x.to(device), label_dtype=label_dtype)
     if kind == "numpy":
         assert isinstance(got, np.ndarray) and got.dtype == torch.empty(0, dtype=want).numpy().dtype
         got = torch.from_numpy(got)
-    assert got.dtype == want
+    assert got.dtype == want and got.device.type == ("cpu" if kind == "numpy" else torch.device(device).type)
+    got = got.cpu()
     assert torch.equal(got.long(), expected)
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.float32])
-def test_label_dtype_with_void_argmax_guard_and_empty_batch(label_dtype):
-    x = softmax_probs((2, 4, 10, 10), seed=2)
+def test_label_dtype_with_void_argmax_guard_and_empty_batch(label_dtype, device):
+    x = softmax_probs((2, 4, 10, 10), seed=2, device=device)
     void = rankseg(x, unassigned_policy="void")
     assert torch.equal(rankseg(x, unassigned_policy="void", label_dtype=label_dtype).long(), void)
     arg = rankseg(x, metric="acc", solver="argmax")
     got = rankseg(x, metric="acc", solver="argmax", label_dtype=label_dtype)
     assert got.dtype == label_dtype and torch.equal(got.long(), arg) and torch.equal(arg, x.argmax(1))
     # the guard computes int64 labels internally and converts at the end
-    fog = torch.full((1, 2, 400), 0.5)
+    fog = torch.full((1, 2, 400), 0.5, device=device)
     fog[:, 1, :40], fog[:, 0, :40] = 0.9, 0.1
     guarded = rankseg(fog, guard=True)
     got = rankseg(fog, guard=True, label_dtype=label_dtype)
     assert got.dtype == label_dtype and torch.equal(got.long(), guarded)
     empty = rankseg(x[:0], label_dtype=label_dtype)
-    assert empty.shape == (0, 10, 10) and empty.dtype == label_dtype
+    assert empty.shape == (0, 10, 10) and empty.dtype == label_dtype and empty.device == x.device
 
 
 def test_label_dtype_does_not_touch_bool_outputs():
@@ -109,11 +110,12 @@ PERMS = [(0, 4, 3, 2, 1), (0, 4, 2, 1, 3), (0, 4, 1, 3, 2), (0, 4, 1, 2, 3)]
                                     dict(output_mode="multilabel", solver="ba"), dict(metric="acc", solver="argmax"),
                                     dict(unassigned_policy="void", label_dtype=torch.uint8), dict(guard=True)],
                          ids=str)
-def test_permuted_input_gives_the_contiguous_decisions(perm, kwargs):
-    x = softmax_probs((2, 3, 12, 10, 8), seed=10).permute(0, 2, 3, 4, 1).contiguous().permute(*perm)
+def test_permuted_input_gives_the_contiguous_decisions(perm, kwargs, device):
+    x = softmax_probs((2, 3, 12, 10, 8), seed=10, device=device).permute(0, 2, 3, 4, 1).contiguous().permute(*perm)
     assert not x.is_contiguous() and flat_view(x)[0].data_ptr() == x.data_ptr()
     got, want = rankseg(x, **kwargs), rankseg(x.contiguous(), **kwargs)
     assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(got.cpu(), rankseg(x.cpu().contiguous(), **kwargs))
 
 
 def test_strided_and_sliced_inputs():

@@ -3,6 +3,8 @@ metric and its handler are tested in test_metrics.py."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from generators import meta_cases, monai_volumes, train_tiny_unet
@@ -51,9 +53,10 @@ def _loader(cases):
                       collate_fn=list_data_collate)
 
 
-def _evaluator(cases, net, postprocessing=None, val_handlers=None, decollate=True, record=None):
-    """A SupervisedEvaluator with MeanDice and HausdorffDistance95; ``record`` (a list) collects a copy of every
-    item's probabilities as the postprocessing leaves them, i.e. what RankSEGHandler receives."""
+def _evaluator(cases, net, postprocessing=None, val_handlers=None, decollate=True, record=None, device="cpu"):
+    """A SupervisedEvaluator with MeanDice and HausdorffDistance95 on ``device`` (a copy of ``net`` is moved there);
+    ``record`` (a list) collects a CPU copy of every item's probabilities as the postprocessing leaves them, i.e.
+    what RankSEGHandler receives."""
     post = postprocessing if postprocessing is not None else Compose([
         Activationsd(keys="pred", softmax=True),
         AsDiscreted(keys="label", to_onehot=NUM_CLASSES),
@@ -61,9 +64,9 @@ def _evaluator(cases, net, postprocessing=None, val_handlers=None, decollate=Tru
     if record is not None:
         post = Compose([post, Lambdad(keys="pred", func=_recorder(record))])
     return SupervisedEvaluator(
-        device=torch.device("cpu"),
+        device=torch.device(device),
         val_data_loader=_loader(cases),
-        network=net,
+        network=net if device == "cpu" else copy.deepcopy(net).to(device),
         inferer=INFERER,
         postprocessing=post,
         key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
@@ -75,7 +78,7 @@ def _evaluator(cases, net, postprocessing=None, val_handlers=None, decollate=Tru
 
 def _recorder(store):
     def fn(x):
-        store.append(x.as_tensor().clone())
+        store.append(x.as_tensor().detach().cpu().clone())
         return x
     return fn
 
@@ -97,13 +100,14 @@ def _by_hand(cases, probs, spacing=True):
 # ------------------------------------------------------------------------------------------- RankSEGHandler in engines
 
 
-def test_evaluator_with_handler_matches_by_hand(cases, net):
+def test_evaluator_with_handler_matches_by_hand(cases, net, device):
     probs = []
-    evaluator = _evaluator(cases, net, val_handlers=[RankSEGHandler(keys="pred", to_onehot=NUM_CLASSES)], record=probs)
+    evaluator = _evaluator(cases, net, val_handlers=[RankSEGHandler(keys="pred", to_onehot=NUM_CLASSES)], record=probs,
+                           device=device)
     evaluator.run()
     assert len(probs) == 3 and all(p.shape == (NUM_CLASSES, 24, 24, 24) for p in probs)
     dice, hd = _by_hand(cases, probs)
-    details = evaluator.state.metric_details
+    details = {k: v.cpu() for k, v in evaluator.state.metric_details.items()}
     assert details["dice"].shape == (3, 2) and details["hd95"].shape == (3, 2)
     assert torch.allclose(details["dice"], dice, equal_nan=True, atol=1e-6)
     assert torch.allclose(details["hd95"], hd, equal_nan=True, atol=1e-5)
@@ -217,9 +221,10 @@ def test_handler_needs_decollated_output(cases, net):
         evaluator.run()
 
 
-def test_handler_on_plain_ignite_engine():
+def test_handler_on_plain_ignite_engine(device):
     g = torch.Generator().manual_seed(3)
-    batches = [[{"pred": torch.randn(3, 8, 8, generator=g) * 3, "label": torch.randint(0, 3, (1, 8, 8), generator=g)}
+    batches = [[{"pred": (torch.randn(3, 8, 8, generator=g) * 3).to(device),
+                 "label": torch.randint(0, 3, (1, 8, 8), generator=g).to(device)}
                 for _ in range(2)] for _ in range(2)]
     engine = Engine(lambda e, batch: [dict(item) for item in batch])
     with pytest.raises(ValueError, match="ITERATION_COMPLETED"):
@@ -230,8 +235,8 @@ def test_handler_on_plain_ignite_engine():
              output_transform=lambda out: ([o["pred"] for o in out], [label_onehot(o)["label"] for o in out])
              ).attach(engine, "dice")
     engine.run(batches)
-    preds = [RankSEG(softmax=True, to_onehot=3)(item["pred"]) for b in batches for item in b]
-    labels = [label_onehot(item)["label"] for b in batches for item in b]
+    preds = [RankSEG(softmax=True, to_onehot=3)(item["pred"].cpu()) for b in batches for item in b]
+    labels = [label_onehot(item)["label"].cpu() for b in batches for item in b]
     expected = DiceMetric(include_background=True, reduction="mean")(preds, labels).nanmean()
     assert engine.state.metrics["dice"] == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="event"):

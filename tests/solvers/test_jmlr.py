@@ -188,12 +188,14 @@ def test_boundaries_extend_a_split_tie_group_and_best_boundary_wins():
 
 # -------------------------------------------------------------------------------------- vs rankseg 0.0.8
 @pytest.mark.parametrize("solver", JMLR)
-def test_equal_to_reference_random_float64(solver):
+def test_equal_to_reference_random_float64(solver, device):
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.beta(0.5, 1.5, size=(2, 3, 150)))
     x[1, 2] *= 0.5  # max <= 0.5: pruned by both
     for smooth, eps in [(0.0, 1e-4), (0.5, 1e-4), (3.0, 1e-3), (2e6, 1e-4)]:
-        a, b = theirs(x, solver, smooth, eps), ours(x, solver, smooth, eps)
+        a, b = theirs(x, solver, smooth, eps), ours(x.to(device), solver, smooth, eps)
+        assert b.device == x.to(device).device
+        b = b.cpu()
         assert torch.equal(a, b), (solver, smooth, eps)
         assert not b[1, 2].any()
 
@@ -247,27 +249,28 @@ def test_tied_probabilities(solver):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_and_strided_inputs(dtype):
+def test_low_precision_and_strided_inputs(dtype, device):
     base = noisy_ball((8, 8, 4), seed=8, sharp=8.0, noise=1.5)
-    x = base.to(dtype)
-    expected = ours(x.double(), "trna")
-    assert torch.equal(ours(x, "trna"), expected)
+    x = base.to(dtype).to(device)
+    expected = ours(x.double().cpu(), "trna")
+    assert torch.equal(ours(x, "trna").cpu(), expected)
     strided = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]  # the same values, non-contiguous
     assert not strided.is_contiguous()
     assert torch.equal(ours(strided, "ba"), ours(x, "ba"))
 
 
 @pytest.mark.parametrize("solver", [*JMLR, "exact"])
-def test_clamp_clips_like_the_mask_pass(solver):
+def test_clamp_clips_like_the_mask_pass(solver, device):
     x = noisy_ball((6, 6, 4), seed=10, sharp=8.0).float()
     x[0, 0, 0, 0, 0], x[0, 0, 1, 1, 1], x[0, 0, 5, 5, 3] = 1.004, 1.0, -0.003
+    x = x.to(device)
     got = rankseg(x, metric="dice", output_mode="multilabel", solver=solver, clamp=True)
     assert got[0, 0, 0, 0, 0] and got[0, 0, 1, 1, 1]
     assert torch.equal(got, rankseg(x.clamp(0, 1), metric="dice", output_mode="multilabel", solver=solver))
 
 
-def test_thresholds_contract():
-    x = noisy_ball((6, 6, 4), seed=9).float().flatten(2).repeat(2, 2, 1)
+def test_thresholds_contract(device):
+    x = noisy_ball((6, 6, 4), seed=9).float().flatten(2).repeat(2, 2, 1).to(device)
     x[0, 1] *= 0.4
     stats = row_statistics(x)
     active = stats.vmax > 0.5

@@ -21,28 +21,30 @@ torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------- building blocks
-def _log_prob_absent(flat, chunk_size=None):
-    return pruning.selection_summary(flat, torch.full(flat.shape[:2], float("inf")), chunk_size=chunk_size)[2]
+def _log_prob_absent(flat, chunk_size=None, device=None):
+    thr = torch.full(flat.shape[:2], float("inf"), device=flat.device)
+    return pruning.selection_summary(flat, thr, device=device, chunk_size=chunk_size)[2]
 
 
-def test_log_prob_absent_matches_direct_sum_and_is_chunk_invariant():
+def test_log_prob_absent_matches_direct_sum_and_is_chunk_invariant(device):
     g = torch.Generator().manual_seed(0)
     flat = torch.rand(2, 3, 1000, generator=g) * 0.3
     flat[1, 2, 7] = 1.0  # certainly present: log P0 = -inf
     direct = torch.log1p(-flat.double()).sum(-1)
-    for chunk in (None, 7, 37, 1000):
-        out = _log_prob_absent(flat, chunk_size=chunk)
+    for chunk, data, dev in ((None, flat, None), (7, flat.to(device), None), (37, flat, torch.device(device)),
+                             (1000, flat.to(device), None)):
+        out = _log_prob_absent(data, chunk_size=chunk, device=dev).cpu()
         assert out.dtype == torch.float64 and out.shape == (2, 3)
         finite = torch.isfinite(direct)
         torch.testing.assert_close(out[finite], direct[finite], rtol=1e-12, atol=1e-9)
         assert out[1, 2] == float("-inf")
 
 
-def test_selection_summary_counts_the_threshold_mask():
+def test_selection_summary_counts_the_threshold_mask(device):
     g = torch.Generator().manual_seed(1)
     flat = torch.rand(1, 2, 500, generator=g)
     thr = torch.tensor([[0.3, float("inf")]])
-    S, n, logp0 = pruning.selection_summary(flat, thr, chunk_size=64)
+    S, n, logp0 = (t.cpu() for t in pruning.selection_summary(flat.to(device), thr.to(device), chunk_size=64))
     sel = flat[0, 0] > 0.3
     assert n[0, 0] == sel.sum() and n[0, 1] == 0
     assert S[0, 0] == pytest.approx(float(flat[0, 0][sel].double().sum()), rel=1e-12)
@@ -80,14 +82,14 @@ def test_auto_active_agrees_with_exact_expected_dice_on_small_rows():
         assert kept == (e_mask > e_empty), (name, e_mask, e_empty)
 
 
-def test_auto_active_from_thresholds_matches_the_pieces():
+def test_auto_active_from_thresholds_matches_the_pieces(device):
     g = torch.Generator().manual_seed(2)
-    flat = (torch.rand(2, 3, 300, generator=g) ** 3).float()
+    flat = (torch.rand(2, 3, 300, generator=g) ** 3).float().to(device)
     flat[0, 1] *= 0.01  # a faint row: pruned
     stats = row_statistics(flat)
     from rankseg_monai.solvers.rma import rma_thresholds
 
-    thr = rma_thresholds(flat, stats, "dice", 0.0, torch.ones(2, 3, dtype=torch.bool))
+    thr = rma_thresholds(flat, stats, "dice", 0.0, torch.ones(2, 3, dtype=torch.bool, device=device))
     active = pruning.auto_active_from_thresholds(flat, thr, stats, "dice", 0.0, chunk_size=50)
     S, n, logp0 = pruning.selection_summary(flat, thr)
     best = rma_score("dice", S, n, stats.mu, 0.0)
@@ -95,10 +97,10 @@ def test_auto_active_from_thresholds_matches_the_pieces():
     assert not bool(active[0, 1]) and bool(active[1].all())
 
 
-def test_candidates_skip_only_rows_that_auto_would_prune(monkeypatch):
+def test_candidates_skip_only_rows_that_auto_would_prune(monkeypatch, device):
     """Not solving rows the rule can never keep changes no decision (and does skip rows)."""
     g = torch.Generator().manual_seed(7)
-    logits = torch.randn(2, 12, 10, 9, 8, generator=g)
+    logits = torch.randn(2, 12, 10, 9, 8, generator=g).to(device)
     logits[:, :6] -= 6.0  # six clearly absent classes (max p of a few percent)
     x = torch.softmax(logits, 1)
     stats = row_statistics(x.flatten(2))

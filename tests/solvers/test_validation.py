@@ -28,7 +28,9 @@ GOOD = softmax_probs((1, 3, 4, 4), seed=0, scale=1.0)
         ([[0.1, 0.2]], TypeError, "torch.Tensor, MetaTensor or numpy"),
     ],
 )
-def test_bad_probabilities(probs, exc, match):
+def test_bad_probabilities(probs, exc, match, device):
+    if isinstance(probs, torch.Tensor):
+        probs = probs.to(device)
     with pytest.raises(exc, match=match):
         rankseg(probs, output_mode="multilabel")
 
@@ -69,8 +71,8 @@ def test_options_are_case_insensitive():
     assert torch.equal(rankseg(GOOD, metric="Accuracy", solver="ARGMAX"), GOOD.argmax(1))
 
 
-def test_clamp_tolerates_small_overshoot_only():
-    p = GOOD.clone()
+def test_clamp_tolerates_small_overshoot_only(device):
+    p = GOOD.clone().to(device)
     p[0, 0, 0, 0] = 1.0 + 1e-6
     p[0, 1, 0, 0] = -1e-6
     with pytest.raises(ValueError, match="clamp=True"):
