@@ -226,7 +226,7 @@ def eval_inputs(tmp_path):
     return tmp_path, cases
 
 
-def test_evaluate_probs_matchesmonai_dice_hd95(eval_inputs, capsys):
+def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     root, cases = eval_inputs
     out = root / "report"
     rc = main(["evaluate", "--probs", str(root / "probs"), "--labels", str(root / "labels"), "-o", str(out)])
