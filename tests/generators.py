@@ -22,16 +22,30 @@ import torch
 # ------------------------------------------------------------------------------------------ torch streams
 
 
+def gaussian_logits(shape, seed: int = 0, scale=1.0, dtype: torch.dtype = torch.float32, device=None,
+                    channel_dim: int = 1) -> torch.Tensor:
+    """``scale * randn(shape)`` from ``torch.Generator().manual_seed(seed)``, drawn on the CPU in ``dtype`` (so every
+    device gets the same values) and put on ``device``; a sequence ``scale`` has one value per channel of
+    ``channel_dim``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g, dtype=dtype)
+    if isinstance(scale, int | float):
+        z = z * scale
+    else:
+        view = [1] * z.dim()
+        view[channel_dim] = -1
+        z = z * torch.tensor(scale, dtype=dtype).view(view)
+    return z if device is None else z.to(device)
+
+
 def softmax_probs(shape, seed: int = 0, scale: float = 2.0, dim: int = 1, dtype: torch.dtype | None = None,
                   logits_dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """``softmax(scale * randn(shape), dim)`` from ``torch.Generator().manual_seed(seed)``.
+    """``softmax(scale * randn(shape), dim)``: the softmax of :func:`gaussian_logits`.
 
     ``logits_dtype`` is the dtype the Gaussian logits are drawn in (it changes the stream), ``dtype`` the dtype the
-    probabilities are cast to afterwards, ``device`` where they are put (drawn on the CPU, so every device gets the
-    same values).
+    probabilities are cast to afterwards, ``device`` where they are put.
     """
-    g = torch.Generator().manual_seed(seed)
-    p = torch.softmax(torch.randn(shape, generator=g, dtype=logits_dtype) * scale, dim=dim)
+    p = torch.softmax(gaussian_logits(shape, seed, scale, logits_dtype), dim=dim)
     if dtype is not None:
         p = p.to(dtype)
     return p if device is None else p.to(device)
@@ -48,6 +62,52 @@ def noisy_ball(shape, seed: int = 0, sharp: float = 12.0, noise: float = 1.0, ra
 
 
 # ------------------------------------------------------------------------------------------ numpy streams
+
+
+def random_rows(rng: np.random.Generator, count: int, low: int = 1, high: int = 11):
+    """``count`` rows of probabilities with ``low <= n < high`` voxels, cycling through five kinds: uniform,
+    U-shaped, quantised (exact 0 and 1, ties), faint, and beta rows of random shape and peak."""
+    for i in range(count):
+        n = int(rng.integers(low, high))
+        kind = i % 5
+        if kind == 0:
+            p = rng.uniform(size=n)
+        elif kind == 1:
+            p = rng.beta(0.4, 0.4, size=n)
+        elif kind == 2:
+            p = rng.choice([0.0, 0.1, 0.36, 0.5, 0.9, 1.0], size=n)
+        elif kind == 3:
+            p = rng.uniform(0, 0.2, size=n)
+        else:
+            p = rng.beta(rng.uniform(0.1, 2), rng.uniform(0.5, 30), size=n) * rng.uniform(0.01, 1)
+        yield p
+
+
+def random_selection_state(rng: np.random.Generator, C: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """A multiclass state: probabilities ``(C, N)`` (a quarter of the voxels quantised to quarters, the last class
+    all zero, so that 0, 1 and ties occur) and random per-class masks ``(C, N)`` (overlaps and gaps)."""
+    probs = rng.dirichlet(np.full(C, 0.5), size=N).T
+    probs[:, : N // 4] = np.round(probs[:, : N // 4] * 4) / 4
+    probs[C - 1] = 0.0
+    masks = rng.random((C, N)) < rng.uniform(0.1, 0.7, size=(C, 1))
+    return probs, masks
+
+
+def random_thresholds_state(seed: int, batch: int = 2, classes: int = 4, n: int = 60, dtype=torch.float64,
+                            ties: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input of a multiclass assignment: probabilities ``(B, C, N)`` (Dirichlet; with ``ties`` quantised to
+    eighths and the last class a copy of the first), thresholds ``(B, C)`` in ``dtype`` (a fifth of them ``+inf``:
+    classes that select nothing) and an active mask ``(B, C)``."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(classes, 0.6), size=(batch, n)).transpose(0, 2, 1)
+    if ties:
+        p = np.round(p * 8) / 8
+        p[:, -1] = p[:, 0]
+    flat = torch.from_numpy(p).to(dtype)
+    thr = torch.from_numpy(rng.uniform(0.05, 0.6, size=(batch, classes))).to(dtype)
+    thr[rng.random((batch, classes)) < 0.2] = float("inf")
+    active = torch.from_numpy(rng.random((batch, classes)) < 0.7)
+    return flat, thr, active
 
 
 def smooth_softmax(shape, rng: np.random.Generator, classes: int, sharp: float = 12.0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generators import gaussian_logits
 from monai.data import MetaTensor
 
 import rankseg_monai.transforms as transforms_mod
@@ -17,8 +18,8 @@ from rankseg_monai.calibration import apply_temperature, apply_vector_scaling
 from rankseg_monai.options import RankSEGOptions
 
 
-def _logits(shape=(3, 5, 4), seed=0, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3).to(device)
+def _logits(shape=(3, 5, 4), seed=0, device="cpu") -> torch.Tensor:
+    return gaussian_logits(shape, seed, 3.0, device=device)
 
 
 def _view(values, ndim, dim, dtype, device):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from generators import ellipsoid_field, fog_cases, softmax_logits, softmax_probs
+from generators import ellipsoid_field, fog_cases, gaussian_logits, softmax_logits, softmax_probs
 from oracle import label_dice
 
 from rankseg_monai.functional import guarded_rankseg, rankseg
@@ -216,8 +216,7 @@ def test_void_labels_are_never_switched():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("output_mode", ["multiclass", "multilabel"])
 def test_rule_on_random_fogs(seed, output_mode):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(2, 4, 300, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.2, 2.0, 0.4]).view(1, 4, 1)
+    z = gaussian_logits((2, 4, 300), seed=seed, scale=[3.0, 0.2, 2.0, 0.4], dtype=torch.float64)
     p = torch.softmax(z, 1) if output_mode == "multiclass" else \
         torch.sigmoid(z * torch.tensor([4.0, 1.0, 3.0, 1.0]).view(1, 4, 1) - 1.0)
     guard = Guard(max_uncertain=0.3)
@@ -234,8 +233,7 @@ def test_rule_on_random_fogs(seed, output_mode):
 
 # ---------------------------------------------------------------------------------------- device and chunks
 def _fog_batch():
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(2, 3, 6, 7, 5, generator=g) * torch.tensor([2.0, 0.2, 1.0]).view(1, 3, 1, 1, 1)
+    z = gaussian_logits((2, 3, 6, 7, 5), seed=5, scale=[2.0, 0.2, 1.0])  # class 1 flat: a fog
     return torch.softmax(z, 1), torch.sigmoid(z)
 
 

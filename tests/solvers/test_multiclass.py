@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generators import random_thresholds_state
 from oracle import multiclass_from_masks
 
 from rankseg_monai.solvers._stream import row_statistics
@@ -19,20 +20,6 @@ METRIC_SMOOTH = [("dice", 0.0), ("dice", 0.5), ("iou", 0.0), ("iou", 2.0)]
 LABEL_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64, torch.float32,
                 torch.float16, torch.bfloat16]
 VOID = 99  # fits every label dtype above exactly
-
-
-def _state(seed: int, batch: int = 2, classes: int = 4, n: int = 60, dtype=torch.float64, ties: bool = False):
-    """Random probabilities (B, C, N), thresholds (B, C) and an active mask (B, C)."""
-    rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.full(classes, 0.6), size=(batch, n)).transpose(0, 2, 1)
-    if ties:
-        p = np.round(p * 8) / 8
-        p[:, -1] = p[:, 0]  # the last class duplicates the first: equal increments, the lower index must win
-    flat = torch.from_numpy(p).to(dtype)
-    thr = torch.from_numpy(rng.uniform(0.05, 0.6, size=(batch, classes))).to(dtype)
-    thr[rng.random((batch, classes)) < 0.2] = float("inf")  # classes that select nothing
-    active = torch.from_numpy(rng.random((batch, classes)) < 0.7)
-    return flat, thr, active
 
 
 def _oracle(flat, thr, active, metric, smooth, policy, void_index=VOID):
@@ -47,7 +34,7 @@ def _oracle(flat, thr, active, metric, smooth, policy, void_index=VOID):
 def test_assign_equals_the_oracle_on_random_states(metric, smooth, policy, device):
     kinds = {"overlap": 0, "gap": 0, "single": 0}
     for seed in range(6):
-        flat, thr, active = _state(seed, ties=seed % 2 == 1)
+        flat, thr, active = random_thresholds_state(seed, ties=seed % 2 == 1)  # ties: the lower index must win
         if seed == 4:
             active[1] = False  # a sample without active class: gaps fall back to every class
         flat_d, thr_d = flat.to(device), thr.to(device)
@@ -63,7 +50,7 @@ def test_assign_equals_the_oracle_on_random_states(metric, smooth, policy, devic
 
 def test_ties_go_to_the_lowest_class_index(device):
     """Two identical classes: equal increments everywhere, so class 0 wins every contested voxel, never class 3."""
-    flat, _, _ = _state(7, ties=True)
+    flat, _, _ = random_thresholds_state(7, ties=True)
     thr = torch.full((2, 4), 0.2, dtype=torch.float64)
     active = torch.ones(2, 4, dtype=torch.bool)
     out = assign(flat.to(device), thr.to(device), row_statistics(flat.to(device)), "dice", 0.0, active.to(device))
@@ -75,7 +62,7 @@ def test_ties_go_to_the_lowest_class_index(device):
 def test_no_selection_at_all(policy, device):
     """Every threshold +inf: max_score gives each voxel the active class with the largest increment (all classes
     when none is active), void labels every voxel void_index."""
-    flat, _, active = _state(8)
+    flat, _, active = random_thresholds_state(8)
     thr = torch.full((2, 4), float("inf"), dtype=torch.float64)
     active[0] = False
     out = assign(flat.to(device), thr.to(device), row_statistics(flat.to(device)), "dice", 0.0, active.to(device),
@@ -89,7 +76,7 @@ def test_no_selection_at_all(policy, device):
 
 @pytest.mark.parametrize("void_index", [-1, 255, 70000])
 def test_void_index_values(void_index):
-    flat, thr, active = _state(9)
+    flat, thr, active = random_thresholds_state(9)
     out = assign(flat, thr, row_statistics(flat), "iou", 0.0, active, "void", void_index)
     expect = _oracle(flat, thr, active, "iou", 0.0, "void", void_index)
     assert (expect == void_index).any()
@@ -98,7 +85,7 @@ def test_void_index_values(void_index):
 
 @pytest.mark.parametrize("out_dtype", LABEL_DTYPES, ids=str)
 def test_every_label_dtype_gives_the_int64_labels(out_dtype, device):
-    flat, thr, active = _state(10)
+    flat, thr, active = random_thresholds_state(10)
     flat_d = flat.to(device)
     ref = assign(flat, thr, row_statistics(flat), "dice", 0.5, active, "void", VOID)
     out = assign(flat_d, thr.to(device), row_statistics(flat_d), "dice", 0.5, active.to(device), "void", VOID,
@@ -110,7 +97,7 @@ def test_every_label_dtype_gives_the_int64_labels(out_dtype, device):
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
 def test_chunk_size_and_streaming_do_not_change_the_labels(chunk_size, device):
     """Chunks of any size, and a CPU volume streamed through the compute device, give the same labels."""
-    flat, thr, active = _state(11, n=200)
+    flat, thr, active = random_thresholds_state(11, n=200)
     ref = assign(flat, thr, row_statistics(flat), "dice", 0.0, active)
     for on in ("cpu", device):  # data on the CPU or on the device, computed on the device
         x = flat.to(on)
@@ -123,7 +110,7 @@ def test_chunk_size_and_streaming_do_not_change_the_labels(chunk_size, device):
 def test_low_precision_probabilities(dtype, device):
     """fp16/bf16/fp32 values are compared with thresholds in their own dtype and scored in float64: the labels are
     the oracle's on the same values."""
-    flat, thr, active = _state(12, dtype=dtype)
+    flat, thr, active = random_thresholds_state(12, dtype=dtype)
     assert flat.dtype == dtype and thr.dtype == dtype
     for metric, smooth in METRIC_SMOOTH:
         flat_d = flat.to(device)

@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from generators import random_rows, random_selection_state
 from oracle import brute_force_best, mask_rma_value, rma_value
 
 from rankseg_monai.solvers.objectives import (
@@ -26,24 +27,6 @@ def _t(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
-def _rows(rng: np.random.Generator, count: int, low: int = 1, high: int = 11):
-    """Random rows of probabilities: uniform, U-shaped, quantised (ties), faint, with exact 0 and 1."""
-    for i in range(count):
-        n = int(rng.integers(low, high))
-        kind = i % 5
-        if kind == 0:
-            p = rng.uniform(size=n)
-        elif kind == 1:
-            p = rng.beta(0.4, 0.4, size=n)
-        elif kind == 2:
-            p = rng.choice([0.0, 0.1, 0.36, 0.5, 0.9, 1.0], size=n)
-        elif kind == 3:
-            p = rng.uniform(0, 0.2, size=n)
-        else:
-            p = rng.beta(rng.uniform(0.1, 2), rng.uniform(0.5, 30), size=n) * rng.uniform(0.01, 1)
-        yield p
-
-
 # ------------------------------------------------------------------------------------------------ rma_score
 
 
@@ -51,7 +34,7 @@ def _rows(rng: np.random.Generator, count: int, low: int = 1, high: int = 11):
 def test_rma_score_equals_the_oracle(metric, smooth, device):
     rng = np.random.default_rng(0)
     S, n, mu, expect = [], [], [], []
-    for p in _rows(rng, 200):
+    for p in random_rows(rng, 200):
         mask = rng.random(p.size) < 0.5
         S.append(p[mask].sum())
         n.append(mask.sum())
@@ -96,7 +79,7 @@ def test_rma_score_broadcasts_rows():
 @pytest.mark.parametrize("metric,smooth", METRIC_SMOOTH)
 def test_score_bound_is_above_every_nonempty_mask_by_brute_force(metric, smooth):
     rng = np.random.default_rng(1)
-    for p in _rows(rng, 60, 1, 10):
+    for p in random_rows(rng, 60, 1, 10):
         bound = float(rma_score_bound(metric, _t(p.sum()), _t(p.max()), smooth))
         best = brute_force_best(p, metric, smooth, nonempty=True)
         assert best <= bound + 1e-12, (p, best, bound)
@@ -155,7 +138,7 @@ def test_dinkelbach_threshold_maximises_the_parametric_objective(metric, smooth)
         return (2.0 * S, mu + k + 1.0) if metric == "dice" else (S + smooth, mu - S + k + smooth)
 
     rng = np.random.default_rng(2)
-    for p in _rows(rng, 40, 1, 9):
+    for p in random_rows(rng, 40, 1, 9):
         masks = [np.array(bits, dtype=bool) for bits in itertools.product((0, 1), repeat=p.size)]
         for f in [*rng.uniform(0, 1, 3), brute_force_best(p, metric, smooth)]:
             t = float(dinkelbach_threshold(metric, _t(f)))
@@ -177,16 +160,6 @@ def test_dinkelbach_threshold_formulas():
 # ----------------------------------------------------------------------------------------------- increments
 
 
-def _unique_sets(rng, C, N):
-    """Random multiclass state: probabilities (C, N) and random masks (C, N) (overlaps and gaps included), with an
-    all-zero class and quantised values so that 0, 1 and ties occur."""
-    probs = rng.dirichlet(np.full(C, 0.5), size=N).T
-    probs[:, : N // 4] = np.round(probs[:, : N // 4] * 4) / 4
-    probs[C - 1] = 0.0
-    masks = rng.random((C, N)) < rng.uniform(0.1, 0.7, size=(C, 1))
-    return probs, masks
-
-
 @pytest.mark.parametrize("metric,smooth", METRIC_SMOOTH)
 def test_increment_score_is_the_exact_change_of_the_multiclass_objective(metric, smooth, device):
     """The multiclass objective is the sum over classes of the RMA objective of each class's unique set (the voxels
@@ -195,7 +168,7 @@ def test_increment_score_is_the_exact_change_of_the_multiclass_objective(metric,
     checked = 0
     for _ in range(12):
         C, N = int(rng.integers(2, 5)), int(rng.integers(4, 16))
-        probs, masks = _unique_sets(rng, C, N)
+        probs, masks = random_selection_state(rng, C, N)
         alone = masks & (masks.sum(0) == 1)[None]
         before = sum(mask_rma_value(metric, probs[c], alone[c], smooth) for c in range(C))
         M, T, mu = (probs * alone).sum(1), alone.sum(1).astype(np.float64), probs.sum(1)
@@ -226,7 +199,7 @@ def test_dice_increment_bound(smooth):
     being its current selection)."""
     rng = np.random.default_rng(5)
     positive = 0
-    for p in _rows(rng, 60, 1, 12):
+    for p in random_rows(rng, 60, 1, 12):
         mu = float(p.sum())
         desc = np.sort(p)[::-1]
         s_k = np.concatenate([[0.0], np.cumsum(desc)])
