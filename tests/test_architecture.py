@@ -162,3 +162,13 @@ def test_the_core_loads_without_monai():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=ROOT.parent)
     assert proc.returncode == 0, f"MONAI/Ignite loaded by the core: {proc.stdout} {proc.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("helper", ["oracle.py", "generators.py"])
+def test_oracles_and_generators_are_independent_of_the_package(helper):
+    """A test's reference values and inputs never come from the code under test."""
+    tree = ast.parse((Path(__file__).resolve().parent / helper).read_text())
+    bad = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
+           and any((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] == PACKAGE
+                   for a in n.names)]
+    assert not bad, f"tests/{helper} imports the package:\n" + "\n".join(bad)
