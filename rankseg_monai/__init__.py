@@ -19,6 +19,8 @@ _LAZY = {
     "RankSEGHandler": "handlers",
     "HausdorffDistance95": "handlers",
     "HausdorffDistance95Metric": "metrics",
+    "ExpectedScore": "handlers",
+    "ExpectedScoreMetric": "metrics",
     "RankSEGOptions": "options",
 }
 

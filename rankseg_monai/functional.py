@@ -16,14 +16,16 @@ import torch
 
 from ._arrays import as_tensor
 from .guard import apply_guard
-from .options import PARITY_PRUNING_PROB, RankSEGOptions
+from .options import METRIC_ALIASES, METRICS, PARITY_PRUNING_PROB, RankSEGOptions
 from .solvers import multiclass as _multiclass
+from .solvers import objectives as _objectives
 from .solvers import pruning as _pruning
+from .solvers import regions as _regions
 from .solvers import rma as _rma
-from .solvers._stream import flat_view, floor_to_dtype, row_statistics, threshold_masks
-from .solvers.validation import check_probability_tensor
+from .solvers._stream import flat_view, floor_to_dtype, mask_sums, row_statistics, threshold_masks
+from .solvers.validation import check_choice, check_probability_tensor
 
-__all__ = ["rankseg", "decide", "guarded_rankseg"]
+__all__ = ["rankseg", "decide", "guarded_rankseg", "expected_score", "baseline_decision"]
 
 
 def rankseg(
@@ -42,6 +44,9 @@ def rankseg(
     chunk_size: int | None = None,
     guard: Any = None,
     label_dtype: Any = torch.int64,
+    regions: Any = None,
+    regions_class_order: Any = None,
+    region_probs: bool = False,
 ) -> torch.Tensor | np.ndarray:
     r"""Turn class probabilities into the segmentation that maximises expected Dice or IoU.
 
@@ -81,6 +86,14 @@ def rankseg(
             ``torch.float32`` (what ``AsDiscrete`` returns) write it directly in that type.  It
             must hold every label exactly (``C - 1`` and ``void_index``), otherwise a ``ValueError`` names the
             fix.  Multilabel masks are always bool.
+        regions: decide on nested regions (nnU-Net's ``dataset.json`` form, e.g. LiTS
+            ``{"liver": [1, 2], "tumour": [2]}`` or ``[[1, 2], [2]]``) so that the summed expected Dice of the
+            regions, the structures the challenges score, is maximal; the label map's region masks are nested.
+            ``output_mode="multilabel"`` then returns the region masks ``(B, R, *spatial)``.  See
+            ``docs/regions.md``.
+        regions_class_order: the label painted for each region (nnU-Net's ``regions_class_order``).
+        region_probs: the channels are region probabilities (one sigmoid per region, in the order of
+            ``regions``) rather than class probabilities.
 
     Returns:
         label map ``(B, *spatial)`` of ``label_dtype`` (multiclass) or bool masks ``(B, C, *spatial)``
@@ -100,7 +113,8 @@ def rankseg(
     options = RankSEGOptions(metric=metric, smooth=smooth, output_mode=output_mode, solver=solver,
                              pruning_prob=pruning_prob, unassigned_policy=unassigned_policy, void_index=void_index,
                              eps=eps, clamp=clamp, device=device, chunk_size=chunk_size, guard=guard,
-                             label_dtype=label_dtype)
+                             label_dtype=label_dtype, regions=regions, regions_class_order=regions_class_order,
+                             region_probs=region_probs)
     return decide(probs, options)
 
 
@@ -181,6 +195,9 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
     device = x.device if opts.device is None else opts.device
     metric, smooth, chunk, clamp = opts.metric, opts.smooth, opts.chunk_size, opts.clamp
     flat, unflatten = flat_view(x)
+    if opts.regions is not None:
+        out, info = _decide_regions(flat, opts, device)
+        return unflatten(out), info
     stats = row_statistics(flat, device=device, chunk_size=chunk, clamp=clamp,
                            half=opts.solver == "rma" and metric != "acc")
     info: dict[str, torch.Tensor] = {"mu": stats.mu}
@@ -216,6 +233,154 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
                                       clamp=clamp)
         info.update(guard_info)
     return unflatten(out), info
+
+
+@torch.no_grad()
+def expected_score(
+    probs: torch.Tensor | np.ndarray,
+    pred: torch.Tensor | np.ndarray,
+    metric: str = "dice",
+    smooth: float = 0.0,
+    *,
+    regions: Any = None,
+    regions_class_order: Any = None,
+    region_probs: bool = False,
+    device: str | torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> torch.Tensor | np.ndarray:
+    r"""The model's own estimate of the Dice (or IoU) that a decision will score, per case and class: no labels.
+
+    For each (case, class) with probabilities ``p`` and the decision's mask ``A``, the RMA estimate of the expected
+    score, the same formula RankSEG maximises (``solvers/objectives.py``): ``2 S / (mu + |A| + 1 + s) +
+    s / (mu + |A| + s)`` for Dice and ``(S + s) / (mu - S + |A| + s)`` for IoU, with ``S`` the sum of ``p`` over
+    ``A`` and ``mu`` over the volume.  Scoring follows MONAI's ``ignore_empty=False``: a non-empty mask scores 0
+    when the truth is empty, and an **empty** mask scores 1 when the truth is empty too, so its estimate is
+    ``P(class absent)`` (the ``"mixed"`` model of ``pruning_prob="auto"``: the mean of ``prod(1 - p)`` and
+    ``1 - max p``; with ``s > 0`` plus ``s / (mu + s)`` on the rest).  It works for any decision: RankSEG's, argmax's,
+    a user's mask.  It is only as good as the calibration of ``p`` (``docs/expected_dice.md``).
+
+    Args:
+        probs: probabilities ``(B, C, *spatial)`` (class probabilities, or region probabilities with
+            ``region_probs``).
+        pred: the decision: a label map ``(B, *spatial)`` (or ``(B, 1, *spatial)``; labels outside the classes,
+            e.g. a void label, belong to none) or masks ``(B, K, *spatial)`` with ``K = C`` (one per class), or ``K``
+            the number of regions.
+        metric: ``"dice"`` or ``"iou"``.
+        smooth: the metric's smoothing constant.
+        regions, regions_class_order, region_probs: score the decision on regions (as :func:`rankseg`'s
+            options); the estimate is then per region.
+        device, chunk_size, clamp: as for :func:`rankseg` (one pass over the volume, a second one over the rows
+            whose mask is empty).
+
+    Returns:
+        float64 ``(B, C)`` (or ``(B, R)`` with regions), on ``probs``' device; numpy for numpy ``probs``.
+
+    Example:
+        >>> import torch
+        >>> from rankseg_monai.functional import expected_score, rankseg
+        >>> p = torch.tensor([[[0.9, 0.8, 0.6, 0.45, 0.1]]])               # (B=1, C=1, N=5)
+        >>> mask = rankseg(p, output_mode="multilabel", pruning_prob=0.0)  # 0.45 is in
+        >>> expected_score(p, mask), expected_score(p, p > 0.5)          # RankSEG's mask vs thresholding
+        (tensor([[0.7006]], dtype=torch.float64), tensor([[0.6715]], dtype=torch.float64))
+    """
+    if check_choice("metric", metric, METRICS, METRIC_ALIASES) == "acc":
+        raise ValueError("expected_score estimates Dice or IoU: use metric='dice' or 'iou'")
+    opts = RankSEGOptions(metric=metric, smooth=smooth, output_mode="multilabel", pruning_prob=0.0, device=device,
+                          chunk_size=chunk_size, clamp=clamp, regions=regions, regions_class_order=regions_class_order,
+                          region_probs=region_probs)
+    x, was_numpy = as_tensor(probs, "probs")
+    check_probability_tensor(x)
+    y, _ = as_tensor(pred, "pred", floating=False)
+    batch, num_classes, *spatial = x.shape
+    tree = opts.regions
+    if tree is not None:
+        if opts.region_probs:
+            tree.check_region_channels(num_classes, label_map=False)
+        else:
+            tree.check_classes(num_classes)
+    rows = num_classes if tree is None or opts.region_probs else len(tree)
+    if tuple(y.shape) == (batch, 1, *spatial) and (rows > 1 or tree is not None):
+        y = y[:, 0]
+    if tuple(y.shape) == (batch, *spatial):
+        kind = "labels"
+    elif tuple(y.shape) == (batch, rows, *spatial):
+        kind = "masks"
+    else:
+        raise ValueError(f"pred has shape {tuple(y.shape)}: give a label map (B, *spatial) = {(batch, *spatial)} or "
+                         f"one mask per {'region' if tree is not None else 'class'} (B, {rows}, *spatial)")
+    if y.is_floating_point() and kind == "labels" and not bool((y == y.round()).all()):
+        raise ValueError("pred is a floating-point label map with non-integer values: pass labels or 0/1 masks")
+    dev = x.device if opts.device is None else opts.device
+    flat, _ = flat_view(x)
+    stats = row_statistics(flat, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp, half=False)  # checks
+    if tree is not None:
+        source = flat.clamp(0.0, 1.0) if opts.clamp else flat
+        q = source if opts.region_probs else _regions.region_probabilities(source, tree)
+        if kind == "labels":
+            labels = y.reshape(batch, -1).to(q.device).long()
+            nodes = _regions.nodes_from_labels(labels.clamp(min=0), tree, max(num_classes, tree.max_label + 1))
+            masks = _regions.region_masks(torch.where(labels >= 0, nodes, torch.zeros_like(nodes)), tree)
+        else:
+            masks = y.reshape(batch, rows, -1).to(q.device) != 0
+        stats = row_statistics(q, device=dev, chunk_size=opts.chunk_size, half=False)
+        S, n = mask_sums(q, masks, device=dev, chunk_size=opts.chunk_size)
+        rows_flat = q
+    else:
+        decision = y.reshape(batch, -1) if kind == "labels" else y.reshape(batch, num_classes, -1)
+        S, n = mask_sums(flat, decision, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
+        rows_flat = flat
+    value = _objectives.rma_score(opts.metric, S, n.double(), stats.mu, opts.smooth)
+    empty = n == 0
+    if bool(empty.any()):  # an empty mask: P(truth empty too), as auto pruning models it
+        b_idx, r_idx = torch.nonzero(empty, as_tuple=True)
+        sub = rows_flat[b_idx.to(rows_flat.device), r_idx.to(rows_flat.device)].unsqueeze(0)  # (1, K, N)
+        inf = torch.full(sub.shape[:2], float("inf"), dtype=sub.dtype, device=sub.device)
+        _, _, logp0 = _pruning.selection_summary(sub, inf, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
+        log_abs = _pruning.log_absence(logp0[0], stats.vmax[b_idx, r_idx], "mixed")
+        value[b_idx, r_idx] = _pruning.empty_value(log_abs, stats.mu[b_idx, r_idx], opts.smooth)
+    value = value.to(x.device)
+    return value.cpu().numpy() if was_numpy else value
+
+
+def baseline_decision(probs: torch.Tensor, options: RankSEGOptions) -> torch.Tensor:
+    """The decision RankSEG replaces, on a batch ``(B, C, *spatial)``: argmax of the classes (a label map), ``p > 0.5``
+    per channel (multilabel), or, with region probabilities, nnU-Net's painting of ``q > 0.5`` (region masks)."""
+    x, _ = as_tensor(probs, "probs")
+    if options.regions is not None and options.region_probs:
+        batch, num_regions, *spatial = x.shape
+        nodes = _regions.paint_nodes(x.reshape(batch, num_regions, -1) > 0.5, options.regions)
+        return _regions.region_masks(nodes, options.regions).reshape(batch, num_regions, *spatial)
+    if options.output_mode == "multilabel" and options.regions is None:
+        return x > 0.5
+    return x.argmax(1)
+
+
+def _region_keep(opts: RankSEGOptions, device: torch.device) -> Any:
+    """The pruning rule of the regions' independent solve (``solvers.regions.solve_regions``'s ``keep``)."""
+    if opts.auto_pruning:
+        absence = _pruning.AUTO_MODES[opts.pruning_prob]
+        return lambda q, stats, thr: _pruning.auto_active_from_thresholds(
+            q, thr, stats, opts.metric, opts.smooth, device=device, chunk_size=opts.chunk_size, absence=absence)
+    return lambda q, stats, thr: stats.vmax > opts.pruning_prob
+
+
+def _decide_regions(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Region-aware decision (``solvers/regions.py``): label map ``(B, N)`` or region masks ``(B, R, N)``."""
+    tree = opts.regions
+    stats = row_statistics(flat, device=device, chunk_size=opts.chunk_size, clamp=opts.clamp, half=False)  # checks
+    if opts.clamp:
+        flat = flat.clamp(0.0, 1.0)
+    nodes, details = _regions.solve_regions(flat, tree, opts.metric, opts.smooth, _region_keep(opts, device),
+                                            region_probs=opts.region_probs, device=device,
+                                            chunk_size=opts.chunk_size, return_details=True)
+    info = {"mu": stats.mu, "region_mu": details["mu"], "region_objective": details["objective"],
+            "region_active": details["active"]}
+    if opts.output_mode == "multilabel":
+        return _regions.region_masks(nodes, tree), info
+    probs = None if opts.region_probs else flat
+    return _regions.labels_from_nodes(nodes, tree, probs, opts.label_dtype), info
 
 
 def _accuracy(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device) -> torch.Tensor:

@@ -33,10 +33,10 @@ from monai.config import KeysCollection
 from monai.engines.utils import IterationEvents
 from monai.handlers import IgniteMetricHandler, PostProcessing
 
-from .metrics import EMPTY_PRED, EMPTY_TRUTH, HausdorffDistance95Metric
+from .metrics import EMPTY_PRED, EMPTY_TRUTH, ExpectedScoreMetric, HausdorffDistance95Metric
 from .transforms import RankSEGd
 
-__all__ = ["RankSEGHandler", "HausdorffDistance95"]
+__all__ = ["RankSEGHandler", "HausdorffDistance95", "ExpectedScore"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,3 +205,41 @@ class HausdorffDistance95(IgniteMetricHandler):
                 int(((code & EMPTY_PRED) > 0).sum()), int(((code & EMPTY_TRUTH) > 0).sum()),
             )
         return mean
+
+
+class ExpectedScore(IgniteMetricHandler):
+    """
+    Ignite metric handler for the label-free expected Dice/IoU estimates that ``RankSEGd(...,
+    expected_score=True)`` (or ``RankSEGHandler(expected_score=True)``) attaches to each case, the MONAI way:
+    ``engine.state.metrics[name]`` holds the mean estimate (logged by ``StatsHandler``), and with ``save_details``
+    ``engine.state.metric_details[name]`` holds the per-case ``(N, C)`` values, which ``monai.handlers.MetricsSaver``
+    writes to ``<name>_raw.csv`` (one row per case: the review list without labels).  Gathered over distributed
+    ranks like every MONAI metric.
+
+    Args:
+        include_background, reduction: see :class:`rankseg_monai.metrics.ExpectedScoreMetric`.
+        output_transform: extracts the estimates from ``engine.state.output``, e.g.
+            ``monai.handlers.from_engine(["pred_expected_dice"])`` (or ``"pred_expected_dice_argmax"`` for the
+            decision RankSEG replaced).
+        save_details: keep the per-case values in ``engine.state.metric_details``.
+
+    Example:
+
+        .. code-block:: python
+
+            evaluator = SupervisedEvaluator(
+                ..., val_handlers=[RankSEGHandler(keys="pred", to_onehot=3, expected_score=True)],
+                additional_metrics={
+                    "expected_dice": ExpectedScore(output_transform=from_engine(["pred_expected_dice"]))},
+            )
+    """
+
+    def __init__(self, include_background: bool = False, reduction: str = "mean",
+                 output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
+        super().__init__(metric_fn=ExpectedScoreMetric(include_background, reduction),
+                         output_transform=output_transform, save_details=save_details)
+        self._skip_unrolling = True  # take the per-case list whole (ignite >= 0.5 would unroll it)
+
+    def update(self, output: Any) -> None:
+        """``output``: the per-case estimates (a list of ``(C,)`` tensors or a ``(B, C)`` tensor)."""
+        self.metric_fn(output)

@@ -1,13 +1,20 @@
 """Metrics for segmentation decisions, apart from the Ignite handlers (as MONAI splits ``monai.metrics`` and
-``monai.handlers``): :class:`HausdorffDistance95Metric`, the 95th-percentile Hausdorff distance in millimetres from
-each item's ``MetaTensor`` spacing, with a record of the empty cases that make it undefined.
+``monai.handlers``):
 
-The Ignite handler that wraps it is :class:`rankseg_monai.handlers.HausdorffDistance95`.
+* :class:`HausdorffDistance95Metric`: the 95th-percentile Hausdorff distance in millimetres from each item's
+  ``MetaTensor`` spacing, with a record of the empty cases that make it undefined
+  (handler: :class:`rankseg_monai.handlers.HausdorffDistance95`);
+* :class:`ExpectedScoreMetric`: collects the label-free expected Dice/IoU estimates that ``RankSEGd(...,
+  expected_score=True)`` attaches to each case (handler: :class:`rankseg_monai.handlers.ExpectedScore`);
+* :func:`surface_dice`: normalised surface Dice (NSD) of one binary mask at a tolerance in mm, through MONAI's
+  ``compute_surface_dice`` (Metrics Reloaded recommends it beside Dice);
+* :func:`lesion_wise`: lesion-wise detection and Dice (BraTS 2023 style) from connected components.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,8 +22,11 @@ import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
 
-__all__ = ["HausdorffDistance95Metric", "EMPTY_PRED", "EMPTY_TRUTH"]
+__all__ = ["HausdorffDistance95Metric", "ExpectedScoreMetric", "surface_dice", "lesion_wise", "EMPTY_PRED",
+           "EMPTY_TRUTH"]
 
 #: bit flags of the per-(case, class) empty codes stored by :class:`HausdorffDistance95Metric`
 EMPTY_PRED = 1
@@ -204,3 +214,142 @@ class HausdorffDistance95Metric(CumulativeIterationMetric):
         dist = buf[0]
         valid = dist[~torch.isnan(dist)]
         return valid.mean() if valid.numel() else torch.tensor(float("nan"))
+
+
+class ExpectedScoreMetric(CumulativeIterationMetric):
+    """
+    Collects per-case estimates of the Dice (or IoU) a decision will score, as ``RankSEGd(...,
+    expected_score=True)`` puts them under ``<key>_expected_dice`` (one float64 ``(C,)`` tensor per case, or a
+    batch ``(B, C)``), and reduces them like MONAI's metrics.  No labels are involved: the values come from the
+    model's probabilities (:func:`rankseg_monai.functional.expected_score`).
+
+    Args:
+        include_background: keep the first channel (class 0); default ``False``.  With ``regions`` every channel is
+            a region: set ``True``.
+        reduction: MONAI's ``MetricReduction`` for :meth:`aggregate` (default ``"mean"``: over cases and classes).
+
+    Example:
+        >>> import torch
+        >>> from rankseg_monai.metrics import ExpectedScoreMetric
+        >>> metric = ExpectedScoreMetric(reduction="mean_batch")
+        >>> _ = metric([torch.tensor([0.99, 0.9, 0.6]), torch.tensor([0.98, 0.8, 0.4])])
+        >>> metric.aggregate()
+        tensor([0.8500, 0.5000])
+    """
+
+    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN
+                 ) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.reduction = reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore
+        """``(B, C)`` estimates -> ``(B, C')`` (without the background unless ``include_background``)."""
+        est = torch.as_tensor(y_pred, dtype=torch.float64)
+        if est.ndim != 2:
+            raise ValueError(f"expected estimates of shape (C,) per case or (B, C), got {tuple(est.shape)}: pass the "
+                             "<key>_expected_dice entries that RankSEGd(expected_score=True) writes")
+        return (est if self.include_background else est[:, 1:]).cpu()
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:  # type: ignore[override]
+        """The reduced estimates (NaN-free inputs; MONAI's ``do_metric_reduction``)."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("ExpectedScoreMetric: nothing to aggregate, no case was added")
+        f, _ = do_metric_reduction(data, reduction or self.reduction)
+        return f
+
+
+def _binary(mask: Any, name: str) -> np.ndarray:
+    arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    if arr.dtype != np.bool_:
+        if not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{name} must be a binary mask (bool or 0/1); threshold or one-hot it first (e.g. "
+                             "labels == c)")
+        arr = arr.astype(bool)
+    return arr
+
+
+def surface_dice(pred: Any, truth: Any, spacing: Sequence[float], tolerance_mm: float) -> float:
+    """Normalised surface Dice of two binary masks ``(*spatial)`` at ``tolerance_mm`` (MONAI's
+    ``compute_surface_dice``, euclidean distances in mm from ``spacing``): the fraction of both boundaries within the
+    tolerance of the other.  NaN when both masks are empty (MONAI's rule), 0 when only one is.
+
+    Example:
+        >>> import numpy as np
+        >>> from rankseg_monai.metrics import surface_dice
+        >>> a = np.zeros((20, 20), bool); a[5:15, 5:15] = True
+        >>> b = np.zeros((20, 20), bool); b[6:15, 5:15] = True      # one row short
+        >>> round(surface_dice(a, b, (1.0, 1.0), 1.0), 4), round(surface_dice(a, b, (1.0, 1.0), 0.5), 4)
+        (1.0, 0.7429)
+    """
+    from monai.metrics import compute_surface_dice
+
+    p, t = _binary(pred, "pred"), _binary(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and truth {t.shape} differ: compare masks on the same grid")
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match the {p.ndim}D masks")
+
+    def onehot(m: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(m)[None, None]
+        return torch.cat([~x, x], 1).float()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on empty masks; the NaN / 0 it returns is the answer
+        value = compute_surface_dice(onehot(p), onehot(t), class_thresholds=[float(tolerance_mm)],
+                                     include_background=False, spacing=[float(v) for v in spacing])
+    return float(value[0, 0])
+
+
+def lesion_wise(pred: Any, truth: Any, min_size: int = 0, connectivity: int | None = None) -> dict[str, Any]:
+    """Lesion-wise counts and Dice of a binary prediction against a binary truth (BraTS 2023 style).
+
+    Lesions are the connected components of the truth (full connectivity by default: 26 neighbours in 3D), and
+    predicted components likewise.  A true lesion is *detected* when a predicted component overlaps it, and its
+    Dice is taken against the union of the predicted components that overlap it; a predicted component that
+    overlaps no true lesion is a *false positive* and counts as a Dice of 0.  Components smaller than
+    ``min_size`` voxels are ignored on both sides (BraTS uses 50 after a dilation; 0 keeps every voxel).
+
+    Returns:
+        ``{"true": n true lesions, "detected": ..., "missed": ..., "false_positive": ..., "lesion_dice": mean over
+        true lesions and false positives (NaN when there is neither), "dice": the per-true-lesion Dice values}``.
+
+    Example:
+        >>> import numpy as np
+        >>> from rankseg_monai.metrics import lesion_wise
+        >>> t = np.zeros((12, 12), bool); t[1:4, 1:4] = True; t[8:11, 8:11] = True   # two lesions
+        >>> p = np.zeros((12, 12), bool); p[1:4, 1:3] = True; p[6, 0] = True         # one found, one speck
+        >>> r = lesion_wise(p, t)
+        >>> r["true"], r["detected"], r["missed"], r["false_positive"], round(r["lesion_dice"], 3)
+        (2, 1, 1, 1, 0.267)
+    """
+    from scipy import ndimage
+
+    p, t = _binary(pred, "pred"), _binary(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and truth {t.shape} differ: compare masks on the same grid")
+    structure = ndimage.generate_binary_structure(p.ndim, p.ndim if connectivity is None else connectivity)
+
+    def components(m: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        lab, n = ndimage.label(m, structure=structure)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = [i for i in range(1, n + 1) if sizes[i] >= max(min_size, 1)]
+        return lab, keep
+
+    t_lab, t_keep = components(t)
+    p_lab, p_keep = components(p)
+    p_kept = np.isin(p_lab, p_keep)
+    dice, matched_pred = [], set()
+    for i in t_keep:
+        lesion = t_lab == i
+        hits = [j for j in np.unique(p_lab[lesion & p_kept]) if j > 0]
+        matched_pred.update(hits)
+        found = np.isin(p_lab, hits) if hits else np.zeros_like(lesion)
+        dice.append(2.0 * float((lesion & found).sum()) / float(lesion.sum() + found.sum()))
+    false_pos = [j for j in p_keep if j not in matched_pred and not (t[p_lab == j]).any()]
+    detected = sum(d > 0 for d in dice)
+    total = len(dice) + len(false_pos)
+    return {"true": len(t_keep), "detected": int(detected), "missed": int(len(t_keep) - detected),
+            "false_positive": len(false_pos), "lesion_dice": float(sum(dice) / total) if total else float("nan"),
+            "dice": dice}

@@ -24,10 +24,12 @@ import torch
 from .activation import check_temperature
 from .guard import Guard, resolve_guard
 from .solvers.pruning import AUTO_MODES
+from .solvers.regions import RegionTree
 from .solvers.validation import check_choice, check_int, check_real
 
 __all__ = [
     "METRICS",
+    "METRIC_ALIASES",
     "SOLVERS",
     "OUTPUT_MODES",
     "UNASSIGNED_POLICIES",
@@ -50,7 +52,7 @@ METRICS = ("dice", "iou", "acc")
 SOLVERS = ("rma", "ba", "trna", "ba+trna", "exact", "tr", "argmax")
 OUTPUT_MODES = ("multiclass", "multilabel")
 UNASSIGNED_POLICIES = ("max_score", "void")
-_METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
+METRIC_ALIASES = {"accuracy": "acc", "jaccard": "iou"}
 _DISPLAY = {"rma": "RMA", "ba": "BA", "trna": "TRNA", "ba+trna": "BA+TRNA", "exact": "exact", "tr": "TR",
             "argmax": "argmax"}
 
@@ -218,6 +220,15 @@ class RankSEGOptions:
         label_dtype: dtype of a multiclass label map (default int64).
         softmax, sigmoid: the input holds logits: apply this activation first (MONAI transforms and the CLI).
         temperature: divide logits by it before the activation (a positive scalar or one per channel).
+        regions: decide on nested regions instead of classes (nnU-Net's ``dataset.json`` form: a mapping
+            ``{name: labels}`` or a list of label lists, e.g. LiTS ``{"liver": [1, 2], "tumour": [2]}``); stored as
+            a :class:`~rankseg_monai.solvers.regions.RegionTree`.  See ``docs/regions.md``.
+        regions_class_order: the label painted for each region (nnU-Net's ``regions_class_order``); needed for a
+            label map from region probabilities when a region has several labels of its own.
+        region_probs: the channels are region probabilities (one sigmoid channel per region, in the order of
+            ``regions``, as nnU-Net region models and MONAI's BraTS pipeline output) instead of class
+            probabilities (softmax over the classes, background included: a region's probability is the sum of
+            its classes').  Never guessed from the data.
 
     Example:
         >>> from rankseg_monai.options import RankSEGOptions
@@ -246,10 +257,13 @@ class RankSEGOptions:
     softmax: bool = False
     sigmoid: bool = False
     temperature: float | tuple[float, ...] | None = None
+    regions: RegionTree | None = None
+    regions_class_order: tuple[int, ...] | None = None
+    region_probs: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "metric", check_choice("metric", self.metric, METRICS, _METRIC_ALIASES))
+        set_(self, "metric", check_choice("metric", self.metric, METRICS, METRIC_ALIASES))
         set_(self, "smooth", check_real("smooth", self.smooth, low=0.0))
         set_(self, "output_mode", check_choice("output_mode", self.output_mode, OUTPUT_MODES))
         set_(self, "solver", check_choice("solver", self.solver, SOLVERS))
@@ -270,6 +284,14 @@ class RankSEGOptions:
         set_(self, "softmax", check_bool("softmax", self.softmax))
         set_(self, "sigmoid", check_bool("sigmoid", self.sigmoid))
         set_(self, "temperature", check_temperature(self.temperature))
+        set_(self, "region_probs", check_bool("region_probs", self.region_probs))
+        if self.regions is not None:
+            tree = RegionTree.parse(self.regions, self.regions_class_order)
+            set_(self, "regions", tree)
+            set_(self, "regions_class_order", tree.paint)
+        elif self.regions_class_order is not None:
+            raise ValueError("regions_class_order needs regions: give the regions it paints (nnU-Net's dataset.json "
+                             "labels)")
         self._check_combination()
 
     def _check_combination(self) -> None:
@@ -291,6 +313,19 @@ class RankSEGOptions:
                 "softmax=True and sigmoid=True are mutually exclusive: use softmax for mutually exclusive classes "
                 "(output_mode='multiclass') or sigmoid for independent channels (output_mode='multilabel')"
             )
+        if self.regions is not None:
+            if self.solver != "rma" or self.metric == "acc":
+                raise ValueError(f"regions are decided with solver='rma' and metric='dice' or 'iou' (got "
+                                 f"solver={self.solver!r}, metric={self.metric!r})")
+            if self.unassigned_policy != "max_score":
+                raise ValueError("unassigned_policy='void' does not apply to regions: every voxel is decided (voxels "
+                                 "in no region are background, label 0)")
+            if self.guard is not None:
+                raise ValueError("the guard does not apply to regions: drop guard, or decide the classes without "
+                                 "regions")
+        elif self.region_probs:
+            raise ValueError("region_probs=True needs regions: give the region of each channel (e.g. "
+                             "regions=[[1, 2, 3], [2, 3], [3]] for BraTS WT, TC, ET)")
         if self.temperature is not None and not (self.softmax or self.sigmoid):
             raise ValueError(
                 "temperature scales logits before the activation: set softmax=True (or sigmoid=True) together with "
@@ -309,12 +344,23 @@ class RankSEGOptions:
         return isinstance(self.pruning_prob, str)
 
     def label_bounds(self, num_classes: int) -> tuple[int, int]:
-        """Smallest and largest label of a multiclass map of ``num_classes`` classes under these options."""
+        """Smallest and largest label of a multiclass map of ``num_classes`` classes (channels) under these
+        options."""
+        if self.regions is not None:
+            return 0, self.regions.max_label if self.region_probs else max(num_classes - 1, self.regions.max_label)
         return label_range(num_classes, "max_score" if self.metric == "acc" else self.unassigned_policy,
                            self.void_index)
 
     def check_classes(self, num_classes: int) -> None:
         """The checks that need the number of classes ``C`` (run once per call, before any pass)."""
+        if self.regions is not None:
+            if self.region_probs:
+                self.regions.check_region_channels(num_classes, label_map=self.output_mode == "multiclass")
+            else:
+                self.regions.check_classes(num_classes)
+            if self.output_mode == "multiclass":
+                check_label_capacity(self.label_dtype, *self.label_bounds(num_classes))
+            return
         allowed = supported_solvers(self.metric, self.output_mode, num_classes)
         if self.solver not in allowed:
             raise ValueError(
@@ -348,6 +394,8 @@ class RankSEGOptions:
             elif isinstance(v, Guard):
                 v = dataclasses.asdict(v)
                 v["band"] = list(v["band"])
+            elif isinstance(v, RegionTree):
+                v = {name: sorted(labels) for name, labels in zip(v.names, v.labels)}
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v

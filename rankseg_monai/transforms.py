@@ -21,16 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
 from ._arrays import as_tensor, numpy_dtype
 from .activation import activate
-from .functional import decide
+from .functional import baseline_decision, decide, expected_score
 from .options import (
     DEFAULT_PRUNING_PROB,
     DEFAULT_VOID_INDEX,
     RankSEGOptions,
+    check_bool,
     check_label_capacity,
     check_label_dtype,
     label_range,
@@ -137,6 +139,22 @@ class RankSEG(Transform):
         guard: ``None`` (default) or ``True``/a :class:`rankseg_monai.guard.Guard`: fall back to argmax
             for classes whose probabilities look too diffuse for RankSEG (label-free; see
             ``docs/calibration.md``).
+        regions: decide on nested regions, the structures LiTS/KiTS/BraTS score, instead of on the channels
+            (nnU-Net's ``dataset.json`` form: ``{"liver": [1, 2], "tumour": [2]}`` or ``[[1, 2], [2]]``): the
+            label map maximises the summed expected Dice of the regions, and its region masks are nested.  With
+            ``output_mode="multilabel"`` the output is one mask per region ``(R, *spatial)``, in the order given
+            (e.g. MONAI's BraTS channels TC, WT, ET).  See ``docs/regions.md``.
+        regions_class_order: the label nnU-Net paints for each region (for a label map from region
+            probabilities when a region has several labels of its own).
+        region_probs: the channels are region probabilities (one sigmoid channel per region, in the order of
+            ``regions``: nnU-Net region models, MONAI's BraTS pipeline after ``Activations(sigmoid=True)``), not
+            class probabilities (a region's probability is then the sum of its classes').
+        expected_score: also estimate, without labels, the Dice (IoU for ``metric="iou"``) each channel's or
+            region's mask will score, for RankSEG and for argmax (or ``p > 0.5`` / nnU-Net's painting): float64
+            ``(C,)`` tensors in a ``MetaTensor`` output's ``meta["rankseg_expected_dice"]`` and
+            ``meta["argmax_expected_dice"]``, and in ``RankSEGd`` under the keys ``<key>_expected_dice`` and
+            ``<key>_expected_dice_argmax``.  Two more passes over the probabilities.  See
+            ``docs/expected_dice.md``.
 
     Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
     a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
@@ -180,15 +198,21 @@ class RankSEG(Transform):
         device: str | torch.device | None = None,
         spatial_dims: int | None = None,
         guard: Any = None,
+        regions: Any = None,
+        regions_class_order: Sequence[int] | None = None,
+        region_probs: bool = False,
+        expected_score: bool = False,
     ) -> None:
         self.options = RankSEGOptions(
             metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
             unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
-            temperature=temperature, clamp=clamp, device=device, guard=guard,
+            temperature=temperature, clamp=clamp, device=device, guard=guard, regions=regions,
+            regions_class_order=regions_class_order, region_probs=region_probs,
         )
         self.to_onehot = _check_to_onehot(to_onehot, self.options.output_mode)
         self.dtype = _check_output_dtype(dtype)
         self.spatial_dims = _check_spatial_dims(spatial_dims)
+        self.expected_score = check_bool("expected_score", expected_score)
         self._solver_options = self.options.replace(
             label_dtype=_solver_label_dtype(self.options, self.dtype, self.to_onehot))
 
@@ -216,6 +240,9 @@ class RankSEG(Transform):
         to_onehot: int | None = None,
     ) -> NdarrayOrTensor:
         """
+        The decision of one item; with ``expected_score=True`` a ``MetaTensor`` output also carries the estimates in
+        its meta data (see :meth:`decide_with_estimates`).
+
         Args:
             img: probabilities (or logits with ``softmax``/``sigmoid``) of one item, ``(C, *spatial)``: a torch
                 tensor, ``MetaTensor`` or numpy array.
@@ -229,6 +256,24 @@ class RankSEG(Transform):
                 values, probabilities outside ``[0, 1]``, an output ``dtype`` that cannot hold every label.
             TypeError: non-floating input (e.g. a label map).
         """
+        return self.decide_with_estimates(img, metric=metric, solver=solver, output_mode=output_mode, smooth=smooth,
+                                          pruning_prob=pruning_prob, unassigned_policy=unassigned_policy,
+                                          void_index=void_index, softmax=softmax, sigmoid=sigmoid,
+                                          temperature=temperature, clamp=clamp, to_onehot=to_onehot)[0]
+
+    def decide_with_estimates(self, img: NdarrayOrTensor, **overrides: Any) -> tuple[NdarrayOrTensor, dict | None]:
+        """``(decision, estimates)``: the decision as :meth:`__call__` returns it and, with ``expected_score=True``,
+        the model's own estimate of the Dice (IoU for ``metric="iou"``) each channel's (or region's) mask will score,
+        for RankSEG and for the decision it replaces (:func:`rankseg_monai.functional.baseline_decision`: argmax,
+        ``p > 0.5``, or nnU-Net's painting), as float64 ``(C,)`` tensors ``{"rankseg": ..., "argmax": ...}``
+        (:func:`rankseg_monai.functional.expected_score`); ``None`` without ``expected_score``.  A ``MetaTensor``
+        output also holds them in ``meta["rankseg_expected_<metric>"]`` and ``meta["argmax_expected_<metric>"]``.
+        """
+        metric, solver, output_mode = overrides.get("metric"), overrides.get("solver"), overrides.get("output_mode")
+        smooth, pruning_prob = overrides.get("smooth"), overrides.get("pruning_prob")
+        unassigned_policy, void_index = overrides.get("unassigned_policy"), overrides.get("void_index")
+        softmax, sigmoid, temperature = overrides.get("softmax"), overrides.get("sigmoid"), overrides.get("temperature")
+        clamp, to_onehot = overrides.get("clamp"), overrides.get("to_onehot")
         overrides = {k: v for k, v in (("metric", metric), ("solver", solver), ("output_mode", output_mode),
                                        ("smooth", smooth), ("pruning_prob", pruning_prob),
                                        ("unassigned_policy", unassigned_policy), ("void_index", void_index),
@@ -255,6 +300,7 @@ class RankSEG(Transform):
         if opts.activation is not None:
             x = activate(x, opts.activation, opts.temperature, dim=0)
         out = decide(x.unsqueeze(0), opts)
+        estimates = self._estimates(x, out, opts) if self.expected_score else None
         # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]
@@ -263,7 +309,18 @@ class RankSEG(Transform):
         # a permuted input (e.g. after Invertd) is solved without a copy and gives a view in its memory order;
         # the transform returns a contiguous result, as AsDiscrete does (an output-sized copy at most)
         result, *_ = convert_to_dst_type(out.contiguous(), img, dtype=self.dtype)
-        return result
+        if estimates is not None and isinstance(result, MetaTensor):
+            for name, value in estimates.items():
+                result.meta[f"{name}_expected_{opts.metric}"] = value
+        return result, estimates
+
+    @staticmethod
+    def _estimates(x: torch.Tensor, out: torch.Tensor, opts: RankSEGOptions) -> dict[str, torch.Tensor]:
+        kw = dict(metric=opts.metric, smooth=opts.smooth, regions=opts.regions, region_probs=opts.region_probs,
+                  clamp=opts.clamp)
+        batch = x.unsqueeze(0)
+        return {"rankseg": expected_score(batch, out, **kw)[0].cpu(),
+                "argmax": expected_score(batch, baseline_decision(batch, opts), **kw)[0].cpu()}
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if self.spatial_dims is not None and len(shape) != self.spatial_dims + 1:
@@ -341,6 +398,10 @@ class RankSEGd(MapTransform):
         device: Sequence[str | torch.device | None] | str | torch.device | None = None,
         spatial_dims: Sequence[int | None] | int | None = None,
         guard: Any = None,
+        regions: Any = None,
+        regions_class_order: Sequence[int] | None = None,
+        region_probs: bool = False,
+        expected_score: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         """
@@ -350,7 +411,10 @@ class RankSEGd(MapTransform):
             metric, solver, output_mode, smooth, pruning_prob, unassigned_policy, void_index, softmax, sigmoid,
                 clamp, to_onehot, dtype, device, spatial_dims: see :py:class:`RankSEG`; each can also be a
                 sequence, one element per key.
-            guard: see :py:class:`RankSEG` (one value for all keys).
+            guard, regions, regions_class_order, region_probs: see :py:class:`RankSEG` (one value for all keys).
+            expected_score: see :py:class:`RankSEG`; the estimates go to the keys ``<key>_expected_<metric>``
+                (RankSEG's decision) and ``<key>_expected_<metric>_argmax`` (the decision it replaces), float64
+                ``(C,)`` tensors (one per region with ``regions``), next to the decision.
             temperature: see :py:class:`RankSEG` and the class docstring for per-key values.
             allow_missing_keys: don't raise an exception if a key is missing.
         """
@@ -373,6 +437,10 @@ class RankSEGd(MapTransform):
             "device": ensure_tuple_rep(device, n),
             "spatial_dims": ensure_tuple_rep(spatial_dims, n),
             "guard": (guard,) * n,
+            "regions": (regions,) * n,
+            "regions_class_order": (regions_class_order,) * n,
+            "region_probs": (region_probs,) * n,
+            "expected_score": (expected_score,) * n,
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 
@@ -394,7 +462,10 @@ class RankSEGd(MapTransform):
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key, transform in self.key_iterator(d, self.rankseg):
-            d[key] = transform(d[key])
+            d[key], estimates = transform.decide_with_estimates(d[key])
+            if estimates is not None:
+                d[f"{key}_expected_{transform.metric}"] = estimates["rankseg"]
+                d[f"{key}_expected_{transform.metric}_argmax"] = estimates["argmax"]
         return d
 
 

@@ -21,12 +21,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from generators import intensity_cases  # tests/ is this script's folder: on sys.path
 from ignite.engine import Events
-from monai.data import DataLoader, Dataset, DistributedSampler, MetaTensor, create_test_image_3d
+from monai.data import DataLoader, Dataset, DistributedSampler
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose
@@ -38,7 +38,7 @@ NUM_CLASSES = 3
 
 class IntensityNet(torch.nn.Module):
     """Class logits from the 3x3x3-averaged intensity: class ``k`` sits near intensity ``k / 2`` (see
-    :func:`make_cases`), so object boundaries and noisy voxels are uncertain."""
+    :func:`generators.intensity_cases`), so object boundaries and noisy voxels are uncertain."""
 
     def __init__(self, width: float = 0.12) -> None:
         super().__init__()
@@ -50,28 +50,11 @@ class IntensityNet(torch.nn.Module):
         return -((s - self.centers) ** 2) / (2 * self.width**2)
 
 
-def make_cases(num_cases: int, size: int) -> list[dict]:
-    """``num_cases`` seeded cases of ``size``^3 (spheres of classes 1 and 2 from ``create_test_image_3d``, image
-    ``label / 2`` plus Gaussian noise), each with a ``case_id`` and its own anisotropic spacing."""
-    cases = []
-    for i in range(num_cases):
-        rs = np.random.RandomState(100 + i)
-        _, seg = create_test_image_3d(size, size, size, num_objs=4, rad_max=size // 4, rad_min=3, num_seg_classes=2,
-                                      random_state=rs)
-        im = (seg / 2.0 + rs.normal(0.0, 0.2, seg.shape)).astype(np.float32)
-        spacing = (1.0 + 0.25 * i, 0.8, 1.5 + 0.5 * (i % 2))
-        affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
-        cases.append({"image": MetaTensor(torch.tensor(im)[None], affine=affine),
-                      "label": MetaTensor(torch.tensor(seg)[None].float(), affine=affine.clone()),
-                      "case_id": i})
-    return cases
-
-
 def evaluate(num_cases: int = 5, size: int = 24, batch_size: int = 2) -> dict:
     """Run the evaluation on this process's shard (all cases when not distributed); return this rank's report."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    dataset = Dataset(make_cases(num_cases, size))
+    dataset = Dataset(intensity_cases(num_cases, size))
     sampler = DistributedSampler(dataset, even_divisible=False, shuffle=False) if distributed else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=0)
     evaluator = SupervisedEvaluator(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generators import meta_cases, monai_volumes, softmax_probs, train_tiny_unet
 from monai.bundle import ConfigParser
-from monai.data import MetaTensor, create_test_image_3d
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.nets import UNet
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -19,6 +19,7 @@ from monai.transforms import (
     Orientationd,
     Spacingd,
 )
+from oracle import best_threshold_mask
 
 from rankseg_monai import RankSEG, RankSEGD, RankSEGd, RankSEGDict
 from rankseg_monai.functional import decide, rankseg
@@ -28,15 +29,16 @@ AFFINE = torch.tensor(
 )
 
 
-def _probs(shape, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(shape, generator=g) * 2.0
-    return torch.softmax(logits, dim=0).to(dtype)
+def _probs(shape, seed=0, dtype=torch.float32, device=None):
+    """Probabilities of one channel-first item (softmax over dim 0)."""
+    return softmax_probs(shape, seed=seed, dim=0, dtype=dtype, device=device)
 
 
-def _as(kind, x):
+def _as(kind, x, device="cpu"):
+    """``x`` as a numpy array (on the CPU), a tensor or a MetaTensor (on ``device``)."""
     if kind == "numpy":
-        return x.numpy()
+        return x.cpu().numpy()
+    x = x.to(device)
     if kind == "meta":
         affine = AFFINE if x.ndim == 4 else torch.diag(torch.tensor([1.5, 2.0, 1.0, 1.0], dtype=torch.float64))
         m = MetaTensor(x.clone(), affine=affine, meta={"filename_or_obj": "case0.nii.gz"})
@@ -45,17 +47,10 @@ def _as(kind, x):
     return x
 
 
-def _dice_oracle_mask(p: np.ndarray) -> np.ndarray:
-    """Multilabel RMA Dice (smooth 0, no pruning) in float64: top-tau set with tau the first argmax of
-    2 S_tau / (mu + tau + 1) over tau = 0..N (written from the formula, independent of the package)."""
-    flat = p.astype(np.float64).ravel()
-    order = np.argsort(-flat, kind="stable")
-    s = np.concatenate([[0.0], np.cumsum(flat[order])])
-    tau = np.arange(flat.size + 1)
-    tau_star = int(np.argmax(2.0 * s / (flat.sum() + tau + 1.0)))
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order[:tau_star]] = True
-    return mask.reshape(p.shape)
+def _cpu(out):
+    """A transform's output as a plain CPU tensor."""
+    out = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+    return (out.as_tensor() if isinstance(out, MetaTensor) else out).cpu()
 
 
 # ------------------------------------------------------------------------------------------------ array transform
@@ -65,69 +60,72 @@ def _dice_oracle_mask(p: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("spatial", [(6, 7), (5, 4, 6)], ids=["2d", "3d"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("output_mode", ["multiclass", "multilabel"])
-def test_types_shapes_and_values(kind, spatial, dtype, output_mode):
+def test_types_shapes_and_values(kind, spatial, dtype, output_mode, device):
     x = _probs((3, *spatial), seed=len(spatial), dtype=dtype)
-    out = RankSEG(output_mode=output_mode)(_as(kind, x))
+    out = RankSEG(output_mode=output_mode)(_as(kind, x, device))
 
-    expected = rankseg(x[None], output_mode=output_mode)[0 if output_mode == "multilabel" else slice(None)]
+    expected = rankseg(x[None], output_mode=output_mode, pruning_prob="auto")[
+        0 if output_mode == "multilabel" else slice(None)]
     exp_shape = (1, *spatial) if output_mode == "multiclass" else (3, *spatial)
     if kind == "numpy":
         assert isinstance(out, np.ndarray) and out.dtype == np.float32
         out_t = torch.from_numpy(out)
     else:
         assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-        assert isinstance(out, MetaTensor) == (kind == "meta")
-        out_t = out.as_tensor() if isinstance(out, MetaTensor) else out
+        assert isinstance(out, MetaTensor) == (kind == "meta") and out.device.type == torch.device(device).type
+        out_t = _cpu(out)
     assert tuple(out_t.shape) == exp_shape
     assert torch.equal(out_t, expected.reshape(exp_shape).float())
     if output_mode == "multiclass":
         assert set(out_t.unique().tolist()) <= {0.0, 1.0, 2.0}
 
 
-def test_metatensor_meta_affine_and_no_applied_operations():
-    x = _as("meta", _probs((3, 5, 4, 6)))
+def test_metatensor_meta_affine_and_no_applied_operations(device):
+    x = _as("meta", _probs((3, 5, 4, 6)), device)
     ops_before = [dict(op) for op in x.applied_operations]
     for out in (RankSEG()(x), RankSEG(to_onehot=3)(x), RankSEG(output_mode="multilabel")(x)):
         assert isinstance(out, MetaTensor)
-        assert torch.equal(out.affine, AFFINE)
+        assert torch.equal(out.affine.cpu(), AFFINE)
         assert out.meta["filename_or_obj"] == "case0.nii.gz"
         assert out.applied_operations == ops_before  # kept, nothing pushed
-        assert torch.allclose(out.pixdim, torch.tensor([1.5, 1.0, 2.0], dtype=torch.float64))
+        assert torch.allclose(out.pixdim.cpu(), torch.tensor([1.5, 1.0, 2.0], dtype=torch.float64))
+        assert out.device == x.device
     assert x.applied_operations == ops_before  # input untouched
 
 
-def test_multilabel_matches_float64_oracle():
+def test_multilabel_matches_float64_oracle(device):
     x = _probs((2, 9, 11), seed=3).double()
-    out = RankSEG(output_mode="multilabel", pruning_prob=0.0, dtype=torch.bool)(x)
+    out = _cpu(RankSEG(output_mode="multilabel", pruning_prob=0.0, dtype=torch.bool)(x.to(device)))
     for c in range(2):
-        assert torch.equal(out[c], torch.from_numpy(_dice_oracle_mask(x[c].numpy())))
+        assert torch.equal(out[c], torch.from_numpy(best_threshold_mask(x[c].numpy(), "dice", 0.0).reshape(x[c].shape)))
         assert 0 < int(out[c].sum()) < out[c].numel()  # a non-trivial decision, not all/none
 
 
-def test_confident_probabilities_give_argmax():
+def test_confident_probabilities_give_argmax(device):
     g = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 3, (8, 8, 8), generator=g)
     probs = torch.nn.functional.one_hot(labels, 3).permute(3, 0, 1, 2).float() * 0.94 + 0.02
-    assert torch.equal(RankSEG(dtype=torch.int64)(probs)[0], labels)
+    assert torch.equal(_cpu(RankSEG(dtype=torch.int64)(probs.to(device)))[0], labels)
 
 
-def test_rankseg_differs_from_argmax_on_uncertain_region():
+def test_rankseg_differs_from_argmax_on_uncertain_region(device):
     # 40 voxels where the foreground has probability 0.45 (argmax says background) next to a sure core: the
     # expected-Dice optimum includes them (the reason to use RankSEG at all)
     fg = torch.cat([torch.full((20,), 0.95), torch.full((40,), 0.45), torch.full((40,), 0.02)]).reshape(1, 100)
     probs = torch.cat([1 - fg, fg])
-    out = RankSEG(dtype=torch.int64)(probs)[0]
+    out = _cpu(RankSEG(dtype=torch.int64)(probs.to(device)))[0]
     assert int((probs.argmax(0) == 1).sum()) == 20
     assert int(out.sum()) == 60 and bool(out[:60].all())
 
 
-def test_to_onehot():
-    x = _probs((3, 6, 5, 4), seed=1)
+def test_to_onehot(device):
+    x = _probs((3, 6, 5, 4), seed=1, device=device)
     labels = RankSEG(dtype=torch.int64)(x)
     oh = RankSEG(to_onehot=3)(x)
-    assert oh.shape == (3, 6, 5, 4) and oh.dtype == torch.float32
-    assert torch.equal(oh.sum(0), torch.ones(6, 5, 4))
+    assert oh.shape == (3, 6, 5, 4) and oh.dtype == torch.float32 and oh.device == x.device
+    assert torch.equal(oh.sum(0), torch.ones(6, 5, 4, device=device))
     assert torch.equal(oh.argmax(0, keepdim=True), labels)
+    assert torch.equal(_cpu(labels), RankSEG(dtype=torch.int64)(x.cpu()))
     wider = RankSEG(to_onehot=5)(x)
     assert wider.shape == (5, 6, 5, 4) and torch.equal(wider[:3], oh) and not wider[3:].any()
     with pytest.raises(ValueError, match="to_onehot=3"):
@@ -138,13 +136,13 @@ def test_to_onehot():
         RankSEG(to_onehot=True)
 
 
-def test_void_policy_and_onehot():
+def test_void_policy_and_onehot(device):
     # class 0 selects only its two sure voxels; classes 1 and 2 are pruned (max <= 0.5): four voxels unassigned
     probs = torch.tensor([
         [0.95, 0.95, 0.30, 0.30, 0.30, 0.30],
         [0.05, 0.05, 0.40, 0.40, 0.40, 0.40],
         [0.00, 0.00, 0.30, 0.30, 0.30, 0.30],
-    ])[:, None, :]  # (C=3, H=1, W=6)
+    ])[:, None, :].to(device)  # (C=3, H=1, W=6)
     labels = RankSEG(unassigned_policy="void", dtype=torch.int64, pruning_prob=0.5)(probs)
     assert labels.tolist() == [[[0, 0, 255, 255, 255, 255]]]
     assert RankSEG(dtype=torch.int64, pruning_prob=0.5)(probs).tolist() != labels.tolist()  # max_score assigns
@@ -156,9 +154,9 @@ def test_void_policy_and_onehot():
         RankSEG(unassigned_policy="void", void_index=3, to_onehot=5, pruning_prob=0.5)(probs)
 
 
-def test_softmax_sigmoid_temperature():
+def test_softmax_sigmoid_temperature(device):
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(3, 7, 6, generator=g) * 3
+    logits = (torch.randn(3, 7, 6, generator=g) * 3).to(device)
     assert torch.equal(RankSEG(softmax=True)(logits), RankSEG()(torch.softmax(logits, 0)))
     assert torch.equal(
         RankSEG(sigmoid=True, output_mode="multilabel")(logits),
@@ -166,7 +164,7 @@ def test_softmax_sigmoid_temperature():
     )
     assert torch.equal(RankSEG(softmax=True, temperature=2.5)(logits), RankSEG()(torch.softmax(logits / 2.5, 0)))
     t = [1.0, 2.0, 0.5]
-    scaled = logits / torch.tensor(t)[:, None, None]
+    scaled = logits / torch.tensor(t, device=device)[:, None, None]
     assert torch.equal(RankSEG(softmax=True, temperature=t)(logits), RankSEG()(torch.softmax(scaled, 0)))
     # the temperature matters: a flat distribution loses the weak class
     assert not torch.equal(RankSEG(softmax=True, temperature=8.0)(logits), RankSEG(softmax=True)(logits))
@@ -174,6 +172,8 @@ def test_softmax_sigmoid_temperature():
     half = RankSEG(softmax=True)(logits.half())
     assert half.dtype == torch.float32
     assert torch.equal(half, RankSEG()(torch.softmax(logits.half().float(), 0)))
+    assert torch.equal(_cpu(RankSEG(softmax=True, temperature=t)(logits)), RankSEG(softmax=True, temperature=t)(
+        logits.cpu()))
 
 
 def test_activation_errors():
@@ -191,8 +191,8 @@ def test_activation_errors():
         RankSEG(softmax=True)(torch.zeros(2, 4, 4), sigmoid=True)
 
 
-def test_clamp():
-    x = _probs((2, 8, 8), seed=2)
+def test_clamp(device):
+    x = _probs((2, 8, 8), seed=2, device=device)
     over = x.clone()
     over[1, 0, 0] = 1.0 + 1e-3
     over[0, 0, 0] = -1e-3
@@ -242,8 +242,8 @@ def test_batched_input_without_and_with_spatial_dims():
         RankSEG(spatial_dims=2)(batch[0])
 
 
-def test_call_overrides_init():
-    x = _probs((3, 6, 6), seed=4)
+def test_call_overrides_init(device):
+    x = _probs((3, 6, 6), seed=4, device=device)
     t = RankSEG()
     assert torch.equal(t(x, output_mode="multilabel"), RankSEG(output_mode="multilabel")(x))
     assert torch.equal(t(x, metric="iou", to_onehot=3), RankSEG(metric="iou", to_onehot=3)(x))
@@ -252,10 +252,10 @@ def test_call_overrides_init():
     assert torch.equal(t(logits, softmax=True, temperature=2.0), RankSEG(softmax=True, temperature=2.0)(logits))
 
 
-def test_dtype_argument():
-    x = _probs((3, 5, 5), seed=6)
+def test_dtype_argument(device):
+    x = _probs((3, 5, 5), seed=6, device=device)
     assert RankSEG(dtype=torch.int64)(x).dtype == torch.int64
-    assert RankSEG(dtype=torch.uint8)(x.numpy()).dtype == np.uint8
+    assert RankSEG(dtype=torch.uint8)(x.cpu().numpy()).dtype == np.uint8
     assert RankSEG(output_mode="multilabel", dtype=torch.bool)(x).dtype == torch.bool
 
 
@@ -288,12 +288,12 @@ def test_output_dtype_too_narrow_for_the_labels_raises():
     """An output dtype that cannot hold every label is an error naming the fix, never a silent wrap (uint8 with 300
     classes once wrote 299 as 43; int8 cannot hold void_index 255; bool holds two labels; float16 labels above 2048
     round)."""
-    x300 = torch.softmax(torch.randn(300, 4, 4, generator=torch.Generator().manual_seed(0)) * 4, 0)
+    x300 = softmax_probs((300, 4, 4), seed=0, scale=4.0, dim=0)
     x3 = _probs((3, 5, 5))
     for kwargs, x in ((dict(dtype=torch.uint8), x300), (dict(dtype=torch.int8, unassigned_policy="void"), x3),
                       (dict(dtype=torch.bool), x3), (dict(guard=True, dtype=torch.uint8), x300),
-                      (dict(dtype=torch.float16), torch.softmax(torch.randn(3000, 2, 2), 0)),
-                      (dict(dtype=None), torch.softmax(torch.randn(3000, 2, 2), 0).half())):
+                      (dict(dtype=torch.float16), softmax_probs((3000, 2, 2), scale=1.0, dim=0)),
+                      (dict(dtype=None), softmax_probs((3000, 2, 2), scale=1.0, dim=0, dtype=torch.float16))):
         with pytest.raises(ValueError, match="dtype=.*cannot hold the label .*use torch.int64"):
             RankSEG(**kwargs)(x)
     assert RankSEG(dtype=torch.bool)(_probs((2, 5, 5))).dtype == torch.bool  # two classes fit
@@ -304,10 +304,10 @@ def test_output_dtype_too_narrow_for_the_labels_raises():
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(to_onehot=3), dict(output_mode="multilabel")], ids=str)
-def test_permuted_input_gives_a_contiguous_result_like_asdiscrete(kwargs):
-    x = _probs((3, 8, 7, 6), seed=9)
+def test_permuted_input_gives_a_contiguous_result_like_asdiscrete(kwargs, device):
+    x = _probs((3, 8, 7, 6), seed=9, device=device)
     permuted = x.permute(0, 3, 2, 1)  # what Invertd leaves after Orientationd
-    meta = _as("meta", permuted)
+    meta = _as("meta", permuted, device)
     assert not meta.is_contiguous()
     out = RankSEG(**kwargs)(meta)
     assert out.is_contiguous() and torch.equal(out.as_tensor(), RankSEG(**kwargs)(permuted.contiguous()))
@@ -327,14 +327,15 @@ def test_cuda_device():
 # ----------------------------------------------------------------------------------------------- dictionary transform
 
 
-def test_dict_per_key_args_and_aliases():
+def test_dict_per_key_args_and_aliases(device):
     assert RankSEGD is RankSEGd and RankSEGDict is RankSEGd
-    a, b, c = _probs((3, 6, 5), seed=1), _probs((2, 6, 5), seed=2), torch.rand(1, 6, 5)
+    a, b, c = _probs((3, 6, 5), seed=1, device=device), _probs((2, 6, 5), seed=2, device=device), torch.rand(1, 6, 5)
     t = RankSEGd(keys=["a", "b"], output_mode=["multiclass", "multilabel"], to_onehot=[3, None], metric=["dice", "iou"])
     out = t({"a": a, "b": b, "c": c})
     assert torch.equal(out["a"], RankSEG(to_onehot=3)(a))
     assert torch.equal(out["b"], RankSEG(output_mode="multilabel", metric="iou")(b))
     assert out["c"] is c  # other keys untouched
+    assert out["a"].device == a.device and torch.equal(_cpu(out["a"]), RankSEG(to_onehot=3)(a.cpu()))
     with pytest.raises(ValueError):
         RankSEGd(keys=["a", "b"], metric=["dice", "iou", "dice"])
 
@@ -347,9 +348,9 @@ def test_dict_allow_missing_keys():
         RankSEGd(keys=["a", "missing"])({"a": a})
 
 
-def test_dict_temperature_per_channel_and_per_key():
+def test_dict_temperature_per_channel_and_per_key(device):
     g = torch.Generator().manual_seed(9)
-    la, lb = torch.randn(3, 6, 6, generator=g) * 3, torch.randn(3, 6, 6, generator=g) * 3
+    la, lb = (torch.randn(3, 6, 6, generator=g) * 3).to(device), (torch.randn(3, 6, 6, generator=g) * 3).to(device)
     data = {"a": la, "b": lb}
     shared = RankSEGd(keys=["a", "b"], softmax=True, temperature=[1.0, 3.0, 0.5])(data)  # flat: per channel
     ref = RankSEG(softmax=True, temperature=[1.0, 3.0, 0.5])
@@ -361,10 +362,10 @@ def test_dict_temperature_per_channel_and_per_key():
         RankSEGd(keys=["a", "b"], softmax=True, temperature=[[4.0], None, None])
 
 
-def test_dict_keeps_meta():
-    x = _as("meta", _probs((3, 5, 4, 6)))
+def test_dict_keeps_meta(device):
+    x = _as("meta", _probs((3, 5, 4, 6)), device)
     out = RankSEGd(keys="pred", to_onehot=3)({"pred": x})["pred"]
-    assert isinstance(out, MetaTensor) and torch.equal(out.affine, AFFINE)
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine.cpu(), AFFINE)
     assert len(out.applied_operations) == len(x.applied_operations)
 
 
@@ -399,23 +400,10 @@ def test_bundle_config_parser():
 @pytest.fixture(scope="module")
 def trained():
     """Three 24^3 test volumes and a tiny UNet trained for 30 Adam steps on two of them (well under a second)."""
-    torch.manual_seed(0)
-    cases = [
-        create_test_image_3d(24, 24, 24, num_objs=2, rad_max=7, rad_min=4, num_seg_classes=2, noise_max=0.2,
-                             random_state=np.random.RandomState(i))
-        for i in range(3)
-    ]
+    cases = monai_volumes(3)
     x = torch.tensor(np.stack([im for im, _ in cases]))[:, None].float()
     y = torch.tensor(np.stack([seg for _, seg in cases]))[:, None].float()
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
-    from monai.losses import DiceCELoss
-
-    loss_fn, opt = DiceCELoss(to_onehot_y=True, softmax=True), torch.optim.Adam(net.parameters(), 3e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        loss_fn(net(x[:2]), y[:2]).backward()
-        opt.step()
-    return net.eval(), x, y
+    return train_tiny_unet(x[:2], y[:2]), x, y
 
 
 def test_post_chain_after_sliding_window(trained):
@@ -447,10 +435,7 @@ def test_post_chain_after_sliding_window(trained):
 
 
 def _meta_case(seed=0):
-    im, seg = create_test_image_3d(24, 24, 20, num_objs=2, rad_max=7, rad_min=4, num_seg_classes=2,
-                                   random_state=np.random.RandomState(seed))
-    return {"image": MetaTensor(torch.tensor(im)[None].float(), affine=AFFINE.clone()),
-            "label": MetaTensor(torch.tensor(seg)[None].float(), affine=AFFINE.clone())}
+    return meta_cases(monai_volumes(1, (24, 24, 20), first_seed=seed, noise_max=0.0), [AFFINE])[0]
 
 
 def test_invertd_flip_commutes(trained):
@@ -527,14 +512,13 @@ def test_invertd_spline_overshoot_needs_clamp():
         RankSEGd(keys="pred", clamp=True)(sharp)
 
 
-def test_guard_is_forwarded_and_default_pruning_is_auto():
+def test_guard_is_forwarded_and_default_pruning_is_auto(device):
     from rankseg_monai.calibration import guarded_rankseg
     from rankseg_monai.functional import rankseg as functional_rankseg
 
-    g = torch.Generator().manual_seed(1)
-    fog = torch.softmax(torch.randn((3, 12, 12, 6), generator=g) * 0.2, 0)
-    out = RankSEG(guard=True, dtype=torch.int64)(fog)
+    fog = softmax_probs((3, 12, 12, 6), seed=1, scale=0.2, dim=0)
+    out = _cpu(RankSEG(guard=True, dtype=torch.int64)(fog.to(device)))
     assert torch.equal(out[0], guarded_rankseg(fog[None], guard=True, pruning_prob="auto")[0])
     assert torch.equal(RankSEG(dtype=torch.int64)(fog)[0], functional_rankseg(fog[None], pruning_prob="auto")[0])
-    d = RankSEGd(keys="pred", guard=True, dtype=torch.int64)({"pred": fog})
-    assert torch.equal(d["pred"], out)
+    d = RankSEGd(keys="pred", guard=True, dtype=torch.int64)({"pred": fog.to(device)})
+    assert torch.equal(_cpu(d["pred"]), out)

@@ -1,4 +1,5 @@
-"""Small synthetic probability/label volumes written as real NIfTI, MHA/NRRD and nnU-Net files (test helper)."""
+"""Writers and readers of the real NIfTI, MHA/NRRD and nnU-Net files of the app tests, with their geometry (the
+volumes themselves come from ``generators.make_case``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-
-SHAPE = (20, 18, 16)
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -30,29 +29,6 @@ def nifti_affine(spacing=(0.8, 1.3, 2.5), angles=(0.2, -0.3, 0.5), origin=(10.5,
 ITK_SPACING = (0.7, 0.9, 3.0)
 ITK_ORIGIN = (-12.5, 40.25, 7.125)
 ITK_DIRECTION = tuple(rotation(-0.4, 0.1, 0.25).ravel())
-
-
-def make_case(seed: int = 0, shape=SHAPE, num_classes: int = 3, sharp: float = 4.0, noise: float = 1.5):
-    """(probs (C, x, y, z) float32 summing to 1, label (x, y, z) int64, logits) with blob-shaped classes.
-
-    The logits carry spatially smooth noise; the label is drawn voxel-wise from ``probs`` (calibrated).
-    """
-    from scipy.ndimage import gaussian_filter
-
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    logits = np.zeros((num_classes, *shape))
-    for c in range(1, num_classes):
-        center = rng.uniform(-0.4, 0.4, size=3)[:, None, None, None]
-        radius = rng.uniform(0.3, 0.5)
-        smooth_noise = gaussian_filter(rng.normal(0.0, 1.0, size=shape), 1.5)
-        logits[c] = sharp * (radius - np.sqrt(((grid - center) ** 2).sum(0))) / radius
-        logits[c] += noise * smooth_noise / smooth_noise.std()
-    e = np.exp(logits - logits.max(0, keepdims=True))
-    probs = (e / e.sum(0, keepdims=True)).astype(np.float32)
-    u = rng.uniform(size=shape)
-    label = (np.cumsum(probs, axis=0) < u).sum(0).clip(0, num_classes - 1).astype(np.int64)
-    return probs, label, logits.astype(np.float32)
 
 
 def write_nifti_probs(path: Path, probs: np.ndarray, affine: np.ndarray, channels_last: bool = True) -> Path:

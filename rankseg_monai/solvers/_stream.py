@@ -26,6 +26,7 @@ __all__ = [
     "floor_to_dtype",
     "row_statistics",
     "threshold_masks",
+    "mask_sums",
 ]
 
 #: values within this distance outside [0, 1] are clipped when ``clamp=True``; larger ones still raise
@@ -174,3 +175,36 @@ def flat_view(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
         return out.permute(*range(lead), *(lead + i for i in inverse))
 
     return flat, unflatten
+
+
+@torch.no_grad()
+def mask_sums(
+    flat: torch.Tensor,
+    decision: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(B, C)`` sums of the probabilities over each row's mask, and int64 ``(B, C)`` mask sizes.
+
+    ``decision`` is a label map ``(B, N)`` (any integer or float dtype holding labels; labels outside ``[0, C)``
+    such as a void label belong to no row) or masks ``(B, C, N)`` (bool or 0/1).  One chunked pass.
+    """
+    device = flat.device if device is None else torch.device(device)
+    batch, num_rows, n_vox = flat.shape
+    S = torch.zeros((batch, num_rows), dtype=torch.float64, device=device)
+    n = torch.zeros((batch, num_rows), dtype=torch.int64, device=device)
+    labels = decision.dim() == 2
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        if labels:
+            idx = decision[:, start:stop].to(device).long()
+            valid = (idx >= 0) & (idx < num_rows)
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+            p = chunk.gather(1, idx.unsqueeze(1))[:, 0]
+            S.scatter_add_(1, idx, (p * valid).double())
+            n.scatter_add_(1, idx, valid.long())
+        else:
+            m = decision[..., start:stop].to(device) != 0
+            S += (chunk * m).sum(-1, dtype=torch.float64)
+            n += m.sum(-1)
+    return S, n

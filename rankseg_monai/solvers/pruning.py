@@ -40,7 +40,7 @@ import torch
 from ._stream import RowStats, iter_chunks
 from .objectives import rma_score, rma_score_bound
 
-__all__ = ["ABSENCE_MODELS", "AUTO_MODES", "selection_summary", "empty_value", "auto_active",
+__all__ = ["ABSENCE_MODELS", "AUTO_MODES", "selection_summary", "empty_value", "log_absence", "auto_active",
            "auto_active_from_thresholds", "auto_candidates"]
 
 
@@ -113,17 +113,23 @@ def auto_active(
             bound, exact when the class is present or absent as a whole) or ``"mixed"`` (their average, what
             ``pruning_prob="auto"`` uses).
     """
+    mu = stats.mu.to(best_value.device)
+    vmax = stats.vmax.to(best_value.device)
+    baseline = empty_value(log_absence(log_p_absent.to(best_value.device), vmax, absence), mu, smooth)
+    return (best_value > baseline) & (vmax > 0)
+
+
+def log_absence(log_p_independent: torch.Tensor, vmax: torch.Tensor, absence: str = "mixed") -> torch.Tensor:
+    """``log P(class absent)`` under an absence model (:data:`ABSENCE_MODELS`), float64 ``(B, C)``, from
+    ``sum log1p(-p)`` (the independent model, :func:`selection_summary`) and the row's largest probability."""
     if absence not in ABSENCE_MODELS:
         raise ValueError(f"absence must be one of {ABSENCE_MODELS}, got {absence!r}")
-    mu = stats.mu.to(best_value.device)
-    log_p_absent = log_p_absent.to(best_value.device)
+    if absence == "independent":
+        return log_p_independent
     if absence == "correlated":
-        log_p_absent = torch.log1p(-stats.vmax.to(best_value.device).clamp(0.0, 1.0))
-    elif absence == "mixed":
-        corr = 1.0 - stats.vmax.to(best_value.device).clamp(0.0, 1.0)
-        log_p_absent = torch.log(0.5 * corr + 0.5 * torch.exp(log_p_absent))  # log(0) = -inf: never absent
-    baseline = empty_value(log_p_absent, mu, smooth)
-    return (best_value > baseline) & (stats.vmax.to(best_value.device) > 0)
+        return torch.log1p(-vmax.clamp(0.0, 1.0))
+    corr = 1.0 - vmax.clamp(0.0, 1.0)
+    return torch.log(0.5 * corr + 0.5 * torch.exp(log_p_independent))  # log(0) = -inf: never absent
 
 
 def auto_candidates(stats: RowStats, metric: str, smooth: float, absence: str = "mixed") -> torch.Tensor:

@@ -185,21 +185,35 @@ def _quasi_concave_threshold(
     device: torch.device,
     chunk_size: int | None,
     clamp: bool,
+    s_off: torch.Tensor | None = None,
+    n_off: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Exact ``t*`` (float64, (B, C)) of Dice s=0 (with ``mu`` given) or IoU; the optimum is ``{p > t*}``."""
+    """Exact ``t*`` (float64, (B, C)) of Dice s=0 (with ``mu`` given) or IoU; the optimum is ``{p > t*}``.
+
+    ``s_off``/``n_off`` (float64 / int64 ``(B, C)``) are the sum and size of a set of voxels that every selection
+    contains besides its ``p > t*`` voxels (a forced set whose values are 0 in ``flat``; ``None``: none).
+    ``bounds=(low, high)`` (float64 ``(B, C)``) are known bounds ``low <= t* <= high`` that narrow the band.
+    """
     half = torch.full_like(mu, 0.5)
-    f_half = rma_score(metric, stats.s_half, stats.n_half.double(), mu, smooth)
-    f_top = rma_score(metric, stats.vmax, torch.ones_like(mu), mu, smooth)
-    f_empty = rma_score(metric, torch.zeros_like(mu), torch.zeros_like(mu), mu, smooth)
+    if s_off is None:
+        s_off, n_off = torch.zeros_like(mu), torch.zeros_like(mu, dtype=torch.int64)
+    f_half = rma_score(metric, stats.s_half + s_off, (stats.n_half + n_off).double(), mu, smooth)
+    f_top = rma_score(metric, stats.vmax + s_off, (n_off + 1).double(), mu, smooth)
+    f_empty = rma_score(metric, s_off, n_off.double(), mu, smooth)
     t0 = dinkelbach_threshold(metric, torch.maximum(torch.maximum(f_half, f_top), f_empty))
     low = torch.where(active, _margin_down(t0), half)
     cap: int | None = max(1 << 20, flat.numel() // 8)
     high = half
+    if bounds is not None:
+        low = torch.where(active, torch.maximum(low, _margin_down(bounds[0])), half)
+        high = torch.where(active, torch.minimum(half, torch.maximum(_margin_up(bounds[1]), low)), half)
     n_prev = None
     for attempt in range(_MAX_DINKELBACH):
         if attempt == _MAX_DINKELBACH - 1:
             cap = None  # give up bounding the memory rather than loop
         values, rows, s_fix, n_fix, s_band, n_band = band_select(flat, low, high, device, chunk_size, clamp, cap)
+        s_fix, n_fix = s_fix + s_off, n_fix + n_off
         if values is not None:
             break
         # diffuse rows: the band is too large to hold; one Dinkelbach step on the full data raises ``low``
@@ -226,19 +240,33 @@ def rma_thresholds(
     device: torch.device | None = None,
     chunk_size: int | None = None,
     clamp: bool = False,
+    offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-row thresholds (dtype of ``flat``, on ``flat``'s device): the RMA mask of row (b, c) is
-    ``flat[b, c] > thr[b, c]``.  Inactive (pruned) rows get ``+inf`` (empty mask)."""
+    ``flat[b, c] > thr[b, c]``.  Inactive (pruned) rows get ``+inf`` (empty mask).
+
+    ``offsets=(S, n)`` (float64 and int64 ``(B, C)``): every selection also holds a forced set of voxels with
+    probability sum ``S`` and size ``n`` that ``flat`` does not show (their values there are 0, so they are never
+    selected twice); ``mu`` in ``stats`` is still the whole row's sum.  The region solver uses this to optimise one
+    region between a fixed parent and fixed children (``solvers/regions.py``).  ``bounds=(low, high)`` (float64
+    ``(B, C)``; Dice with ``s = 0`` and IoU only) are known bounds of the optimal threshold, for a narrower band.
+    """
     device = flat.device if device is None else torch.device(device)
     mu = stats.mu
+    s_off, n_off = (None, None) if offsets is None else offsets
     if metric == "iou" or smooth == 0:
-        t = _quasi_concave_threshold(flat, stats, metric, mu, smooth, active, device, chunk_size, clamp)
+        t = _quasi_concave_threshold(flat, stats, metric, mu, smooth, active, device, chunk_size, clamp, s_off, n_off,
+                                     bounds)
     else:
         # stage A: the first Dice term alone is Dice s=0 with mu + s
-        t_a = _quasi_concave_threshold(flat, stats, "dice", mu + smooth, 0.0, active, device, chunk_size, clamp)
+        t_a = _quasi_concave_threshold(flat, stats, "dice", mu + smooth, 0.0, active, device, chunk_size, clamp,
+                                       s_off, n_off)
         low = torch.where(active, _margin_down(t_a), 2.0)
         high = torch.where(active, _margin_up(dice_increment_bound(t_a, mu, smooth)), 2.0)
         values, rows, s_fix, n_fix, _, _ = band_select(flat, low, high, device, chunk_size, clamp)
+        if s_off is not None:
+            s_fix, n_fix = s_fix + s_off, n_fix + n_off
         take, cut = _sorted_band_argmax(values, rows, s_fix.reshape(-1), n_fix.reshape(-1), mu.reshape(-1),
                                         smooth)
         take, cut = take.reshape(mu.shape), cut.reshape(mu.shape)

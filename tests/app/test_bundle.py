@@ -30,7 +30,7 @@ from rankseg_monai.app.demo import infer_probabilities, load_demo_model
 from rankseg_monai.app.synthetic import make_phantom
 from rankseg_monai.functional import rankseg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle" / "rankseg_demo"
 CONFIGS = BUNDLE / "configs"
 EVALUATE, ARGMAX, INFERENCE = CONFIGS / "evaluate.json", CONFIGS / "argmax.json", CONFIGS / "inference.json"

@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from generators import make_case
 from volume_files import (
     ITK_DIRECTION,
     ITK_ORIGIN,
     ITK_SPACING,
     files_in,
-    make_case,
     nifti_affine,
     sitk_xyz,
     write_nifti_probs,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = ROOT / "tutorials"
 ROW = re.compile(r"^(organ|lesion)\s+(Dice|HD95mm)\s+(\S+)\s+(\S+)\s+([+-]\S+)", re.MULTILINE)
 

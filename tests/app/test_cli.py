@@ -6,20 +6,19 @@ import csv
 import math
 import sys
 import types
-import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from generators import make_case
+from oracle import monai_dice_hd95
 from volume_files import (
     ITK_DIRECTION,
     ITK_ORIGIN,
     ITK_SPACING,
     files_in,
-    make_case,
     nifti_affine,
     sitk_xyz,
     write_nifti_labels,
@@ -211,17 +210,6 @@ def test_usage_errors(tmp_path, capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
-def _monai(pred, label, classes, spacing):
-    p = torch.stack([torch.from_numpy(pred == c) for c in classes])[None].float()
-    y = torch.stack([torch.from_numpy(label == c) for c in classes])[None].float()
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, y)[0].tolist()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
-            p, y, spacing=list(spacing))[0].tolist()
-    return dice, hd
-
-
 def _same(a: str, b: float) -> bool:
     return (math.isnan(float(a)) and math.isnan(b)) or float(a) == b
 
@@ -259,7 +247,7 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     for name, (probs, label) in cases.items():
         preds = {"argmax": probs.argmax(0), "rankseg": expected_mask(probs)}
         for method, pred in preds.items():
-            dice, hd = _monai(pred, label, [1, 2], spacings[name])
+            dice, hd = monai_dice_hd95(pred, label, [1, 2], spacings[name])
             got = [r for r in rows if r["case"] == name]
             for k in range(2):
                 assert _same(got[k][f"dice_{method}"], dice[k])
@@ -321,7 +309,7 @@ def test_evaluate_pred_masks(eval_inputs, capsys):
     assert sorted(rows) == ["a", "b", "c"]
     for name, (probs, label) in cases.items():
         spacing = ITK_SPACING if name != "c" else (1.0, 0.5, 2.0)
-        dice, hd = _monai(expected_mask(probs), label, [2], spacing)
+        dice, hd = monai_dice_hd95(expected_mask(probs), label, [2], spacing)
         assert rows[name]["class"] == "2"
         assert _same(rows[name]["dice_pred"], dice[0]) and _same(rows[name]["hd95_pred"], hd[0])
 
@@ -337,7 +325,7 @@ def test_evaluate_nifti_labels_for_nifti_probs(tmp_path):
     with open(tmp_path / "r" / "per_case.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     spacing = np.linalg.norm(nib.load(str(tmp_path / "p" / "x.nii.gz")).affine[:3, :3], axis=0)
-    dice, hd = _monai(expected_mask(probs), label, [1], spacing)
+    dice, hd = monai_dice_hd95(expected_mask(probs), label, [1], spacing)
     assert _same(row["dice_rankseg"], dice[0]) and _same(row["hd95_rankseg"], hd[0])
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _jmlr_helpers import blob, brute_force_expected_dice, mask_expected_dice, pb_pmf, splits_tie_group
+from generators import noisy_ball
+from oracle import brute_force_expected_dice, mask_expected_dice, pb_pmf, splits_tie_group
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import exact as exact_mod
@@ -45,14 +46,14 @@ def test_scores_equal_brute_force_expectation(smooth):
         assert top.max() >= values.max() - 1e-12
 
 
-def test_hits_brute_force_optimum():
+def test_hits_brute_force_optimum(device):
     rng = np.random.default_rng(7)
     for case in range(40):
         n = int(rng.integers(5, 11))
         smooth = float(rng.choice([0.0, 0.5, 2.0]))
         p = rng.uniform(size=n) ** float(rng.choice([0.5, 1.0, 3.0]))
         masks, values = brute_force_expected_dice(p, smooth)
-        got = solve(torch.from_numpy(p[None, None]), smooth).numpy().ravel()
+        got = solve(torch.from_numpy(p[None, None]).to(device), smooth).cpu().numpy().ravel()
         value = values[int(np.flatnonzero((masks == got).all(1))[0])]
         assert value >= values.max() - 1e-12, (case, p, smooth)
 
@@ -86,7 +87,7 @@ def test_ties_are_never_split_and_best_boundary_is_chosen():
 
 
 def test_matches_oracle_on_moderate_rows_and_beats_or_ties_trna():
-    x = blob((12, 12), seed=2, sharp=6.0, noise=1.5)
+    x = noisy_ball((12, 12), seed=2, sharp=6.0, noise=1.5)
     p = x.flatten().numpy()
     got = solve(x).numpy().ravel()
     desc = np.sort(p)[::-1]
@@ -98,15 +99,16 @@ def test_matches_oracle_on_moderate_rows_and_beats_or_ties_trna():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_dtypes_strides_and_contract(dtype):
-    x = blob((7, 6), seed=4, sharp=6.0, noise=1.0).to(dtype).flatten(2).repeat(2, 2, 1)
+def test_dtypes_strides_and_contract(dtype, device):
+    x = noisy_ball((7, 6), seed=4, sharp=6.0, noise=1.0).to(dtype).flatten(2).repeat(2, 2, 1).to(device)
     x[1, 0] *= 0.3
     stats = row_statistics(x)
     active = stats.vmax > 0.5
     thr = exact_mod.exact_thresholds(x, stats, 0.0, active)
-    assert thr.shape == (2, 2) and thr.dtype == dtype and torch.isinf(thr[1, 0])
+    assert thr.shape == (2, 2) and thr.dtype == dtype and thr.device == x.device and torch.isinf(thr[1, 0])
     assert torch.equal(x > thr[..., None], solve(x, pruning_prob=0.5))
     assert torch.equal(solve(x), solve(x.double()))
+    assert torch.equal(solve(x).cpu(), solve(x.cpu()))
     strided = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]  # the same values as a strided view
     assert not strided.is_contiguous()
     assert torch.equal(solve(strided), solve(x))

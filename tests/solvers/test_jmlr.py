@@ -7,15 +7,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _jmlr_helpers import (
-    blob,
+from generators import noisy_ball
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import (
     brute_force_expected_dice,
     mask_expected_dice,
+    naive_up_tau,
     reference_scores,
     splits_tie_group,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import ba as ba_mod
@@ -77,6 +78,7 @@ def test_interval_replica_is_scipys_value_for_value():
 
 
 # --------------------------------------------------------------------------------- scores vs naive 0.0.8
+@pytest.mark.slow  # 3-7 s each on one core: the naive TRNA reference is quadratic
 @pytest.mark.parametrize("smooth", [0.0, 0.5, 3.0])
 def test_vectorised_scores_equal_naive_per_tau_scores(smooth):
     rng = np.random.default_rng(int(smooth * 10))
@@ -114,7 +116,7 @@ def _ba_inputs(p, smooth):
 def test_branch_and_bound_finds_the_first_argmax_of_all_ba_scores(monkeypatch):
     rng = np.random.default_rng(12)
     for case in range(24):
-        x = blob((14, 14, 8), seed=case, sharp=float(rng.uniform(3, 15)), noise=float(rng.uniform(0.3, 2)))
+        x = noisy_ball((14, 14, 8), seed=case, sharp=float(rng.uniform(3, 15)), noise=float(rng.uniform(0.3, 2)))
         p = x.flatten().numpy()
         if case % 3 == 0:
             p = np.round(p * 32) / 32  # tie groups
@@ -133,7 +135,7 @@ def test_branch_and_bound_on_large_rows_equals_the_full_search(seed):
     """Rows big enough for the pruned search on its own (no patching): flat optima, ties, smoothing."""
     rng = np.random.default_rng(100 + seed)
     shape = [(48, 48, 32), (64, 64, 40), (40, 40, 40)][seed % 3]
-    x = blob(shape, seed=seed, sharp=float(rng.uniform(2, 20)), noise=float(rng.uniform(0.2, 2.5)),
+    x = noisy_ball(shape, seed=seed, sharp=float(rng.uniform(2, 20)), noise=float(rng.uniform(0.2, 2.5)),
              radius=float(rng.uniform(0.2, 0.7)))
     p = x.flatten().numpy()
     if seed % 2:
@@ -160,18 +162,6 @@ def test_row_moments_equal_direct_float64_sums():
 
 
 # ------------------------------------------------------------------------------------- up_tau (Lemma 3)
-def naive_up_tau(p: np.ndarray, smooth: float) -> int:
-    desc = np.sort(p.astype(np.float64))[::-1]
-    n = desc.size
-    if n == 1:
-        return 1
-    S = np.cumsum(desc)
-    tau = np.arange(1, n, dtype=np.float64)
-    denom = tau + smooth + n
-    stop = S[:-1] / denom >= desc[1:] if smooth > 1e6 else S[:-1] >= denom * desc[1:]
-    return int(np.argmax(stop)) + 1 if stop.any() else n
-
-
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(st.floats(0.0, 1.0), min_size=1, max_size=60),
@@ -198,19 +188,21 @@ def test_boundaries_extend_a_split_tie_group_and_best_boundary_wins():
 
 # -------------------------------------------------------------------------------------- vs rankseg 0.0.8
 @pytest.mark.parametrize("solver", JMLR)
-def test_equal_to_reference_random_float64(solver):
+def test_equal_to_reference_random_float64(solver, device):
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.beta(0.5, 1.5, size=(2, 3, 150)))
     x[1, 2] *= 0.5  # max <= 0.5: pruned by both
     for smooth, eps in [(0.0, 1e-4), (0.5, 1e-4), (3.0, 1e-3), (2e6, 1e-4)]:
-        a, b = theirs(x, solver, smooth, eps), ours(x, solver, smooth, eps)
+        a, b = theirs(x, solver, smooth, eps), ours(x.to(device), solver, smooth, eps)
+        assert b.device == x.to(device).device
+        b = b.cpu()
         assert torch.equal(a, b), (solver, smooth, eps)
         assert not b[1, 2].any()
 
 
 @pytest.mark.parametrize("solver", JMLR)
 def test_equal_to_reference_realistic_blobs(solver):
-    cases = [blob((9, 9, 6), seed=3), blob((20, 20), seed=4, sharp=6.0, noise=2.0)]
+    cases = [noisy_ball((9, 9, 6), seed=3), noisy_ball((20, 20), seed=4, sharp=6.0, noise=2.0)]
     rng = np.random.default_rng(5)
     beta = torch.from_numpy(rng.beta(0.3, 3.0, size=(1, 1, 8, 8, 6)))
     beta[..., 2:5, 2:5, 1:4] = torch.from_numpy(rng.beta(4.0, 1.0, size=(1, 1, 3, 3, 3)))
@@ -221,7 +213,7 @@ def test_equal_to_reference_realistic_blobs(solver):
 
 
 def test_big_sigma_rows_use_ba_under_ba_plus_trna():
-    x = blob((24, 24, 10), seed=6, sharp=4.0, noise=1.5)  # sigma > 5: BA
+    x = noisy_ball((24, 24, 10), seed=6, sharp=4.0, noise=1.5)  # sigma > 5: BA
     p = x.flatten().numpy()
     assert np.sqrt(np.sum(p * (1 - p))) > 5
     assert torch.equal(ours(x, "ba+trna"), theirs(x, "ba"))
@@ -230,7 +222,7 @@ def test_big_sigma_rows_use_ba_under_ba_plus_trna():
 
 @pytest.mark.parametrize("solver", JMLR)
 def test_float32_inputs_decide_like_reference_on_float64_copy(solver):
-    x = blob((10, 10, 5), seed=7, sharp=8.0, noise=1.5).float()
+    x = noisy_ball((10, 10, 5), seed=7, sharp=8.0, noise=1.5).float()
     for smooth in (0.0, 1.0):
         # our float64 arithmetic reproduces 0.0.8's decisions on the float64 copy of the same values
         assert torch.equal(ours(x, solver, smooth), theirs(x.double(), solver, smooth))
@@ -257,27 +249,28 @@ def test_tied_probabilities(solver):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_and_strided_inputs(dtype):
-    base = blob((8, 8, 4), seed=8, sharp=8.0, noise=1.5)
-    x = base.to(dtype)
-    expected = ours(x.double(), "trna")
-    assert torch.equal(ours(x, "trna"), expected)
+def test_low_precision_and_strided_inputs(dtype, device):
+    base = noisy_ball((8, 8, 4), seed=8, sharp=8.0, noise=1.5)
+    x = base.to(dtype).to(device)
+    expected = ours(x.double().cpu(), "trna")
+    assert torch.equal(ours(x, "trna").cpu(), expected)
     strided = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]  # the same values, non-contiguous
     assert not strided.is_contiguous()
     assert torch.equal(ours(strided, "ba"), ours(x, "ba"))
 
 
 @pytest.mark.parametrize("solver", [*JMLR, "exact"])
-def test_clamp_clips_like_the_mask_pass(solver):
-    x = blob((6, 6, 4), seed=10, sharp=8.0).float()
+def test_clamp_clips_like_the_mask_pass(solver, device):
+    x = noisy_ball((6, 6, 4), seed=10, sharp=8.0).float()
     x[0, 0, 0, 0, 0], x[0, 0, 1, 1, 1], x[0, 0, 5, 5, 3] = 1.004, 1.0, -0.003
+    x = x.to(device)
     got = rankseg(x, metric="dice", output_mode="multilabel", solver=solver, clamp=True)
     assert got[0, 0, 0, 0, 0] and got[0, 0, 1, 1, 1]
     assert torch.equal(got, rankseg(x.clamp(0, 1), metric="dice", output_mode="multilabel", solver=solver))
 
 
-def test_thresholds_contract():
-    x = blob((6, 6, 4), seed=9).float().flatten(2).repeat(2, 2, 1)
+def test_thresholds_contract(device):
+    x = noisy_ball((6, 6, 4), seed=9).float().flatten(2).repeat(2, 2, 1).to(device)
     x[0, 1] *= 0.4
     stats = row_statistics(x)
     active = stats.vmax > 0.5
@@ -328,6 +321,7 @@ def fmt(counts):
     return ", ".join(f"{k.upper()} {int(v)}/60" for k, v in counts.items())
 
 
+@pytest.mark.slow  # 5-8 s on one core: 60 cases x 7 solvers against the oracle
 def test_hit_rates_brute_force_n5_to_10():
     rng = np.random.default_rng(2023)
     cases = [(rng.uniform(size=int(rng.integers(5, 11))), 0.0) for _ in range(60)]
@@ -351,6 +345,7 @@ def test_hit_rates_brute_force_n5_to_10():
     assert counts["trna"] >= 55  # the refined normal approximation is very good even for n = 5
 
 
+@pytest.mark.slow  # 5-8 s on one core: 60 cases x 7 solvers against the oracle
 @pytest.mark.parametrize("smooth", [0.0, 1.0])
 def test_hit_rates_exact_oracle_n5_to_60(smooth):
     """The protocol of the reference notes: 60 random cases, n = 5..60, against the exact optimum."""

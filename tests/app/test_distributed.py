@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "dist_eval_script.py"
 NUM_CASES = 5
 TIMEOUT = 180

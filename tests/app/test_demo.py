@@ -97,6 +97,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the reduced demo end to end (module fixture demo_run)
 def test_demo_runs_end_to_end_and_writes_outputs(demo_run):
     code, out, seconds = demo_run
     assert code == 0
@@ -122,6 +123,7 @@ def test_demo_runs_end_to_end_and_writes_outputs(demo_run):
         assert 0.0 < float(r["max_prob"]) <= 1.0
 
 
+@pytest.mark.slow  # the reduced demo end to end (module fixture demo_run)
 def test_demo_csv_agrees_with_monai_metrics_recomputed_for_one_case(demo_run):
     """Recompute case 1 independently: phantom -> model -> softmax -> decisions -> MONAI metrics."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU

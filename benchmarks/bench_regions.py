@@ -1,0 +1,118 @@
+"""Region-aware RankSEG: time and passes against argmax and plain multiclass RankSEG, and the summed objective.
+
+Volumes: LiTS-like softmax (3 classes, regions liver {1, 2} and tumour {2}) and BraTS-like sigmoid region
+probabilities (3 channels WT, TC, ET), smooth blobs of several sizes.  Each method runs in this process, median of
+``--repeat`` warm runs; "passes" counts the reads of a volume-sized row (one row of ``N`` voxels = 1/R of a pass
+over the region probabilities) made by the solver's chunk loops (a few more
+elementwise passes build masks outside them).
+
+    python benchmarks/bench_regions.py                 # ~1 min on 2 cores
+    python benchmarks/bench_regions.py --shape 256 256 128 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rankseg_monai.functional import rankseg
+from rankseg_monai.solvers import _stream, regions, rma
+from rankseg_monai.solvers.regions import RegionTree, nodes_from_labels, region_objective, solve_regions
+
+
+def volume(kind: str, shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((1, 3, *shape), generator=g)
+    z = torch.nn.functional.avg_pool3d(z, 9, 1, 4) * 30
+    if kind == "lits":
+        z[:, 0] += 1.0
+        return torch.softmax(z, 1)
+    z[:, 1] -= 1.0
+    z[:, 2] -= 2.0
+    return torch.sigmoid(z)
+
+
+class PassCounter:
+    """Counts the voxel values read by the solvers' chunk loops: ``_stream.iter_chunks`` (statistics, bands,
+    masks) and the region passes' ``regions._chunks`` (sums, joint moves; counted as one value per voxel and row)."""
+
+    def __init__(self) -> None:
+        self.values = 0
+        self._saved = (_stream.iter_chunks, rma.iter_chunks, regions._chunks)
+
+    def __enter__(self) -> PassCounter:
+        orig_iter, _, orig_chunks = self._saved
+
+        def iter_chunks(flat, *args, **kwargs):
+            for start, stop, chunk in orig_iter(flat, *args, **kwargs):
+                self.values += chunk.numel()
+                yield start, stop, chunk
+
+        def chunks(n):
+            for a, b in orig_chunks(n):
+                self.values += b - a
+                yield a, b
+
+        _stream.iter_chunks = rma.iter_chunks = iter_chunks
+        regions._chunks = chunks
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _stream.iter_chunks, rma.iter_chunks, regions._chunks = self._saved
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(128, 128, 64))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = tuple(args.shape)
+    n_vox = torch.Size(shape).numel()
+    print(f"shape {shape} ({n_vox / 1e6:.2f} Mvox), torch {torch.__version__}, {args.threads} threads, "
+          f"median of {args.repeat} warm runs")
+    print(f"{'case':>6} {'method':>24} {'seconds':>8} {'x argmax':>9} {'row reads / N':>14} {'sweeps':>7} "
+          f"{'summed objective':>17}")
+    for kind, spec, region_probs in (("lits", {"liver": [1, 2], "tumour": [2]}, False),
+                                     ("brats", {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}, True)):
+        x = volume(kind, shape)
+        tree = RegionTree.parse(spec)
+        flat = x.reshape(1, 3, -1)
+        q = flat if region_probs else regions.region_probabilities(flat, tree)
+        mu = q.double().sum(-1)
+        t_arg = timed(lambda x=x: x.argmax(1), args.repeat)
+        rows = [("argmax" if not region_probs else "threshold 0.5 painted", t_arg, None, None,
+                 nodes_from_labels(flat.argmax(1), tree, 3) if not region_probs
+                 else regions.paint_nodes(q > 0.5, tree))]
+        if not region_probs:
+            t_mc = timed(lambda x=x: rankseg(x, pruning_prob="auto"), args.repeat)
+            labels = rankseg(x, pruning_prob="auto").reshape(1, -1)
+            rows.append(("multiclass RankSEG", t_mc, None, None, nodes_from_labels(labels, tree, 3)))
+        kw = dict(regions=spec, region_probs=region_probs, pruning_prob="auto")
+        t_reg = timed(lambda x=x, kw=kw: rankseg(x, **kw), args.repeat)
+        with PassCounter() as counter:
+            nodes, details = solve_regions(flat, tree, "dice", 0.0, None, region_probs=region_probs,
+                                           return_details=True)
+        rows.append(("region RankSEG", t_reg, counter.values / n_vox, details["sweeps"], nodes))
+        for name, t, reads, sweeps, nd in rows:
+            obj = float(region_objective(q, nd, tree, mu, "dice", 0.0).sum())
+            print(f"{kind:>6} {name:>24} {t:>8.3f} {t / t_arg:>9.2f} "
+                  f"{'-' if reads is None else f'{reads:.1f}':>14} {'-' if sweeps is None else sweeps:>7} {obj:>17.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,534 @@
+"""Region-aware RankSEG: one label map whose *regions* (sets of labels, nested like LiTS, KiTS and BraTS score
+them) maximise the summed RMA expected Dice (or IoU).  Pure torch, no MONAI import.
+
+A region set in nnU-Net's ``dataset.json`` form, e.g. LiTS ``{"liver": [1, 2], "tumour": [2]}``, BraTS
+``{"whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}``, must be *laminar*: every two regions
+are nested or disjoint, so the regions form a forest (:class:`RegionTree`).  Each region needs a label of its own
+(one that none of its sub-regions holds): the label a voxel gets when that region is the deepest one holding it.
+
+The decision is a *node map*: per voxel the deepest region that holds it (or none).  Region ``r``'s mask is the
+set of voxels whose node lies in ``r``'s subtree, so masks are nested by construction, siblings are disjoint and
+every mask is exactly what the label map says.  The objective is ``sum_r f_r(S_r, n_r)`` with ``f`` the RMA value
+of :func:`~rankseg_monai.solvers.objectives.rma_score` (the one formula), ``q_r`` the region's probability
+(the sum of its classes' probabilities, or the network's sigmoid channel), ``S_r`` its sum over the mask,
+``n_r`` the mask's size and ``mu_r`` its sum over the volume.
+
+Algorithm (``docs/regions.md`` has the reasoning):
+
+1. **Independent solve.**  Every region's own RankSEG threshold (``rma.rma_thresholds``) and, with
+   ``pruning_prob``, which regions to keep (a region is kept when it and every region above it are kept).
+2. **Candidates.**  The node maps of (c) argmax of the classes (class input) or nnU-Net's 0.5-threshold painting
+   (region input), (a) the independent masks painted in nnU-Net's order, (b) the independent masks with each
+   child intersected with its parent, and (d) the top-down restricted solve (each region solved exactly inside
+   its parent).  The best candidate by the summed objective is the start.
+3. **Coordinate ascent.**  One region at a time, the others fixed: its mask must contain its children's masks
+   (a forced set ``F``) and stay inside its parent's mask minus its siblings'.  Only voxels whose node is the
+   parent or the region itself can move, and the best such move is an RMA problem on those voxels with ``F``
+   as a fixed offset: quasi-concave for Dice (``s = 0``) and IoU, so its exact optimum is a threshold of
+   ``q_r`` (``rma.rma_thresholds(..., offsets=...)``; tie groups are never split; Dice with ``s > 0`` uses the
+   same banded exact search as a plain row).  Every step is exact for its region, so the summed objective never
+   decreases; sweeps run in top-down order until a sweep changes nothing.
+
+The result is at least as good as each candidate of step 2 (it starts from the best and never decreases) and a
+coordinate-wise optimum.  Passes over the volume: two for the region probabilities and their statistics, two or
+three for the independent solve, one per candidate, then per region and sweep one pass to build its free values
+and about two band passes; all sums are float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._stream import RowStats, row_statistics
+from .objectives import dinkelbach_threshold, increment_score, rma_score
+from .rma import rma_thresholds
+
+__all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_objective", "region_sums",
+           "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
+
+#: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
+MAX_SWEEPS = 20
+#: the ascent stops when a sweep raises the summed objective by less than this fraction of it
+REL_TOL = 1e-9
+#: the joint move is also tried on the voxels whose gain is at least this fraction of the largest gain
+JOINT_FRACTIONS = (0.0, 0.5, 0.9)
+#: voxels per chunk of the region passes (float64 temporaries of R+1 rows stay a few tens of MB)
+_CHUNK = 1 << 20
+
+
+def _as_label_set(value: Any, where: str) -> frozenset[int]:
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        labels = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a region is a label or a list of labels (e.g. [1, 2]), got {value!r}") from None
+    if any(isinstance(v, bool) for v in items) or any(float(v) != int(v) for v in items):
+        raise ValueError(f"{where}: labels must be integers, got {value!r}")
+    if not labels:
+        raise ValueError(f"{where}: a region needs at least one label")
+    if min(labels) < 1:
+        raise ValueError(f"{where}: label {min(labels)} cannot be in a region: label 0 is the background, regions "
+                         "hold foreground labels (1, 2, ...)")
+    return frozenset(labels)
+
+
+@dataclass(frozen=True)
+class RegionTree:
+    """A laminar set of regions (nested or disjoint), parsed and validated.
+
+    Attributes:
+        names: one name per region (``"region_<i>"`` when the regions came as a list).
+        labels: the label set of each region, in the order given (for region probabilities: the channel order).
+        parent: index of each region's parent (the smallest region strictly containing it), ``-1`` for a root.
+        order: region indices, every parent before its children.
+        own: per region, its labels that none of its sub-regions holds (sorted): the labels of a voxel whose
+            deepest region it is.
+        paint: per region, the label nnU-Net paints for it (``regions_class_order``), or ``None`` when not given.
+
+    Example:
+        >>> from rankseg_monai.solvers.regions import RegionTree
+        >>> tree = RegionTree.parse({"liver": [1, 2], "tumour": [2]})
+        >>> tree.parent, tree.own
+        ((-1, 0), ((1,), (2,)))
+    """
+
+    names: tuple[str, ...]
+    labels: tuple[frozenset[int], ...]
+    parent: tuple[int, ...]
+    order: tuple[int, ...]
+    own: tuple[tuple[int, ...], ...]
+    paint: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, regions: Any, regions_class_order: Sequence[int] | None = None) -> RegionTree:
+        """Regions as nnU-Net's ``dataset.json`` writes them: a mapping ``{name: labels}`` (a label or a list of
+        labels) or a list of label lists; ``regions_class_order``: the label painted for each region, in order."""
+        if isinstance(regions, RegionTree):
+            if regions_class_order is not None:
+                return cls.parse(dict(zip(regions.names, (sorted(s) for s in regions.labels))), regions_class_order)
+            return regions
+        if isinstance(regions, Mapping):
+            names = [str(k) for k in regions]
+            sets = [_as_label_set(v, f"region {k!r}") for k, v in regions.items()]
+        elif isinstance(regions, Sequence) and not isinstance(regions, str | bytes):
+            names = [f"region_{i}" for i in range(len(regions))]
+            sets = [_as_label_set(v, f"regions[{i}]") for i, v in enumerate(regions)]
+        else:
+            raise TypeError(f"regions must be a mapping {{name: labels}} or a list of label lists (nnU-Net's "
+                            f"dataset.json form, e.g. [[1, 2], [2]]), got {type(regions).__name__}")
+        if not sets:
+            raise ValueError("regions is empty: give at least one region, e.g. [[1, 2], [2]]")
+        for i in range(len(sets)):
+            for j in range(i):
+                a, b = sets[i], sets[j]
+                if a == b:
+                    raise ValueError(f"regions {names[j]!r} and {names[i]!r} hold the same labels {sorted(a)}: "
+                                     "give each region once")
+                if a & b and not (a <= b or b <= a):
+                    raise ValueError(
+                        f"regions {names[j]!r} {sorted(b)} and {names[i]!r} {sorted(a)} overlap without one "
+                        "containing the other: region-aware RankSEG decides nested (hierarchical) regions, where "
+                        "every two regions are nested or disjoint (LiTS, KiTS, BraTS); decide such regions "
+                        "separately (output_mode='multilabel' on their probabilities)")
+        parent = []
+        for i, a in enumerate(sets):
+            supersets = [j for j, b in enumerate(sets) if j != i and a < b]
+            parent.append(min(supersets, key=lambda j: len(sets[j])) if supersets else -1)
+        depth = []
+        for i in range(len(sets)):
+            d, p = 0, parent[i]
+            while p >= 0:
+                d, p = d + 1, parent[p]
+            depth.append(d)
+        order = tuple(sorted(range(len(sets)), key=lambda i: (depth[i], i)))
+        own = []
+        for i, a in enumerate(sets):
+            below = set().union(*(sets[j] for j in range(len(sets)) if parent[j] == i))
+            mine = tuple(sorted(a - below))
+            if not mine:
+                raise ValueError(
+                    f"region {names[i]!r} {sorted(a)} is exactly the union of its sub-regions: it has no label of its "
+                    "own, so no voxel can stop there; drop it from the regions (its mask is the union of the others') "
+                    "or give it a label of its own")
+            own.append(mine)
+        paint = None
+        if regions_class_order is not None:
+            order_labels = [int(v) for v in regions_class_order]
+            if len(order_labels) != len(sets):
+                raise ValueError(f"regions_class_order has {len(order_labels)} labels for {len(sets)} regions: give "
+                                 "one label per region, in the order of the regions")
+            for i, lab in enumerate(order_labels):
+                if lab not in own[i]:
+                    raise ValueError(
+                        f"regions_class_order gives region {names[i]!r} the label {lab}, which is not one of its own "
+                        f"labels {list(own[i])} (its labels minus its sub-regions'): painting it would put the voxel "
+                        "in the wrong regions")
+            paint = tuple(order_labels)
+        return cls(tuple(names), tuple(sets), tuple(parent), order, tuple(own), paint)
+
+    # --------------------------------------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def max_label(self) -> int:
+        return max(max(s) for s in self.labels)
+
+    def children(self, r: int) -> list[int]:
+        return [j for j, p in enumerate(self.parent) if p == r]
+
+    def subtree(self, r: int) -> list[int]:
+        """``r`` and every region below it."""
+        out, todo = [], [r]
+        while todo:
+            j = todo.pop()
+            out.append(j)
+            todo.extend(self.children(j))
+        return sorted(out)
+
+    def label_of_node(self) -> list[int | None]:
+        """The single label of each region's voxels (``paint``, or its only own label), ``None`` where it has
+        several own labels (class input: the most probable of them is taken per voxel)."""
+        if self.paint is not None:
+            return list(self.paint)
+        return [own[0] if len(own) == 1 else None for own in self.own]
+
+    def check_classes(self, num_classes: int) -> None:
+        """Class probabilities ``(C channels)``: every region label is a class, every foreground class is in a
+        region."""
+        top = self.max_label
+        if top >= num_classes:
+            raise ValueError(f"the regions use label {top} but the probabilities have {num_classes} classes "
+                             f"(0..{num_classes - 1}); check the regions against the model's classes, or pass "
+                             "region_probs=True if the channels are region probabilities")
+        covered = set().union(*self.labels)
+        missing = [c for c in range(1, num_classes) if c not in covered]
+        if missing:
+            raise ValueError(f"class {missing[0]} is in no region: every foreground class must belong to a region "
+                             f"so that the decision knows where it may go; add it (e.g. a region [{missing[0]}])")
+
+    def check_region_channels(self, num_channels: int, label_map: bool) -> None:
+        """Region probabilities: one channel per region; a label map needs one paint label per region."""
+        if num_channels != len(self):
+            raise ValueError(f"region_probs=True needs one channel per region: {len(self)} regions "
+                             f"({', '.join(self.names)}) but {num_channels} channels")
+        if label_map and any(v is None for v in self.label_of_node()):
+            several = [n for n, own in zip(self.names, self.own) if len(own) > 1]
+            raise ValueError(f"regions {several} have several labels of their own: give regions_class_order (the "
+                             "label nnU-Net paints for each region) to make a label map from region probabilities")
+
+    def node_of_label(self, num_labels: int) -> torch.Tensor:
+        """``int64 (num_labels,)``: per label, 1 + the deepest region holding it (0: no region, i.e. background)."""
+        table = torch.zeros(num_labels, dtype=torch.int64)
+        for r in self.order:  # parents first, so deeper regions overwrite
+            for lab in self.labels[r]:
+                if lab < num_labels:
+                    table[lab] = r + 1
+        return table
+
+
+# ------------------------------------------------------------------------------------------------ maps
+def _node_dtype(num_regions: int) -> torch.dtype:
+    return torch.uint8 if num_regions < 255 else torch.int16
+
+
+def _chunks(n: int):
+    for start in range(0, n, _CHUNK):
+        yield start, min(n, start + _CHUNK)
+
+
+def region_probabilities(flat: torch.Tensor, tree: RegionTree) -> torch.Tensor:
+    """``(B, R, N)`` region probabilities from class probabilities ``(B, C, N)``: the sum of each region's classes
+    (float32 at least; clipped at 1, which a softmax's rounding can exceed by an ulp)."""
+    dtype = flat.dtype if flat.dtype == torch.float64 else torch.float32
+    out = torch.empty((flat.shape[0], len(tree), flat.shape[2]), dtype=dtype, device=flat.device)
+    for r, labels in enumerate(tree.labels):
+        idx = torch.tensor(sorted(labels), device=flat.device)
+        for a, b in _chunks(flat.shape[2]):
+            torch.sum(flat[..., a:b].index_select(1, idx).to(dtype), dim=1, out=out[:, r, a:b])
+    return out.clamp_(max=1.0)
+
+
+def nodes_from_labels(labels: torch.Tensor, tree: RegionTree, num_labels: int) -> torch.Tensor:
+    """Node map (0 background, ``1 + r`` region ``r``; uint8) of an integer label map."""
+    table = tree.node_of_label(max(num_labels, tree.max_label + 1)).to(labels.device, _node_dtype(len(tree)))
+    return table[labels.long()]
+
+
+def labels_from_nodes(nodes: torch.Tensor, tree: RegionTree, class_probs: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """Label map from a node map ``(B, N)``: each region's label, or the most probable of its own labels
+    (``class_probs`` ``(B, C, N)``, first maximum wins) when it has several."""
+    single = tree.label_of_node()
+    table = torch.tensor([0] + [v if v is not None else 0 for v in single], dtype=torch.int64, device=nodes.device)
+    out = table.to(out_dtype)[nodes.long()]
+    for r, lab in enumerate(single):
+        if lab is not None:
+            continue
+        b_idx, v_idx = torch.nonzero(nodes == r + 1, as_tuple=True)
+        if b_idx.numel():
+            own = torch.tensor(tree.own[r], device=nodes.device)
+            pick = class_probs[b_idx.unsqueeze(1), own.unsqueeze(0), v_idx.unsqueeze(1)]  # (P, own)
+            out[b_idx, v_idx] = own[pick.argmax(1)].to(out_dtype)
+    return out
+
+
+def region_masks(nodes: torch.Tensor, tree: RegionTree) -> torch.Tensor:
+    """bool ``(B, R, N)`` region masks of a node map (region ``r``: the node lies in ``r``'s subtree)."""
+    member = torch.zeros((len(tree) + 1, len(tree)), dtype=torch.bool, device=nodes.device)
+    for r in range(len(tree)):
+        for j in tree.subtree(r):
+            member[j + 1, r] = True
+    return member[nodes.long()].movedim(-1, 1)
+
+
+def _membership(tree: RegionTree, device: torch.device) -> torch.Tensor:
+    """float64 ``(R + 1, R)``: 1 where node ``j`` lies in region ``r``'s subtree."""
+    member = torch.zeros((len(tree) + 1, len(tree)), dtype=torch.float64, device=device)
+    for r in range(len(tree)):
+        for j in tree.subtree(r):
+            member[j + 1, r] = 1.0
+    return member
+
+
+def region_sums(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(B, R)``: the sum ``S_r`` of ``q_r`` over each region's mask under the node map, and the size
+    ``n_r`` of the mask (one chunked pass)."""
+    batch, num_regions, n_vox = q.shape
+    node_s = torch.zeros((batch, num_regions, num_regions + 1), dtype=torch.float64, device=q.device)
+    node_n = torch.zeros((batch, num_regions + 1), dtype=torch.float64, device=q.device)
+    for a, b in _chunks(n_vox):
+        for i in range(batch):
+            idx = nodes[i, a:b].long()
+            node_n[i] += torch.bincount(idx, minlength=num_regions + 1).double()
+            for r in range(num_regions):
+                node_s[i, r] += torch.bincount(idx, weights=q[i, r, a:b].double(), minlength=num_regions + 1)
+    member = _membership(tree, q.device)  # (R + 1, R)
+    S = (node_s * member.T.unsqueeze(0)).sum(-1)
+    n = node_n @ member
+    return S, n
+
+
+def region_objective(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, metric: str,
+                     smooth: float) -> torch.Tensor:
+    """float64 ``(B, R)``: the RMA value of each region's mask under the node map (sum over ``R`` to compare)."""
+    S, n = region_sums(q, nodes, tree)
+    return rma_score(metric, S, n, mu, smooth)
+
+
+# ------------------------------------------------------------------------------------------------- solve
+def paint_nodes(masks: torch.Tensor, tree: RegionTree, order: Sequence[int] | None = None) -> torch.Tensor:
+    """Node map of per-region masks ``(B, R, N)`` painted region by region in ``order`` (later ones overwrite; default:
+    the order of the regions, as nnU-Net paints ``regions_class_order``)."""
+    order = range(len(tree)) if order is None else order
+    nodes = torch.zeros((masks.shape[0], masks.shape[2]), dtype=_node_dtype(len(tree)), device=masks.device)
+    for r in order:
+        nodes.masked_fill_(masks[:, r], r + 1)
+    return nodes
+
+
+def _restrict(nodes: torch.Tensor, tree: RegionTree, active: torch.Tensor) -> torch.Tensor:
+    """Move every voxel of an inactive (pruned) region to its nearest active ancestor (or the background)."""
+    out = nodes.clone()
+    for r in reversed(tree.order):  # deepest first, so a chain of inactive regions collapses upwards
+        gone = ~active[:, r].unsqueeze(1) & (out == r + 1)
+        out.masked_fill_(gone, tree.parent[r] + 1)
+    return out
+
+
+def _threshold_bounds(values: torch.Tensor, current: torch.Tensor, s_off: torch.Tensor, n_off: torch.Tensor,
+                      mu: torch.Tensor, metric: str, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of the coordinate step's optimal threshold from the current mask (Dice ``s = 0`` and IoU).
+
+    With ``lam = f(current)`` (a feasible set, so ``f* >= lam``), Dinkelbach's ``t* = g(f*) >= g(lam)``; and
+    ``f* - lam <= max_A (N_A - lam D_A) / D_min`` where the maximum of the linearised objective is a sum over voxels
+    of ``max(0, .)`` and ``D_min`` the smallest denominator of a feasible set, so ``t* <= g(lam + that)``.  Near
+    the optimum both bounds meet, and the band between them is a sliver.
+    """
+    sel = current.unsqueeze(1)
+    S = s_off + (values.unsqueeze(1) * sel).sum(-1, dtype=torch.float64)
+    n = n_off + sel.sum(-1)
+    lam = rma_score(metric, S, n.double(), mu, smooth)
+    v = values.unsqueeze(1)
+    if metric == "dice":  # N - lam D = 2 S - lam (mu + n + 1): per free voxel 2 q - lam
+        gain = (2.0 * v.double() - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        base = 2.0 * s_off - lam * (mu + n_off.double() + 1.0)
+        d_min = mu + n_off.double() + 1.0
+    else:  # N - lam D = S + s - lam (mu - S + n + s): per free voxel q (1 + lam) - lam
+        gain = (v.double() * (1.0 + lam.unsqueeze(-1)) - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        base = s_off * (1.0 + lam) + smooth - lam * (mu + n_off.double() + smooth)
+        d_min = (mu + smooth).clamp(min=1e-300)
+    upper = lam + (base + gain).clamp(min=0.0) / d_min
+    return dinkelbach_threshold(metric, lam), dinkelbach_threshold(metric, upper)
+
+
+def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
+                     active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
+                     chunk_size: int | None) -> torch.Tensor:
+    """Region ``r``'s exact best mask with every other region fixed; returns the new node map.
+
+    Only voxels whose node is ``r``'s parent or ``r`` itself can move (its children's voxels are forced in, its
+    siblings' and everything outside its parent are out), so the best mask is the RMA optimum over those voxels
+    with the children's sum and size as an offset: a threshold of ``q_r`` (``rma_thresholds(..., offsets=)``).
+    """
+    par = tree.parent[r] + 1
+    below = [j + 1 for j in tree.subtree(r) if j != r]
+    qr = q[:, r]
+    free = (nodes == par) | (nodes == r + 1)
+    values = torch.where(free, qr, torch.zeros((), dtype=qr.dtype, device=qr.device))
+    if below:
+        forced = torch.isin(nodes, torch.tensor(below, dtype=nodes.dtype, device=nodes.device))
+        s_off = (qr * forced).sum(-1, keepdim=True, dtype=torch.float64)
+        n_off = forced.sum(-1, keepdim=True)
+    else:
+        s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+        n_off = torch.zeros((q.shape[0], 1), dtype=torch.int64, device=q.device)
+    row = values.unsqueeze(1)
+    st = row_statistics(row, device=device, chunk_size=chunk_size)
+    on = st.vmax.device
+    mu_r = mu[:, r:r + 1].to(on)
+    stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu_r, s_half=st.s_half, n_half=st.n_half)
+    bounds = None
+    if metric == "iou" or smooth == 0:
+        bounds = _threshold_bounds(values, nodes == r + 1, s_off.to(on), n_off.to(on), mu_r, metric, smooth)
+    thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
+                         offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
+    take = values > thr
+    out = torch.where(free, torch.full_like(nodes, par), nodes)
+    return out.masked_fill_(free & take, r + 1)
+
+
+def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
+                 metric: str, smooth: float) -> list[torch.Tensor]:
+    """Moves along several levels at once, which coordinate steps cannot make: every voxel goes to the node whose
+    path from the root has the largest summed first-order gain (``objectives.increment_score`` of each region
+    at the current sums), and the same move restricted to the voxels that gain at least a fraction
+    (:data:`JOINT_FRACTIONS`) of the largest gain.  The caller keeps a candidate only if it is better."""
+    S, n = region_sums(q, nodes, tree)
+    batch, num_regions, n_vox = q.shape
+    target = torch.empty_like(nodes)
+    delta = torch.empty((batch, n_vox), dtype=torch.float32, device=q.device)
+    inactive = ~active.unsqueeze(-1)
+    for a, b in _chunks(n_vox):
+        gain = increment_score(metric, q[..., a:b].double(), S.unsqueeze(-1), n.unsqueeze(-1), mu.unsqueeze(-1),
+                               smooth).masked_fill_(inactive, float("-inf"))
+        path = torch.zeros((batch, num_regions + 1, b - a), dtype=torch.float64, device=q.device)
+        for r in tree.order:
+            path[:, r + 1] = path[:, tree.parent[r] + 1] + gain[:, r]
+        best, where = path.max(1)
+        target[:, a:b] = where.to(nodes.dtype)
+        delta[:, a:b] = best - path.gather(1, nodes[:, a:b].long().unsqueeze(1))[:, 0]
+    top = delta.amax(-1, keepdim=True)
+    return [torch.where((delta > 0) & (delta >= frac * top), target, nodes) for frac in JOINT_FRACTIONS]
+
+
+def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
+            metric: str, smooth: float, device: torch.device | None, chunk_size: int | None
+            ) -> tuple[torch.Tensor, int]:
+    """Coordinate sweeps (top-down) and joint moves until a sweep changes nothing or raises the summed objective by
+    less than :data:`REL_TOL` of it; the objective never drops.  A region is solved again only when a region
+    whose voxels its step reads (its parent, siblings or children) moved since its last step."""
+    neighbours = [{tree.parent[r], *tree.children(r), *(j for j in range(len(tree)) if j != r and tree.parent[j] ==
+                                                         tree.parent[r])} - {-1} for r in range(len(tree))]
+    dirty = set(range(len(tree)))
+    current = region_objective(q, nodes, tree, mu, metric, smooth).sum(-1)
+    sweeps = 0
+    while sweeps < MAX_SWEEPS and dirty:
+        sweeps += 1
+        start = current
+        for r in tree.order:
+            if r not in dirty:
+                continue
+            dirty.discard(r)
+            new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+            if not torch.equal(new, nodes):
+                dirty |= neighbours[r]
+                nodes = new
+        current = region_objective(q, nodes, tree, mu, metric, smooth).sum(-1)
+        for trial in _joint_moves(q, nodes, tree, mu, active, metric, smooth):
+            value = region_objective(q, trial, tree, mu, metric, smooth).sum(-1)
+            better = value > current
+            if bool(better.any()):
+                nodes = torch.where(better.unsqueeze(-1), trial, nodes)
+                current = torch.where(better, value, current)
+                dirty = set(range(len(tree)))
+        if bool((current - start <= REL_TOL * current.abs()).all()):
+            break
+    return nodes, sweeps
+
+
+def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch item, the candidate node map with the largest value (the first on ties) and its index."""
+    pick = torch.stack(values, 1).argmax(1)
+    stacked = torch.stack(candidates, 1)
+    return stacked.gather(1, pick.view(-1, 1, 1).expand(-1, 1, stacked.shape[2]))[:, 0], pick
+
+
+@torch.no_grad()
+def solve_regions(
+    flat: torch.Tensor,
+    tree: RegionTree,
+    metric: str,
+    smooth: float,
+    keep: Any,
+    region_probs: bool = False,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    return_details: bool = False,
+) -> Any:
+    """The node map ``(B, N)`` (uint8: 0 background, ``1 + r`` region ``r``) that maximises the summed RMA
+    objective of the regions.
+
+    Args:
+        flat: ``(B, C, N)`` class probabilities or, with ``region_probs``, ``(B, R, N)`` region probabilities.
+        tree: the regions.
+        metric, smooth: the metric (``"dice"``/``"iou"``) and its smoothing.
+        keep: ``None`` (every region with a positive probability may be non-empty) or a callable
+            ``(q, stats, thresholds) -> bool (B, R)``: the regions pruning keeps, from the independent solve.  A
+            region is kept only when the region above it is kept; a pruned region's mask is empty.
+        region_probs: the channels are region probabilities (one per region, e.g. sigmoids), not classes.
+        device, chunk_size: as for the other solvers (the threshold solves stream through ``device``).
+        return_details: also return a dict: ``q`` (region probabilities), ``mu``, ``active``, ``candidates``
+            (name -> summed objective ``(B,)`` of each starting candidate), ``start`` (the chosen one per item),
+            ``sweeps`` and ``objective`` (the final ``(B, R)`` values).
+    """
+    q = flat if region_probs else region_probabilities(flat, tree)
+    stats = row_statistics(q, device=device, chunk_size=chunk_size)
+    on = stats.vmax.device
+    mu = stats.mu.to(q.device)
+    thr = rma_thresholds(q, stats, metric, smooth, stats.vmax > 0, device=device, chunk_size=chunk_size)
+    active = (stats.vmax > 0) if keep is None else keep(q, stats, thr).to(on)
+    active = active.to(q.device).clone()
+    for r in tree.order:  # a region is kept only when the region above it is kept
+        if tree.parent[r] >= 0:
+            active[:, r] &= active[:, tree.parent[r]]
+    independent = q > thr.to(q.device).unsqueeze(-1)
+    nested = independent.clone()
+    for r in tree.order:  # each child intersected with its (already intersected) parent
+        if tree.parent[r] >= 0:
+            nested[:, r] &= nested[:, tree.parent[r]]
+    given = list(range(len(tree)))
+    top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=_node_dtype(len(tree)), device=q.device)
+    for r in tree.order:  # each region solved exactly inside its parent's mask
+        top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size)
+    candidates = {
+        "threshold_paint" if region_probs else "argmax": (paint_nodes(q > 0.5, tree, given) if region_probs else
+                                                           nodes_from_labels(flat.argmax(1), tree, flat.shape[1])),
+        "independent_paint": paint_nodes(independent, tree, given),
+        "independent_nested": paint_nodes(nested, tree, tree.order),
+        "top_down": top_down,
+    }
+    names = list(candidates)
+    maps = [_restrict(candidates[name], tree, active) for name in names]
+    values = [region_objective(q, m, tree, mu, metric, smooth).sum(-1) for m in maps]
+    start, pick = _select(maps, values)
+    nodes, sweeps = _ascend(q, start, tree, mu, active, metric, smooth, device, chunk_size)
+    if not return_details:
+        return nodes
+    return nodes, {"q": q, "mu": mu, "active": active, "candidates": dict(zip(names, values)),
+                   "start": [names[int(i)] for i in pick], "sweeps": sweeps,
+                   "objective": region_objective(q, nodes, tree, mu, metric, smooth)}

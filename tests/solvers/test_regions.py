@@ -1,0 +1,237 @@
+"""Region-aware RankSEG (solvers/regions.py): brute force over all label maps of tiny cases, never worse than the
+baselines, nested masks consistent with the label map, tie groups never split, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rankseg_monai.functional import rankseg
+from rankseg_monai.solvers.regions import (
+    RegionTree,
+    labels_from_nodes,
+    nodes_from_labels,
+    region_masks,
+    region_objective,
+    region_probabilities,
+    solve_regions,
+)
+
+LITS = {"liver": [1, 2], "tumour": [2]}
+BRATS = {"whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}
+KITS = {"kidney_and_masses": [1, 2, 3], "masses": [2, 3], "tumor": 2}
+TREE = {"liver": [1, 2, 3], "tumour": [2], "vessel": [3]}
+SETTINGS = [("dice", 0.0), ("iou", 0.0), ("dice", 1.0)]
+
+
+def _rma(metric, S, n, mu, s):
+    """Independent numpy RMA value (the formula, written again; broadcasts)."""
+    if metric == "dice":
+        v = 2.0 * S / (mu + n + 1.0 + s)
+        return v + (s / (mu + n + s) if s > 0 else 0.0)
+    d = mu - S + n + s
+    return np.where(d > 0, (S + s) / np.where(d > 0, d, 1.0), 0.0)
+
+
+def _brute_force(q: np.ndarray, tree: RegionTree, metric: str, s: float) -> float:
+    """Best summed objective over every node map (every label map, up to labels with the same regions)."""
+    num_regions, n = q.shape
+    member = np.array([[j in tree.subtree(r) for r in range(num_regions)] for j in range(num_regions)])  # (R, R)
+    member = np.vstack([np.zeros(num_regions, bool), member])  # node 0: no region
+    maps = np.array(list(itertools.product(range(num_regions + 1), repeat=n)))  # (K, N)
+    inside = member[maps]  # (K, N, R)
+    S = np.einsum("knr,rn->kr", inside, q)
+    size = inside.sum(1)
+    mu = q.sum(1)
+    return float(_rma(metric, S, size, mu[None], s).sum(1).max())
+
+
+def _value(q: np.ndarray, nodes: np.ndarray, tree: RegionTree, metric: str, s: float) -> float:
+    masks = region_masks(torch.from_numpy(nodes)[None], tree)[0].numpy()  # (R, N)
+    return float(_rma(metric, (masks * q).sum(1), masks.sum(1), q.sum(1), s).sum())
+
+
+def _tiny_case(rng, tree, region_probs, num_classes):
+    n = int(rng.integers(3, 7))
+    if region_probs:
+        p = rng.uniform(0, 1, (len(tree), n)) ** rng.uniform(0.5, 3)
+    else:
+        z = rng.normal(0, 2, (num_classes, n))
+        p = np.exp(z) / np.exp(z).sum(0)
+    return p.astype(np.float32)
+
+
+@pytest.mark.parametrize("name,spec,num_classes,region_probs,min_hits", [
+    ("lits", LITS, 3, False, 58), ("lits", LITS, 3, True, 58),
+    ("brats", BRATS, 4, False, 58), ("brats", BRATS, 4, True, 56),
+    ("kits", KITS, 4, False, 58), ("tree", TREE, 4, False, 56), ("tree", TREE, 4, True, 52),
+])
+def test_brute_force_over_all_label_maps(name, spec, num_classes, region_probs, min_hits):
+    """60 tiny cases per setting: never above the optimum, never below any baseline, the optimum in most cases
+    (the rates measured are in docs/regions.md)."""
+    tree = RegionTree.parse(spec)
+    rng = np.random.default_rng(zlib.crc32(f"{name}{region_probs}".encode()))
+    hits = 0
+    for trial in range(60):
+        metric, s = SETTINGS[trial % 3]
+        p = _tiny_case(rng, tree, region_probs, num_classes)
+        x = torch.from_numpy(p)[None]
+        nodes, details = solve_regions(x, tree, metric, s, None, region_probs=region_probs, return_details=True)
+        q = details["q"][0].double().numpy()
+        best = _brute_force(q, tree, metric, s)
+        got = _value(q, nodes[0].numpy(), tree, metric, s)
+        assert got <= best + 1e-12
+        for cand, value in details["candidates"].items():
+            assert got >= float(value[0]) - 1e-12, (cand, got, float(value[0]))
+        hits += got >= best - 1e-12
+    assert hits >= min_hits, f"{name}: the global optimum in {hits}/60 cases"
+
+
+def _blob_probs(seed, shape=(24, 20, 10), num_classes=4, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((2, num_classes, *shape), generator=g)
+    z = torch.nn.functional.avg_pool3d(z, 5, 1, 2) * sharp * 4
+    return torch.softmax(z, 1)
+
+
+@pytest.mark.parametrize("spec", [LITS, BRATS, KITS, TREE], ids=["lits", "brats", "kits", "tree"])
+@pytest.mark.parametrize("metric,smooth", SETTINGS)
+def test_volumes_beat_every_baseline_and_masks_are_nested(spec, metric, smooth, device):
+    tree = RegionTree.parse(spec)
+    num_classes = 1 + tree.max_label
+    probs = _blob_probs(3, num_classes=num_classes).to(device)
+    flat = probs.reshape(2, num_classes, -1)
+    nodes, details = solve_regions(flat, tree, metric, smooth, None, return_details=True)
+    final = details["objective"].sum(-1)
+    for value in details["candidates"].values():
+        assert bool((final >= value - 1e-12).all())
+    labels = labels_from_nodes(nodes, tree, flat, torch.int64)
+    masks = region_masks(nodes, tree)
+    for r, lab in enumerate(tree.labels):  # the label map says exactly the region masks
+        assert torch.equal(masks[:, r], torch.isin(labels, torch.tensor(sorted(lab), device=device)))
+        if tree.parent[r] >= 0:  # nested
+            assert bool((masks[:, r] <= masks[:, tree.parent[r]]).all())
+    assert torch.equal(nodes_from_labels(labels, tree, num_classes), nodes)
+    # the public entry gives the same label map, on every layout
+    out = rankseg(probs, metric=metric, smooth=smooth, regions=spec, pruning_prob=0.0)
+    assert torch.equal(out.reshape(2, -1), labels)
+    masks_out = rankseg(probs, metric=metric, smooth=smooth, regions=spec, pruning_prob=0.0, output_mode="multilabel")
+    assert torch.equal(masks_out.reshape(2, len(tree), -1), masks)
+    if device == "cpu":
+        perm = probs.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
+        assert torch.equal(rankseg(perm, metric=metric, smooth=smooth, regions=spec, pruning_prob=0.0), out)
+
+
+def test_improves_the_summed_objective_over_argmax_and_multiclass():
+    """On smooth softmax volumes the region decision's summed RMA value beats argmax's and plain multiclass
+    RankSEG's (which optimises the labels, not the regions)."""
+    tree = RegionTree.parse(LITS)
+    for seed in range(4):
+        probs = _blob_probs(seed, num_classes=3)
+        flat = probs.reshape(2, 3, -1)
+        q = region_probabilities(flat, tree)
+        mu = q.double().sum(-1)
+        ours = region_objective(q, solve_regions(flat, tree, "dice", 0.0, None), tree, mu, "dice", 0.0).sum(-1)
+        for labels in (flat.argmax(1), rankseg(probs, pruning_prob=0.0).reshape(2, -1)):
+            theirs = region_objective(q, nodes_from_labels(labels, tree, 3), tree, mu, "dice", 0.0).sum(-1)
+            assert bool((ours >= theirs - 1e-12).all())
+
+
+def test_tie_groups_are_never_split():
+    """Voxels with identical probabilities always get the same label (every step is a per-voxel function of the
+    probabilities and the current decision, and starts from such a decision)."""
+    g = torch.Generator().manual_seed(5)
+    levels = torch.tensor([0.05, 0.2, 0.35, 0.5, 0.65])
+    for spec, num_classes in ((LITS, 3), (BRATS, 4), (TREE, 4)):
+        raw = levels[torch.randint(0, 5, (1, num_classes, 400), generator=g)]
+        probs = raw / raw.sum(1, keepdim=True)
+        for metric, smooth in SETTINGS:
+            labels = rankseg(probs, metric=metric, smooth=smooth, regions=spec, pruning_prob=0.0)[0]
+            keys = {}
+            for v in range(probs.shape[-1]):
+                key = tuple(probs[0, :, v].tolist())
+                assert keys.setdefault(key, int(labels[v])) == int(labels[v])
+
+
+def test_region_probabilities_and_pruning():
+    tree = RegionTree.parse(BRATS)
+    p = torch.softmax(torch.randn(1, 4, 50), 1)
+    q = region_probabilities(p, tree)
+    torch.testing.assert_close(q[0, 0], p[0, 1:].sum(0).clamp(max=1))
+    torch.testing.assert_close(q[0, 2], p[0, 3])
+    # an absent enhancing tumour (tiny probabilities) is pruned by "auto", kept by 0
+    p = torch.full((1, 4, 400), 0.001)
+    p[0, 1, :200] = 0.9
+    p[0, 1, :100] = 0.05
+    p[0, 2, :100] = 0.9
+    p[0, 0] = 1 - p[0, 1:].sum(0)
+    auto = rankseg(p, regions=BRATS, pruning_prob="auto")
+    assert int((auto == 3).sum()) == 0 and int((auto == 2).sum()) > 0
+    # pruning a region empties everything below it too
+    masks = rankseg(p, regions=BRATS, pruning_prob=0.99, output_mode="multilabel")
+    assert int(masks.sum()) == 0
+
+
+def test_region_probabilities_input_brats_channels():
+    """MONAI's BraTS channels (TC, WT, ET, sigmoid): the masks come back in the channel order, nested."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.nn.functional.avg_pool3d(torch.randn(1, 3, 20, 20, 10, generator=g), 5, 1, 2) * 12
+    q = torch.sigmoid(logits)
+    regions = [[1, 4], [1, 2, 4], [4]]  # TC, WT, ET (BraTS 2021 labels)
+    masks = rankseg(q, regions=regions, region_probs=True, output_mode="multilabel")
+    assert masks.shape == (1, 3, 20, 20, 10)
+    assert bool((masks[:, 2] <= masks[:, 0]).all()) and bool((masks[:, 0] <= masks[:, 1]).all())
+    labels = rankseg(q, regions=regions, region_probs=True)
+    assert set(labels.unique().tolist()) <= {0, 1, 2, 4}
+    for r, lab in enumerate(regions):
+        assert torch.equal(masks[:, r], torch.isin(labels, torch.tensor(lab)))
+
+
+def test_nnunet_painting_order_and_class_order():
+    tree = RegionTree.parse(KITS, regions_class_order=[1, 3, 2])
+    assert tree.paint == (1, 3, 2) and tree.own == ((1,), (3,), (2,))
+    with pytest.raises(ValueError, match="not one of its own labels"):
+        RegionTree.parse(KITS, regions_class_order=[1, 2, 3])
+    with pytest.raises(ValueError, match="one label per region"):
+        RegionTree.parse(KITS, regions_class_order=[1, 3])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(regions=[[1, 2], [2, 3]]), "overlap without one containing the other"),
+    (dict(regions=[[0, 1]]), "label 0 is the background"),
+    (dict(regions=[[1, 2], [2, 1]]), "hold the same labels"),
+    (dict(regions=[[1, 2], [1], [2]]), "no label of its own"),
+    (dict(regions=[]), "regions is empty"),
+    (dict(regions=[["a"]]), "a label or a list of labels"),
+    (dict(region_probs=True), "region_probs=True needs regions"),
+    (dict(regions_class_order=[1]), "regions_class_order needs regions"),
+    (dict(regions=LITS, solver="ba", output_mode="multilabel"), "solver='rma'"),
+    (dict(regions=LITS, guard=True), "guard does not apply to regions"),
+    (dict(regions=LITS, unassigned_policy="void"), "does not apply to regions"),
+])
+def test_bad_regions_fail_at_construction(kwargs, match):
+    from rankseg_monai import RankSEG
+    from rankseg_monai.options import RankSEGOptions
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        RankSEGOptions(**kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        RankSEG(**kwargs)
+
+
+def test_errors_that_need_the_channels():
+    p = torch.softmax(torch.randn(1, 4, 30), 1)
+    with pytest.raises(ValueError, match="class 3 is in no region"):
+        rankseg(p, regions=LITS)
+    with pytest.raises(ValueError, match="probabilities have 3 classes"):
+        rankseg(p[:, :3] / p[:, :3].sum(1, keepdim=True), regions=BRATS)
+    with pytest.raises(ValueError, match="one channel per region"):
+        rankseg(p, regions=BRATS, region_probs=True)
+    with pytest.raises(ValueError, match="regions_class_order"):
+        rankseg(p[:, :2], regions={"wt": [1, 2], "et": [3]}, region_probs=True)
+    with pytest.raises(ValueError, match="label_dtype=torch.uint8 cannot hold the label 300"):
+        rankseg(p[:, :2], regions={"big": [300], "small": [7]}, region_probs=True, label_dtype=torch.uint8)
