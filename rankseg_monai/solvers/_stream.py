@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_probability_values
+from .validation import CLAMP_TOLERANCE, check_probability_values
 
 __all__ = [
     "CLAMP_TOLERANCE",
@@ -28,9 +28,6 @@ __all__ = [
     "threshold_masks",
     "mask_sums",
 ]
-
-#: values within this distance outside [0, 1] are clipped when ``clamp=True``; larger ones still raise
-CLAMP_TOLERANCE = 1e-2
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "CLAMP_TOLERANCE",
     "check_choice",
     "check_probability_tensor",
     "check_probability_values",
@@ -20,6 +21,9 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: values within this distance outside [0, 1] are rounding/interpolation overshoots: clipped when ``clamp=True``,
+#: larger ones still raise (re-exported by ``solvers._stream``)
+CLAMP_TOLERANCE = 1e-2
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
@@ -88,8 +92,6 @@ def check_probability_values(vmin: float, vmax: float, tolerance: float = 0.0) -
             "probs contains NaN or inf: check the model output (NaN logits) or the interpolation step before RankSEG"
         )
     if vmin < -tolerance or vmax > 1.0 + tolerance:
-        from ._stream import CLAMP_TOLERANCE  # here: _stream imports this module
-
         shown = f"(min {vmin!r}, max {vmax!r})"  # every digit: float32 1 + 1e-7 must not read as 1
         if vmin >= -CLAMP_TOLERANCE and vmax <= 1.0 + CLAMP_TOLERANCE:
             raise ValueError(

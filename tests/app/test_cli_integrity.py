@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from generators import make_case
 from volume_files import (
     files_in,
-    make_case,
     nifti_affine,
     write_nifti_labels,
     write_nifti_probs,

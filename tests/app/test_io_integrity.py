@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from volume_files import files_in, make_case, nifti_affine, sitk_xyz, write_nnunet_case, write_sitk_probs
+from generators import make_case
+from volume_files import files_in, nifti_affine, sitk_xyz, write_nnunet_case, write_sitk_probs
 
 from rankseg_monai._files import TMP_MARK, atomic_write, clean_temporaries, is_temporary, sha256_file
 from rankseg_monai.app import io as rio
