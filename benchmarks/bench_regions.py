@@ -8,14 +8,17 @@ elementwise passes build masks outside them).
 
     python benchmarks/bench_regions.py                 # ~1 min on 2 cores
     python benchmarks/bench_regions.py --shape 256 256 128 --repeat 3
+    python benchmarks/bench_regions.py --brute-force 200   # how often tiny cases reach the global optimum (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from rankseg_monai.functional import rankseg
@@ -74,13 +77,62 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _rma(metric, S, n, mu, s):
+    if metric == "dice":
+        return 2.0 * S / (mu + n + 1.0 + s) + (s / (mu + n + s) if s > 0 else 0.0)
+    d = mu - S + n + s
+    return np.where(d > 0, (S + s) / np.where(d > 0, d, 1.0), 0.0)
+
+
+def brute_force(trials: int) -> None:
+    """Tiny cases (3-6 voxels): the solver's summed objective against the best over every node map."""
+    specs = {"LiTS chain": ({"liver": [1, 2], "tumour": [2]}, 3),
+             "BraTS chain": ({"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}, 4),
+             "tree": ({"liver": [1, 2, 3], "tumour": [2], "vessel": [3]}, 4)}
+    settings = [("dice", 0.0), ("iou", 0.0), ("dice", 1.0)]
+    rng = np.random.default_rng(0)
+    print(f"{'regions':>12} {'input':>15} {'global optimum':>15} {'worst shortfall':>16}")
+    for name, (spec, num_classes) in specs.items():
+        tree = RegionTree.parse(spec)
+        num_regions = len(tree)
+        member = np.array([[False] * num_regions] + [[j in tree.subtree(r) for r in range(num_regions)]
+                                                     for j in range(num_regions)])
+        for region_probs in (False, True):
+            hits, worst = 0, 0.0
+            for trial in range(trials):
+                metric, s = settings[trial % 3]
+                n = int(rng.integers(3, 7))
+                if region_probs:
+                    p = (rng.uniform(0, 1, (num_regions, n)) ** rng.uniform(0.5, 3)).astype(np.float32)
+                else:
+                    z = rng.normal(0, 2, (num_classes, n))
+                    p = (np.exp(z) / np.exp(z).sum(0)).astype(np.float32)
+                nodes, details = solve_regions(torch.from_numpy(p)[None], tree, metric, s, None,
+                                               region_probs=region_probs, return_details=True)
+                q = details["q"][0].double().numpy()
+                maps = np.array(list(itertools.product(range(num_regions + 1), repeat=n)))
+                inside = member[maps]  # (K, N, R)
+                values = _rma(metric, np.einsum("knr,rn->kr", inside, q), inside.sum(1), q.sum(1)[None], s).sum(1)
+                got = float(_rma(metric, (member[nodes[0].numpy()].T * q).sum(1), member[nodes[0].numpy()].sum(0),
+                                 q.sum(1), s).sum())
+                hits += got >= values.max() - 1e-12
+                worst = max(worst, float(values.max()) - got)
+            print(f"{name:>12} {'sigmoid regions' if region_probs else 'softmax classes':>15} "
+                  f"{f'{hits}/{trials}':>15} {worst:>16.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 128, 64))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--brute-force", type=int, default=0, metavar="TRIALS",
+                    help="instead: tiny cases against the best of every label map")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.brute_force:
+        brute_force(args.brute_force)
+        return
     shape = tuple(args.shape)
     n_vox = torch.Size(shape).numel()
     print(f"shape {shape} ({n_vox / 1e6:.2f} Mvox), torch {torch.__version__}, {args.threads} threads, "

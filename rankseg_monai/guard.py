@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from .solvers._stream import iter_chunks
@@ -81,6 +82,8 @@ class Guard:
 def resolve_guard(guard: Any) -> Guard | None:
     """``None``/``False`` -> ``None`` (off); ``True``/``"on"``/``"default"`` -> ``Guard()``; a :class:`Guard`; or a dict
     of its settings (e.g. from a bundle config).  Anything else raises, naming the accepted values."""
+    if isinstance(guard, np.bool_):
+        guard = bool(guard)
     if guard is None or guard is False:
         return None
     if guard is True:

@@ -123,6 +123,8 @@ def check_bool(name: str, value: Any) -> bool:
 
 def check_label_dtype(label_dtype: Any) -> torch.dtype:
     """The torch dtype of a label map from a torch dtype, a numpy dtype or a name (``"uint8"``, ``"float32"``)."""
+    if isinstance(label_dtype, str) and label_dtype.startswith("torch."):  # as to_dict() writes it
+        label_dtype = getattr(torch, label_dtype[len("torch."):], label_dtype)
     if isinstance(label_dtype, torch.dtype):
         dtype = label_dtype
     else:

@@ -171,7 +171,7 @@ def test_code_blocks_run(document, tmp_path, monkeypatch):
         else:
             json.loads(block.code)
         ran += 1
-    assert ran > 0
+    assert ran > 0 or all(b.lang == "text" or b.skip_reason is not None for b in blocks(document))
 
 
 def test_skipped_blocks_have_reasons():

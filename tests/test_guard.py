@@ -306,7 +306,8 @@ def test_resolve_guard_accepted_values():
     with pytest.raises(ValueError, match=r"unknown guard settings \['max_fog'\]; known: \['band', 'max_growth', "
                                          r"'max_uncertain'\]"):
         resolve_guard({"max_fog": 1})
-    for bad in ("bogus", 1, 0, 0.5, [0.3], np.bool_(True)):
+    assert resolve_guard(np.bool_(True)) == Guard() and resolve_guard(np.bool_(False)) is None  # like clamp, softmax
+    for bad in ("bogus", 1, 0, 0.5, [0.3]):
         with pytest.raises(TypeError, match=r"guard must be None/False \(off\), True \(defaults\), a "
                                             r"rankseg_monai.guard.Guard or a dict of its settings \(max_uncertain, "
                                             r"max_growth, band\)"):

@@ -80,6 +80,12 @@ BAD = [
     (dict(softmax=True, temperature=[]), ValueError, r"temperature is an empty sequence: give one positive value"),
     (dict(softmax=1), TypeError, r"softmax must be True or False"),
     (dict(sigmoid="no"), TypeError, r"sigmoid must be True or False"),
+    (dict(regions=[[1, 2], [2, 3]]), ValueError, r"overlap without one containing the other"),
+    (dict(regions="liver"), TypeError, r"regions must be a mapping \{name: labels\} or a list of label lists"),
+    (dict(regions=[[1, 2], [2]], regions_class_order=[2, 1]), ValueError, r"which is not one of its own labels"),
+    (dict(regions_class_order=[1, 2]), ValueError, r"regions_class_order needs regions"),
+    (dict(region_probs=True), ValueError, r"region_probs=True needs regions"),
+    (dict(regions=[[1], [2]], region_probs="yes"), TypeError, r"region_probs must be True or False"),
 ]
 if not torch.cuda.is_available():
     BAD.append((dict(device="cuda"), ValueError, r"torch sees no CUDA device: use device='cpu'"))
@@ -87,7 +93,8 @@ if not torch.cuda.is_available():
 
 #: the options the MONAI transforms and the handler take (they have no eps / chunk_size / label_dtype)
 TRANSFORM_OPTIONS = {"metric", "solver", "output_mode", "smooth", "pruning_prob", "unassigned_policy", "void_index",
-                     "softmax", "sigmoid", "temperature", "clamp", "device", "guard"}
+                     "softmax", "sigmoid", "temperature", "clamp", "device", "guard", "regions", "regions_class_order",
+                     "region_probs"}
 #: the options of rankseg() (the activation belongs to the transforms and the CLI)
 FUNCTIONAL_OPTIONS = set(inspect.signature(rankseg).parameters) - {"probs"}
 
@@ -231,7 +238,12 @@ def test_to_dict_is_json_serialisable():
                  "pruning_prob": "auto-correlated", "unassigned_policy": "void", "void_index": -1, "eps": 1e-4,
                  "clamp": False, "device": "cpu", "chunk_size": 1000,
                  "guard": {"max_uncertain": 0.25, "max_growth": 1.0, "band": [0.1, 0.9]},
-                 "label_dtype": "torch.int16", "softmax": False, "sigmoid": True, "temperature": [1.5, 2.0]}
+                 "label_dtype": "torch.int16", "softmax": False, "sigmoid": True, "temperature": [1.5, 2.0],
+                 "regions": None, "regions_class_order": None, "region_probs": False}
+    assert RankSEGOptions(**d) == o  # a settings file reads back into the same options
+    lits = RankSEGOptions(regions={"liver": [1, 2], "tumour": 2}).to_dict()
+    assert lits["regions"] == {"liver": [1, 2], "tumour": [2]} and RankSEGOptions(**lits).regions.names == (
+        "liver", "tumour")
     plain = RankSEGOptions().to_dict()
     assert json.loads(json.dumps(plain)) == plain and plain["guard"] is None and plain["device"] is None
 
