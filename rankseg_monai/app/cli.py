@@ -36,7 +36,7 @@ from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype, 
 from ..solvers.pruning import AUTO_MODES
 from . import io as rio
 from . import provenance as prov
-from .decide import activate_case, decide
+from .decide import activate_case, decide, estimate, structure_names
 from .runlock import FolderRuns, RunConflict, is_claim
 
 __all__ = ["main", "build_parser", "decision_options", "run_settings", "select_part", "UsageError",
@@ -97,6 +97,27 @@ def _add_decision_options(p: argparse.ArgumentParser) -> None:
                     help="4D NIfTI files are (C, X, Y, Z)")
     g.add_argument("--sum-tolerance", type=float, default=1e-2,
                    help="multiclass: largest accepted |sum over classes - 1| per voxel (default 0.01)")
+    r = p.add_argument_group("regions (decide on what LiTS/KiTS/BraTS score; docs/regions.md)")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--regions", type=_json_arg, default=None, metavar="JSON",
+                     help='nested regions in nnU-Net\'s dataset.json form, e.g. \'{"liver": [1, 2], "tumour": [2]}\' '
+                          "or '[[1, 2], [2]]': one label map whose regions maximise the summed expected Dice")
+    src.add_argument("--dataset-json", default=None, metavar="PATH",
+                     help="nnU-Net's dataset.json: class names from its labels and, for a region-based dataset "
+                          "(a label entry is a list), its regions and regions_class_order, the files then holding "
+                          "one sigmoid probability per region (nnU-Net's --save_probabilities of region models)")
+    r.add_argument("--regions-class-order", type=int, nargs="+", default=None, metavar="LABEL",
+                   help="the label painted for each region (nnU-Net's regions_class_order), with --regions")
+    r.add_argument("--region-probs", action="store_true",
+                   help="with --regions: the channels are region probabilities (one sigmoid per region, in the order "
+                        "of the regions) rather than class probabilities")
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"liver\": [1, 2], \"tumour\": [2]}}'") from None
 
 
 def _add_part_options(p: argparse.ArgumentParser) -> None:
@@ -127,6 +148,9 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     pred.add_argument("--overwrite", action="store_true",
                       help="redo every case, also those already done, and replace masks made with other settings")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.add_argument("--flag-below", type=float, default=None, metavar="DICE",
+                      help="list the cases whose expected Dice (the model's own label-free estimate, in "
+                           "expected_dice.csv) of some class or region is below DICE: a review list")
     _add_decision_options(pred)
     _add_part_options(pred)
 
@@ -143,6 +167,12 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                     help="label values to score (default: every foreground class)")
     ev.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
                     help="names of the label values 0, 1, 2, ... in order (background first), for the table and CSVs")
+    ev.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
+                    help="tolerance of the normalised surface Dice in mm (default 2; 0 leaves NSD out)")
+    ev.add_argument("--lesion-wise", nargs="+", default=None, metavar="NAME",
+                    help="score these classes (label values) or regions (names) lesion-wise as well: found, missed "
+                         "and false-positive lesions, lesion-wise Dice (default: with regions, those inside another "
+                         "region)")
     ev.add_argument("--ignore-empty", action="store_true",
                     help="Dice is NaN (not 1 or 0) for classes absent from the labels (MONAI's default)")
     ev.add_argument("--skip-failed", action="store_true",
@@ -208,12 +238,40 @@ def decision_options(args: argparse.Namespace) -> RankSEGOptions:
                          f"use --solver {' or '.join(allowed)}{extra}")
     if args.force_activation and not (args.softmax or args.sigmoid):
         raise UsageError("--force-activation only applies with --softmax or --sigmoid")
+    regions, order, region_probs = _region_settings(args)
+    if regions is not None and args.output_mode is None:
+        mode = "multiclass"  # a label map, as nnU-Net writes for region models, also from sigmoids
     try:
         return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
                               pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
-                              clamp=args.clamp, device=args.device)
+                              clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
+                              region_probs=region_probs)
     except (TypeError, ValueError) as exc:
         raise UsageError(_cli_spelling(str(exc))) from None
+
+
+def _dataset(args: argparse.Namespace) -> rio.DatasetJson | None:
+    if getattr(args, "dataset_json", None) is None:
+        return None
+    try:
+        return rio.read_dataset_json(args.dataset_json)
+    except rio.VolumeError as exc:
+        raise UsageError(f"--dataset-json {exc}") from None
+
+
+def _region_settings(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """``(regions, regions_class_order, region_probs)`` from --regions / --dataset-json."""
+    dataset = _dataset(args)
+    if dataset is not None:
+        if args.regions_class_order is not None or args.region_probs:
+            raise UsageError("--dataset-json gives the regions, their order and the kind of probabilities itself: drop "
+                             "--regions-class-order / --region-probs")
+        if not dataset.region_based:
+            return None, None, False
+        return dataset.regions, dataset.regions_class_order, True
+    if args.regions is None and (args.regions_class_order is not None or args.region_probs):
+        raise UsageError("--regions-class-order and --region-probs need --regions (or --dataset-json)")
+    return args.regions, args.regions_class_order, bool(args.region_probs)
 
 
 def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> dict[str, Any]:
@@ -225,13 +283,23 @@ def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> di
         settings["channels_last"] = args.channels_last
     if args.command == "evaluate":
         settings.update(source="probs" if args.probs else "pred", classes=args.classes,
-                        ignore_empty=args.ignore_empty, class_names=args.class_names)
+                        ignore_empty=args.ignore_empty, class_names=args.class_names,
+                        nsd_tolerance=args.nsd_tolerance or None, lesion_wise=args.lesion_wise)
     return settings
 
 
 def _settings_key(settings: Mapping[str, Any]) -> str:
     text = json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _names_from_dataset(args: argparse.Namespace) -> None:
+    """--class-names from --dataset-json's labels when not given (label value order, gaps named by value)."""
+    dataset = _dataset(args)
+    if dataset is None or getattr(args, "class_names", None) is not None or not dataset.class_names:
+        return
+    top = max(dataset.class_names)
+    args.class_names = [dataset.class_names.get(v, str(v)) for v in range(top + 1)]
 
 
 def _class_names(names: Sequence[str] | None) -> dict[int, str] | None:
@@ -365,7 +433,8 @@ def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: R
         probs = activate_case(probs, options)
     if options.clamp:
         probs = rio.clip_overshoot(probs, where=where)
-    rio.validate_probabilities(probs, where=where, output_mode=options.output_mode, sum_tolerance=args.sum_tolerance)
+    mode = "multilabel" if options.region_probs else options.output_mode  # region probabilities need not sum to 1
+    rio.validate_probabilities(probs, where=where, output_mode=mode, sum_tolerance=args.sum_tolerance)
     return probs
 
 
@@ -427,10 +496,53 @@ def _survey(run: _PredictRun, targets: Sequence[Path]) -> None:
 
 
 def _write_case(run: _PredictRun, volume: rio.ProbabilityVolume, mask: np.ndarray, target: Path,
-                inputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The one place a case is written: the mask (verified) and its record, together."""
+                inputs: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The one place a case is written: the mask (verified) and its record, together (``extra``: per-case results
+    kept in the record, e.g. the expected Dice)."""
     return prov.write_mask(mask, volume.geometry, target, case=volume.case, inputs=inputs, settings=run.settings,
-                           protected=run.protected)
+                           protected=run.protected, extra=extra)
+
+
+EXPECTED_KEY = "expected_score"
+
+
+def _case_estimates(probs: np.ndarray, mask: np.ndarray, options: RankSEGOptions) -> dict[str, Any]:
+    """The record's label-free expected Dice (IoU for --metric iou) of RankSEG's mask and of argmax's, per class
+    or region."""
+    names = structure_names(probs.shape[0], options)
+    baseline = decide(probs, "argmax", options, label_dtype=_narrowest(probs.shape[0], options))
+    return {EXPECTED_KEY: {"metric": options.metric, "structures": names,
+                           "rankseg": [float(v) for v in estimate(probs, mask, options)],
+                           "argmax": [float(v) for v in estimate(probs, baseline, options)]}}
+
+
+def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | None, flag_below: float | None
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of ``expected_dice.csv`` (one per case and foreground class or region) from the masks' records, and the
+    cases flagged for review."""
+    rows, flagged = [], []
+    for target in targets:
+        record = prov.read_record(target)
+        est = (record or {}).get(EXPECTED_KEY)
+        if not est:
+            continue
+        low = False
+        for k, name in enumerate(est["structures"]):
+            if isinstance(name, int) and name == 0 and len(est["structures"]) > 1:
+                continue  # the background of a label map
+            row = {"case": record["case"], "structure": name}
+            if class_names and isinstance(name, int):
+                row["name"] = class_names.get(name, "")
+            row[f"expected_{est['metric']}_rankseg"] = est["rankseg"][k]
+            row[f"expected_{est['metric']}_argmax"] = est["argmax"][k]
+            row["expected_gain"] = est["rankseg"][k] - est["argmax"][k]
+            if flag_below is not None:
+                row["review"] = int(est["rankseg"][k] < flag_below)
+                low |= est["rankseg"][k] < flag_below
+            rows.append(row)
+        if low:
+            flagged.append(record["case"])
+    return rows, flagged
 
 
 def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
@@ -453,12 +565,16 @@ def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
         # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
         # narrowest type anyway)
         mask = decide(probs, "rankseg", run.options, label_dtype=_narrowest(probs.shape[0], run.options))
-        _write_case(run, volume, mask, target, inputs)
+        extra = _case_estimates(probs, mask, run.options) if run.options.metric in ("dice", "iou") else None
+        _write_case(run, volume, mask, target, inputs, extra)
         return "written"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     options = decision_options(args)
+    _names_from_dataset(args)
+    if args.flag_below is not None and not (math.isfinite(args.flag_below) and 0 <= args.flag_below <= 1):
+        raise UsageError(f"--flag-below must be a Dice between 0 and 1, got {args.flag_below}")
     cases = rio.find_cases(args.inputs)
     if not cases:
         raise UsageError(f"no probability files found in {', '.join(args.inputs)} (looked for "
@@ -481,6 +597,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 run.failed.append(rio.case_name(path))
                 _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
     _remove_if_empty(outdir, created)
+    _write_expected(run, targets)
     c = run.counts
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
     line = f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
@@ -491,6 +608,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if run.failed:
         print(f"failed (reasons above): {', '.join(run.failed)}", file=sys.stderr)
     return 1 if run.failed else 0
+
+
+def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
+    """``expected_dice[.part-K-of-N].csv`` beside the masks, rebuilt from their records (so resumed cases are
+    in it too), and the review list of --flag-below."""
+    from .evaluation import write_rows
+
+    args = run.args
+    names = _class_names(getattr(args, "class_names", None))
+    rows, flagged = _expected_rows(targets, names, args.flag_below)
+    if not rows:
+        return
+    part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
+    path = run.outdir / f"expected_{run.options.metric}{_part_suffix(part)}.csv"
+    try:
+        write_rows(rows, path, protected=run.protected)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
+                         "same command again (finished masks are kept)") from None
+    print(f"wrote {path} (label-free expected {run.options.metric} per case and structure)", file=sys.stderr)
+    if args.flag_below is not None:
+        if flagged:
+            print(f"review ({len(flagged)} case(s) with an expected {run.options.metric} below {args.flag_below:g}): "
+                  f"{', '.join(flagged)}", file=sys.stderr)
+        else:
+            print(f"review: no case has an expected {run.options.metric} below {args.flag_below:g}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -511,16 +654,25 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
         raise rio.VolumeError(f"case {case!r}: no label file in {args.labels} (expected {case}.nii.gz, .nii, .mha, "
                               ".mhd or .nrrd)")
     label = rio.load_labels(labels[case])
+    nsd = args.nsd_tolerance or None
+    lesions = None if args.lesion_wise is None else [int(v) if v.isdigit() else v for v in args.lesion_wise]
     if args.probs:
         volume = _load(path, args, spatial_shape=label.labels.shape)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
         return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
-                               ignore_empty=args.ignore_empty, options=options)
+                               ignore_empty=args.ignore_empty, options=options, nsd_tolerance=nsd,
+                               lesion_structures=lesions)
     pred = rio.load_labels(path)
     rio.check_same_grid(pred.geometry, label.geometry, case)
-    return ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing, classes, case=case,
-                             ignore_empty=args.ignore_empty)
+    tree = options.regions
+    structures = None if tree is None else {n: sorted(lab) for n, lab in zip(tree.names, tree.labels)}
+    if tree is not None and lesions is None:
+        lesions = [tree.names[r] for r in range(len(tree)) if tree.parent[r] >= 0]
+    return ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing,
+                             classes if tree is None else (classes or list(tree.names)), case=case,
+                             ignore_empty=args.ignore_empty, structures=structures, nsd_tolerance=nsd,
+                             lesion_structures=lesions or ())
 
 
 def _part_suffix(part: tuple[int, int] | None) -> str:
@@ -550,6 +702,9 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
             if "argmax" in methods and "rankseg" in methods:
                 current = outdir / "differences.png"
                 written.append(ev.plot_differences(results, current, protected=protected, class_names=names))
+            if "expected_dice" in results[0]["metrics"][methods[0]]:
+                current = outdir / "expected.png"
+                written.append(ev.plot_expected(results, current, protected=protected, class_names=names))
         record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
                   "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
                   "failed": dict(failed), "merged_from": list(parts),
@@ -567,6 +722,10 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     options = decision_options(args)
+    _names_from_dataset(args)
+    if not (math.isfinite(args.nsd_tolerance) and args.nsd_tolerance >= 0):
+        raise UsageError(f"--nsd-tolerance must be a finite number of mm >= 0 (0 leaves NSD out), got "
+                         f"{args.nsd_tolerance}")
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")

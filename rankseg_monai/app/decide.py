@@ -7,13 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._arrays import numpy_dtype
 from ..activation import activate
 from ..functional import decide as _decide_batch
+from ..functional import expected_score
 from ..options import RankSEGOptions, check_label_capacity, check_label_dtype
+from ..solvers.regions import labels_from_nodes, paint_nodes, region_masks
 
-__all__ = ["METHODS", "decide", "activate_case"]
+__all__ = ["METHODS", "decide", "activate_case", "estimate", "structure_names"]
 
 METHODS = ("argmax", "rankseg")
 
@@ -32,7 +35,8 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
 
     Args:
         probs: probabilities ``(C, *spatial)`` (numpy).
-        method: ``"rankseg"`` or ``"argmax"`` (``p > 0.5`` for a single channel or multilabel output).
+        method: ``"rankseg"`` or ``"argmax"`` (``p > 0.5`` for a single channel or multilabel output; with region
+            probabilities nnU-Net's painting of ``q > 0.5`` in the order of the regions).
         options: the RankSEG options (or give them as keywords, e.g. ``metric="iou"``; default
             ``RankSEGOptions()``).  ``options.output_mode="multilabel"`` gives one mask per channel.
         label_dtype: dtype of the label map (default: ``options.label_dtype``); it must hold every label, else a
@@ -57,11 +61,18 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
     if probs.ndim < 2:
         raise ValueError(f"probs has shape {probs.shape}: expected (C, *spatial)")
     num_classes = probs.shape[0]
-    foreground = num_classes == 1
+    tree = options.regions
+    foreground = num_classes == 1 and tree is None
     multilabel = foreground or options.output_mode == "multilabel"
     dtype = check_label_dtype(options.label_dtype if label_dtype is None else label_dtype)
     np_dtype = numpy_dtype(dtype)
     check_label_capacity(dtype, *(options.label_bounds(num_classes) if not multilabel else (0, 1)))
+    if method == "argmax" and tree is not None and options.region_probs:  # nnU-Net: paint q > 0.5 in order
+        q = torch.from_numpy(np.ascontiguousarray(probs)).reshape(1, num_classes, -1)
+        nodes = paint_nodes(q > 0.5, tree)
+        if multilabel:
+            return region_masks(nodes, tree).reshape(num_classes, *probs.shape[1:]).numpy()
+        return labels_from_nodes(nodes, tree, None, dtype).reshape(probs.shape[1:]).numpy()
     if method == "argmax":
         if multilabel:
             masks = probs > 0.5
@@ -76,3 +87,26 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
     out = np.asarray(_decide_batch(probs[None], opts))[0]
     return out[0].astype(np_dtype) if foreground else out
 
+
+
+def structure_names(num_channels: int, options: RankSEGOptions) -> list[Any]:
+    """What :func:`estimate` scores, in order: the region names, or the class labels ``0..C-1`` (``[1]`` for a
+    single foreground channel)."""
+    if options.regions is not None:
+        return list(options.regions.names)
+    return [1] if num_channels == 1 else list(range(num_channels))
+
+
+def estimate(probs: np.ndarray, decision: np.ndarray, options: RankSEGOptions) -> np.ndarray:
+    """float64 ``(K,)``: the label-free expected Dice (IoU for ``metric="iou"``) of a decision of one case,
+    per structure of :func:`structure_names` (:func:`rankseg_monai.functional.expected_score`).
+
+    ``decision`` is what :func:`decide` returns: a label map, a 0/1 foreground map, or multilabel masks.
+    """
+    metric = options.metric if options.metric in ("dice", "iou") else "dice"
+    probs = np.asarray(probs)
+    decision = np.asarray(decision)
+    if options.regions is None and probs.shape[0] == 1:  # a foreground map: its 0/1 decision is channel 0's mask
+        return expected_score(probs[None], decision[None, None] != 0, metric, options.smooth)[0]
+    return expected_score(probs[None], decision[None], metric, options.smooth, regions=options.regions,
+                          region_probs=options.region_probs)[0]

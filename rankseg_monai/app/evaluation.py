@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .._files import VolumeError, atomic_write
+from ..metrics import lesion_wise, surface_dice
 from ..options import RankSEGOptions, label_range, smallest_label_dtype
-from .decide import METHODS, decide
+from .decide import METHODS, decide, estimate, structure_names
 
 __all__ = [
     "METHODS",
@@ -55,6 +56,8 @@ __all__ = [
     "write_csv",
     "write_summary_csv",
     "plot_differences",
+    "plot_expected",
+    "OPTIONAL_METRICS",
 ]
 
 
@@ -84,51 +87,80 @@ def _mask(label: np.ndarray, c: int) -> torch.Tensor:
 
 
 def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spacing: Sequence[float],
-                   classes: Sequence[int], *, case: str = "", ignore_empty: bool = False) -> dict:
-    """Dice and HD95 (mm) of each prediction, per class.
+                   classes: Sequence[Any], *, case: str = "", ignore_empty: bool = False,
+                   structures: Mapping[Any, Sequence[int]] | None = None, nsd_tolerance: float | None = None,
+                   lesion_structures: Sequence[Any] = ()) -> dict:
+    """Dice and HD95 (mm) of each prediction, per class or per region, and on request NSD and lesion-wise counts.
 
     Args:
         predictions: ``{method: label map}`` (integer arrays of the label's shape).
         label: the integer truth label map.
-        spacing: mm per array axis (HD95 in mm).
-        classes: label values to score.
+        spacing: mm per array axis (HD95 and NSD in mm).
+        classes: the structures to score: label values, or the names of ``structures``.
         case: the case name (kept in the result).
-        ignore_empty: Dice NaN (MONAI's default) instead of 1/0 when a class is absent from the truth.
+        ignore_empty: Dice NaN (MONAI's default) instead of 1/0 when a structure is absent from the truth.
+        structures: ``{name: label values}``: a structure's mask is the voxels holding any of its labels (the
+            regions LiTS/KiTS/BraTS score); default: each class alone.
+        nsd_tolerance: also the normalised surface Dice at this tolerance in mm (:func:`rankseg_monai.metrics.
+            surface_dice`, MONAI's ``compute_surface_dice``).
+        lesion_structures: structures also scored lesion-wise (:func:`rankseg_monai.metrics.lesion_wise`:
+            found, missed and false-positive lesions, lesion-wise Dice).
 
     Returns:
         a *case result* ``{"case", "classes", "methods", "true_voxels", "metrics": {method: {"dice": [...],
-        "hd95": [...], "pred_voxels": [...]}}}`` (lists per class).
+        "hd95": [...], "pred_voxels": [...], ["nsd", "lesion_dice", "lesions_found", "lesions_missed",
+        "lesions_fp": [...]]}}}`` (lists per structure; lesion entries are NaN for the other structures).
     """
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
     label = np.asarray(label)
-    classes = [int(c) for c in classes]
+    classes = list(classes)
     if not classes:
         raise ValueError("no classes to evaluate: pass at least one label value")
+    if structures is None:
+        structures = {int(c): [int(c)] for c in classes}
+        classes = [int(c) for c in classes]
+    missing = [c for c in classes if c not in structures]
+    if missing:
+        raise ValueError(f"{missing} are not among the structures {list(structures)}")
     spacing = [float(s) for s in spacing]
     if len(spacing) != label.ndim:
         raise ValueError(f"spacing {spacing} does not match the {label.ndim}D label map")
     for method, pred in predictions.items():
         if np.shape(pred) != label.shape:
             raise VolumeError(f"case {case!r}: {method} prediction has shape {np.shape(pred)}, labels {label.shape}")
+    lesions = set(lesion_structures)
     dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)
     hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-    metrics: dict[str, dict[str, list]] = {m: {"dice": [], "hd95": [], "pred_voxels": []} for m in predictions}
+    keys = ["dice", "hd95", "pred_voxels"] + (["nsd"] if nsd_tolerance is not None else []) + (
+        ["lesion_dice", "lesions_found", "lesions_missed", "lesions_fp"] if lesions else [])
+    metrics: dict[str, dict[str, list]] = {m: {k: [] for k in keys} for m in predictions}
     true_voxels = []
     for c in classes:
-        y = _mask(label, c)
-        true_voxels.append(int(y.sum()))
+        truth = np.isin(label, structures[c])
+        y = torch.from_numpy(truth)[None, None].to(torch.float32)
+        true_voxels.append(int(truth.sum()))
         for method, pred in predictions.items():
-            p = _mask(pred, c)
+            mask = np.isin(np.asarray(pred), structures[c])
+            p = torch.from_numpy(mask)[None, None].to(torch.float32)
             dice = float(dice_metric(y_pred=p, y=y)[0, 0])
             with warnings.catch_warnings():  # MONAI warns on every empty mask; the NaN it returns is counted
                 warnings.simplefilter("ignore")
                 hd = float(hd_metric(y_pred=p, y=y, spacing=spacing)[0, 0])
             dice_metric.reset()
             hd_metric.reset()
-            metrics[method]["dice"].append(dice)
-            metrics[method]["hd95"].append(hd)
-            metrics[method]["pred_voxels"].append(int(p.sum()))
+            out = metrics[method]
+            out["dice"].append(dice)
+            out["hd95"].append(hd)
+            out["pred_voxels"].append(int(mask.sum()))
+            if nsd_tolerance is not None:
+                out["nsd"].append(surface_dice(mask, truth, spacing, nsd_tolerance))
+            if lesions:
+                lw = lesion_wise(mask, truth) if c in lesions else None
+                out["lesion_dice"].append(lw["lesion_dice"] if lw else math.nan)
+                for key, field_ in (("lesions_found", "detected"), ("lesions_missed", "missed"),
+                                    ("lesions_fp", "false_positive")):
+                    out[key].append(float(lw[field_]) if lw else math.nan)
     return {"case": case, "classes": classes, "methods": list(predictions), "true_voxels": true_voxels,
             "metrics": metrics}
 
@@ -136,7 +168,8 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
 def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float], classes: Sequence[int] | None = None,
                  *, case: str = "", methods: Sequence[str] = METHODS, ignore_empty: bool = False,
                  return_predictions: bool = False, options: RankSEGOptions | None = None, label_dtype: Any = None,
-                 **option_kwargs: Any) -> dict:
+                 nsd_tolerance: float | None = None, lesion_structures: Sequence[Any] | None = None,
+                 estimate: bool = True, **option_kwargs: Any) -> dict:
     """Decide with each method and score the decisions against ``label``.
 
     Args:
@@ -152,6 +185,11 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
             ``pruning_prob="auto"``).  Only label maps are compared: ``output_mode="multilabel"`` is refused for
             ``C > 1``.
         label_dtype: dtype of the decisions (default: the narrowest integer type that holds the labels).
+        nsd_tolerance, lesion_structures: see :func:`evaluate_masks`.  With ``options.regions`` the structures are
+            the regions (``classes`` then names them; default all), and ``lesion_structures`` defaults to the
+            regions that lie inside another one (tumours, enhancing tumour).
+        estimate: also the label-free expected Dice of each decision (``expected_dice`` per method:
+            :func:`rankseg_monai.functional.expected_score`), to compare with the actual Dice.
 
     Returns:
         the case result of :func:`evaluate_masks`.
@@ -169,20 +207,45 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
         raise ValueError("evaluation compares label maps: use output_mode='multiclass' (or a single foreground "
                          "channel); score multilabel masks per channel yourself")
     num_classes = probs.shape[0]
-    check_label_values(label, num_classes, case)
-    classes = default_classes(num_classes) if classes is None else [int(c) for c in classes]
-    for c in classes:
-        if not 0 <= c < max(num_classes, 2):
-            raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
-                             "probabilities")
-    if label_dtype is None:
-        label_dtype = smallest_label_dtype(*label_range(max(num_classes, 2), options.unassigned_policy,
-                                                        options.void_index))
+    tree = options.regions
+    structures = None
+    if tree is not None:
+        top = tree.max_label + 1 if options.region_probs else max(num_classes, tree.max_label + 1)
+        check_label_values(label, top, case)
+        structures = {name: sorted(labels) for name, labels in zip(tree.names, tree.labels)}
+        classes = list(tree.names) if classes is None else list(classes)
+        if lesion_structures is None:
+            lesion_structures = [tree.names[r] for r in range(len(tree)) if tree.parent[r] >= 0]
+        if label_dtype is None:
+            label_dtype = smallest_label_dtype(*options.label_bounds(num_classes))
+    else:
+        check_label_values(label, num_classes, case)
+        classes = default_classes(num_classes) if classes is None else [int(c) for c in classes]
+        for c in classes:
+            if not 0 <= c < max(num_classes, 2):
+                raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
+                                 "probabilities")
+        if label_dtype is None:
+            label_dtype = smallest_label_dtype(*label_range(max(num_classes, 2), options.unassigned_policy,
+                                                            options.void_index))
     predictions = {m: decide(probs, m, options, label_dtype=label_dtype) for m in methods}
-    result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty)
+    result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty,
+                            structures=structures, nsd_tolerance=nsd_tolerance,
+                            lesion_structures=lesion_structures or ())
+    if estimate and options.metric in ("dice", "iou"):
+        for m, pred in predictions.items():
+            result["metrics"][m]["expected_dice"] = _estimates(probs, pred, options, classes)
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _estimates(probs: np.ndarray, pred: np.ndarray, options: RankSEGOptions, classes: Sequence[Any]) -> list[float]:
+    """The label-free expected Dice of a decision, per scored structure (class label or region name)."""
+    est = estimate(probs, pred, options)
+    names = structure_names(probs.shape[0], options)
+    index = {name: k for k, name in enumerate(names)}
+    return [float(est[index[c]]) for c in classes]
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -200,12 +263,19 @@ def case_rows(result: Mapping[str, Any], baseline: str = "argmax", candidate: st
             row[f"dice_{m}"] = vals["dice"][i]
             row[f"hd95_{m}"] = vals["hd95"][i]
             row[f"voxels_{m}"] = vals["pred_voxels"][i]
+            for key in OPTIONAL_METRICS:
+                if key in vals:
+                    row[f"{key}_{m}"] = vals[key][i]
         if paired:
             b, k = result["metrics"][baseline], result["metrics"][candidate]
             row["dice_diff"] = k["dice"][i] - b["dice"][i]
             row["hd95_diff_mm"] = k["hd95"][i] - b["hd95"][i]
         rows.append(row)
     return rows
+
+
+#: per-structure metrics a case result may hold besides Dice, HD95 and the mask size
+OPTIONAL_METRICS = ("nsd", "expected_dice", "lesion_dice", "lesions_found", "lesions_missed", "lesions_fp")
 
 
 def nan_stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -259,7 +329,7 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
             raise ValueError("all case results must hold the same methods")
         for i, c in enumerate(res["classes"]):
             groups.setdefault(c, []).append((res, i))
-    keys = sorted(groups)
+    keys = list(groups)  # the order the structures come in (classes sorted, regions as given)
     pooled = [item for c in keys for item in groups[c]]
     table = []
     for key, items in [*((c, groups[c]) for c in keys), ("all", pooled)]:
@@ -272,6 +342,22 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
             row[f"hd95_mean_{m}"], row[f"hd95_median_{m}"], row[f"hd95_n_{m}"] = nan_stats(hd)
             row[f"empty_pred_{m}"] = sum(r["metrics"][m]["pred_voxels"][i] == 0 for r, i in items)
             row[f"hd95_undefined_{m}"] = int(sum(not math.isfinite(v) for v in hd))
+            extra = items[0][0]["metrics"][m] if items else {}
+            if "nsd" in extra:
+                row[f"nsd_mean_{m}"] = nan_stats([r["metrics"][m]["nsd"][i] for r, i in items])[0]
+            if "lesion_dice" in extra:
+                row[f"lesion_dice_mean_{m}"] = nan_stats([r["metrics"][m]["lesion_dice"][i] for r, i in items])[0]
+                for key in ("lesions_found", "lesions_missed", "lesions_fp"):
+                    vals = [r["metrics"][m][key][i] for r, i in items]
+                    row[f"{key}_{m}"] = int(sum(v for v in vals if math.isfinite(v))) if any(
+                        math.isfinite(v) for v in vals) else math.nan
+            if "expected_dice" in extra:
+                est = np.array([r["metrics"][m]["expected_dice"][i] for r, i in items], dtype=np.float64)
+                act = np.array(dice, dtype=np.float64)
+                ok = np.isfinite(est) & np.isfinite(act)
+                row[f"expected_dice_mean_{m}"] = float(est[ok].mean()) if ok.any() else math.nan
+                row[f"expected_mae_{m}"] = float(np.abs(est - act)[ok].mean()) if ok.any() else math.nan
+                row[f"expected_corr_{m}"] = _corr(est[ok], act[ok])
         if baseline in methods and candidate in methods:
             for metric, better_high, suffix in (("dice", True, ""), ("hd95", False, "_mm")):
                 base = [r["metrics"][baseline][metric][i] for r, i in items]
@@ -282,6 +368,13 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
                 row[f"{metric}_ties"], row[f"{metric}_paired_n"] = st["ties"], st["n"]
         table.append(row)
     return table
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation (NaN with fewer than 3 pairs or a constant side)."""
+    if a.size < 3 or a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -329,6 +422,15 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     if paired:
         header += [f"HD95 diff mm ({candidate}-{baseline})", "W/L/T"]
     header += [f"empty {m}" for m in methods] + [f"HD95 NaN {m}" for m in methods]
+    nsd = f"nsd_mean_{methods[0]}" in table[0]
+    lesions = f"lesions_found_{methods[0]}" in table[0]
+    expected = f"expected_mae_{methods[0]}" in table[0]
+    if nsd:
+        header += [f"NSD {m}" for m in methods]
+    if lesions:
+        header += [f"lesions found/missed/FP {m}" for m in methods]
+    if expected:
+        header += [f"est. Dice {m} (MAE, r)" for m in methods]
     lines = []
     for row in table:
         cells = [_class_label(row["class"], class_names), str(row["cases"])]
@@ -344,6 +446,15 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
                       f"{row['hd95_wins']}/{row['hd95_losses']}/{row['hd95_ties']}"]
         cells += [str(row[f"empty_pred_{m}"]) for m in methods]
         cells += [str(row[f"hd95_undefined_{m}"]) for m in methods]
+        if nsd:
+            cells += [_fmt(row[f"nsd_mean_{m}"]) for m in methods]
+        if lesions:
+            cells += ["-" if not math.isfinite(row[f"lesions_found_{m}"]) else
+                      f"{row[f'lesions_found_{m}']}/{row[f'lesions_missed_{m}']}/{row[f'lesions_fp_{m}']}"
+                      for m in methods]
+        if expected:
+            cells += [f"{_fmt(row[f'expected_dice_mean_{m}'])} ({_fmt(row[f'expected_mae_{m}'], 3)}, "
+                      f"{_fmt(row[f'expected_corr_{m}'], 2)})" for m in methods]
         lines.append(cells)
     widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(header)]
     out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
@@ -353,6 +464,9 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     if paired:
         note += (f" Paired over cases where both are defined: diff = {candidate} - {baseline} (Dice: > 0 is better; "
                  f"HD95: < 0 is better); W/L/T count cases where {candidate} is better/worse/equal.")
+    if expected:
+        note += (" est. Dice: the label-free expected Dice of each decision (mean), its mean absolute error against "
+                 "the actual Dice and their correlation over cases (r): how far the estimate can be trusted here.")
     return "\n".join(out) + "\n" + note
 
 
@@ -399,13 +513,19 @@ def results_from_rows(rows: Sequence[Mapping[str, str]], methods: Sequence[str])
         if res is None:
             res = results[case] = {"case": case, "classes": [], "methods": list(methods), "true_voxels": [],
                                    "metrics": {m: {"dice": [], "hd95": [], "pred_voxels": []} for m in methods}}
+            for m in methods:
+                res["metrics"][m].update({k: [] for k in OPTIONAL_METRICS if f"{k}_{m}" in row})
         try:
-            res["classes"].append(int(row["class"]))
+            name = row["class"]
+            res["classes"].append(int(name) if name.lstrip("-").isdigit() else name)
             res["true_voxels"].append(int(row["true_voxels"]))
             for m in methods:
                 res["metrics"][m]["dice"].append(float(row[f"dice_{m}"]))
                 res["metrics"][m]["hd95"].append(float(row[f"hd95_{m}"]))
                 res["metrics"][m]["pred_voxels"].append(int(row[f"voxels_{m}"]))
+                for key in OPTIONAL_METRICS:
+                    if key in res["metrics"][m]:
+                        res["metrics"][m][key].append(float(row[f"{key}_{m}"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise VolumeError(f"case {case!r}: per-case row {dict(row)} is incomplete or not a number ({exc}); "
                               "the CSV was not written by rankseg-monai evaluate, or it was edited") from exc
@@ -438,7 +558,7 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
     rows = [row for res in results for row in case_rows(res, baseline, candidate)]
     if rows and "dice_diff" not in rows[0]:
         raise ValueError(f"plot_differences needs both {baseline!r} and {candidate!r} results")
-    classes = sorted({row["class"] for row in rows})
+    classes = list(dict.fromkeys(row["class"] for row in rows))
     fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 3), 4.0), dpi=100)
     FigureCanvasAgg(fig)
     rng = np.random.default_rng(0)
@@ -473,3 +593,44 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
         fig.savefig(tmp, format="png")
 
     return atomic_write(path, write, overwrite=True, protected=protected)
+
+
+def plot_expected(results: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                  protected: Sequence[str | os.PathLike] = (), class_names: Mapping[int, str] | None = None) -> Path:
+    """PNG: per case and structure, the label-free expected Dice of each decision against its actual Dice, with
+    the identity line, and per structure the mean absolute error and the correlation (can the estimate be trusted
+    on this model?)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results or "expected_dice" not in results[0]["metrics"][results[0]["methods"][0]]:
+        raise ValueError("plot_expected needs case results with expected_dice (compare_case(..., estimate=True))")
+    methods = list(results[0]["methods"])
+    classes = list(dict.fromkeys(c for r in results for c in r["classes"]))
+    fig = Figure(figsize=(4.2 * len(methods), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    markers = "os^Dv<>p*h"
+    for j, m in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), j + 1)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        lines = []
+        for k, c in enumerate(classes):
+            pairs = [(r["metrics"][m]["expected_dice"][i], r["metrics"][m]["dice"][i]) for r in results
+                     for i, cc in enumerate(r["classes"]) if cc == c]
+            est, act = (np.array(v, dtype=np.float64) for v in zip(*pairs))
+            ok = np.isfinite(est) & np.isfinite(act)
+            ax.scatter(est[ok], act[ok], s=20, marker=markers[k % len(markers)], alpha=0.8,
+                       label=_class_label(c, class_names))
+            if ok.any():
+                lines.append(f"{_class_label(c, class_names)}: MAE {np.abs(est - act)[ok].mean():.3f}, "
+                             f"r {_corr(est[ok], act[ok]):.2f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("expected Dice (label-free estimate)")
+        ax.set_ylabel("actual Dice")
+        ax.set_title(f"{m}\n" + "\n".join(lines), fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Expected vs actual Dice over {len(results)} cases (on the dashed line the estimate is exact)",
+                 fontsize=9)
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True, protected=protected)

@@ -74,6 +74,8 @@ __all__ = [
     "mask_dtype",
     "check_same_grid",
     "validate_probabilities",
+    "DatasetJson",
+    "read_dataset_json",
     "clip_overshoot",
     "check_logits",
     "show_value",
@@ -951,3 +953,71 @@ def save_mask(mask: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, 
         return commit(tmp, path)
     finally:
         discard(tmp)
+
+
+# ------------------------------------------------------------------------------------------- dataset.json
+
+
+@dataclass(frozen=True)
+class DatasetJson:
+    """What an nnU-Net v2 ``dataset.json`` says about the labels.
+
+    Attributes:
+        class_names: label value -> name (the ``labels`` entries holding one label, background included).
+        regions: ``{name: [labels]}`` when the dataset is region-based (some entry of ``labels`` is a list, as nnU-Net
+            decides it), else ``None``.
+        regions_class_order: nnU-Net's ``regions_class_order`` (the label painted for each region), or ``None``.
+    """
+
+    class_names: dict[int, str]
+    regions: dict[str, list[int]] | None
+    regions_class_order: list[int] | None
+
+    @property
+    def region_based(self) -> bool:
+        """Whether nnU-Net trained region-wise: its ``--save_probabilities`` output holds one sigmoid per region."""
+        return self.regions is not None
+
+
+def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
+    """Read the ``labels`` (with region lists) and ``regions_class_order`` of an nnU-Net ``dataset.json``.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "dataset.json"
+        >>> _ = path.write_text(json.dumps({"labels": {"background": 0, "whole_tumor": [1, 2, 3],
+        ...     "tumor_core": [2, 3], "enhancing_tumor": 3}, "regions_class_order": [1, 2, 3]}))
+        >>> d = read_dataset_json(path)
+        >>> d.regions, d.regions_class_order
+        ({'whole_tumor': [1, 2, 3], 'tumor_core': [2, 3], 'enhancing_tumor': [3]}, [1, 2, 3])
+    """
+    import json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot read the dataset.json ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VolumeError(f"{path}: not a JSON file ({exc}); pass nnU-Net's dataset.json") from None
+    labels = doc.get("labels") if isinstance(doc, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise VolumeError(f"{path}: no 'labels' mapping; nnU-Net v2's dataset.json has e.g. "
+                          '"labels": {"background": 0, "liver": 1, "tumour": 2}')
+
+    def as_labels(name: str, value: Any) -> list[int]:
+        items = value if isinstance(value, list | tuple) else [value]
+        if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise VolumeError(f"{path}: label {name!r} must be an integer or a list of integers, got {value!r}")
+        return [int(v) for v in items]
+
+    parsed = {str(k): as_labels(str(k), v) for k, v in labels.items()}
+    region_based = any(isinstance(v, list | tuple) and len(v) > 1 for v in labels.values())
+    class_names = {v[0]: k for k, v in parsed.items() if len(v) == 1}
+    regions = {k: v for k, v in parsed.items() if v != [0]} if region_based else None
+    order = doc.get("regions_class_order")
+    if order is not None and (not isinstance(order, list) or not all(isinstance(v, int) for v in order)):
+        raise VolumeError(f"{path}: regions_class_order must be a list of integers, got {order!r}")
+    if region_based and order is None:
+        raise VolumeError(f"{path}: a region-based dataset.json needs regions_class_order (nnU-Net requires it too)")
+    return DatasetJson(class_names, regions, order)

@@ -67,7 +67,8 @@ def test_predict_end_to_end(inputs, capsys):
     rc = main(["predict", str(root / "nifti"), str(root / "m1.mha"), str(root / "nnunet"), "-o", str(out)])
     assert rc == 0
     masks = ["n1.nii.gz", "n2.nii.gz", "m1.mha", "u1.nii.gz"]
-    assert files_in(out) == sorted(masks + [m + ".rankseg.json" for m in masks])  # each mask with its record
+    # each mask with its record, and the label-free expected Dice of every case
+    assert files_in(out) == sorted(masks + [m + ".rankseg.json" for m in masks] + ["expected_dice.csv"])
     assert "4 written, 0 skipped" in capsys.readouterr().err
     # masks equal the functional API on the same probabilities, geometry is the input's
     for name in ("n1", "n2"):
@@ -191,7 +192,8 @@ def test_one_bad_case_does_not_stop_the_others(inputs, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "FAILED bad" in err and "corrupt" in err and "2 written, 0 skipped (up to date), 1 failed" in err
-    assert files_in(out) == sorted(["n1.nii.gz", "n2.nii.gz", "n1.nii.gz.rankseg.json", "n2.nii.gz.rankseg.json"])
+    assert files_in(out) == sorted(["n1.nii.gz", "n2.nii.gz", "n1.nii.gz.rankseg.json", "n2.nii.gz.rankseg.json",
+                                    "expected_dice.csv"])
     np.testing.assert_array_equal(np.asarray(nib.load(str(out / "n2.nii.gz")).dataobj), expected_mask(cases["n2"][0]))
 
 
@@ -238,7 +240,7 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     rc = main(["evaluate", "--probs", str(root / "probs"), "--labels", str(root / "labels"), "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert files_in(out) == ["differences.png", "evaluation.json", "per_case.csv", "summary.csv"]
+    assert files_in(out) == ["differences.png", "evaluation.json", "expected.png", "per_case.csv", "summary.csv"]
     assert "Dice argmax" in captured.out and "HD95 NaN rankseg" in captured.out
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
