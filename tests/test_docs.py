@@ -118,8 +118,34 @@ def _copy_bundle(folder: Path) -> None:
         shutil.copytree(ROOT / "bundle", folder / "bundle", ignore=outputs)
 
 
+def _write_nnunet_regions(folder: Path) -> None:
+    """``nnunet_out/``: a region-based nnU-Net's --save_probabilities output (BraTS-like: whole tumour, tumour core,
+    enhancing tumour as sigmoid probabilities, ``<case>.npz`` + ``<case>.pkl``) and its ``dataset.json``."""
+    import json
+    import pickle
+
+    out = folder / "nnunet_out"
+    out.mkdir(exist_ok=True)
+    rng = np.random.default_rng(3)
+    shape = (14, 16, 18)  # nnU-Net's (z, y, x)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    for i in range(2):
+        centre = rng.uniform(-0.3, 0.3, 3)[:, None, None, None]
+        r = np.sqrt(((grid - centre) ** 2).sum(0))
+        q = np.stack([1 / (1 + np.exp(-12 * (rad - r) + rng.normal(0, 1, shape))) for rad in (0.6, 0.4, 0.2)])
+        np.savez_compressed(out / f"case_{i}.npz", probabilities=q.astype(np.float32))
+        props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)},
+                 "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape}
+        with open(out / f"case_{i}.pkl", "wb") as fh:
+            pickle.dump(props, fh)
+    (out / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
+        "regions_class_order": [1, 2, 3]}, indent=1))
+
+
 #: named input files a block may ask for (``<!-- doc-test: files=NAME -->``)
-FILES = {"nifti-folders": _write_nifti_folders, "repo-bundle": _copy_bundle}
+FILES = {"nifti-folders": _write_nifti_folders, "repo-bundle": _copy_bundle, "nnunet-regions": _write_nnunet_regions}
 
 
 # ----------------------------------------------------------------------------------------------- running
