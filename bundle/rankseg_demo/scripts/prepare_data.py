@@ -87,7 +87,9 @@ def _decision(transform: Any) -> str:
         return " + ".join(names)
     if isinstance(transform, RankSEGd):
         r = transform.rankseg[0]
-        return f"RankSEG(metric={r.metric!r}, solver={r.solver!r}, pruning_prob={r.pruning_prob!r})"
+        regions = "" if r.regions is None else ", regions=" + repr(
+            {n: sorted(lab) for n, lab in zip(r.regions.names, r.regions.labels)})
+        return f"RankSEG(metric={r.metric!r}, solver={r.solver!r}, pruning_prob={r.pruning_prob!r}{regions})"
     if isinstance(transform, AsDiscreted):
         if any(transform.argmax):
             return "argmax"
