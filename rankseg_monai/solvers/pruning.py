@@ -32,8 +32,10 @@ Cost: usually none beyond the solver.  The rule needs the selection's sum/size a
 :func:`auto_active_from_solution` takes the first from the RMA solver and brackets the second from the statistics
 and band passes (:func:`log_absent_bounds`), which decides a row whenever the brackets do not straddle the
 comparison (almost always).  Otherwise, and for the other solvers, :func:`auto_active_from_thresholds` makes one
-extra chunked float64 pass over the volume after the thresholds are known; both give the same result.  Without MONAI's ``ignore_empty=False`` convention (``True``, MONAI's
-default: an empty truth is skipped), the empty mask never scores and ``pruning_prob=0`` is the consistent choice.
+extra chunked float64 pass over the volume after the thresholds are known; both give the same result.
+
+Without MONAI's ``ignore_empty=False`` convention (``True``, MONAI's default: an empty truth is skipped), the empty
+mask never scores and ``pruning_prob=0`` is the consistent choice.
 """
 
 from __future__ import annotations

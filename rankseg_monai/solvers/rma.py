@@ -98,7 +98,22 @@ def band_select(
     values: list[torch.Tensor] | None = []
     rows: list[torch.Tensor] = []
     total = 0
+    # CPU, sums above known: only the rows whose chunk maximum reaches the band are scanned (on a many-class
+    # volume most classes are absent from most chunks); the same values in the same order as the full scan
+    by_rows = above is not None and device.type == "cpu"
+    if by_rows:
+        lo_r, hi_r = lo.reshape(-1), hi.reshape(-1)
+        open_rows = lo_r < hi_r
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
+        if by_rows and values is not None:
+            vals_c, rows_c = _band_by_rows(chunk, lo_r, hi_r, open_rows, row_ids.dtype)
+            if cap is None or total + vals_c.numel() <= cap:
+                total += vals_c.numel()
+                n_band += torch.bincount(rows_c, minlength=rows_total).reshape(shape)
+                values.append(vals_c)
+                rows.append(rows_c)
+                continue
+            # the cap is reached in this chunk: the full scan below switches to sums, as it always did
         if above is None:
             gt = chunk > hi
             # where(gt, chunk, 0) has the values of chunk * gt (4-10x slower), hence the same float64 sums
@@ -116,7 +131,7 @@ def band_select(
                     s_band += _segment_sum(torch.cat(values).double(), torch.cat(rows), rows_total).reshape(shape)
                 values, rows = None, []
         if values is None:
-            s_band += (chunk * band).sum(-1, dtype=torch.float64)
+            s_band += torch.where(band, chunk, 0.0).sum(-1, dtype=torch.float64)  # the values of chunk * band
         else:
             values.append(chunk[band])
             rows.append(torch.repeat_interleave(row_ids, counts.reshape(-1)))
@@ -125,6 +140,22 @@ def band_select(
     vals, rws = torch.cat(values), torch.cat(rows)
     s_band = _segment_sum(vals.double(), rws, rows_total).reshape(shape)
     return vals, rws, s_above, n_above, s_band, n_band
+
+
+def _band_by_rows(chunk: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, open_rows: torch.Tensor,
+                  row_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band values of a chunk ``(B, C, n)`` and their flat row ids, row-major (as ``chunk[band]``), scanning only
+    the rows whose maximum in the chunk exceeds their ``lo`` (``lo``/``hi``/``open_rows`` flat per row)."""
+    rows_total = lo.numel()
+    sub = chunk.reshape(rows_total, -1)
+    hit = torch.nonzero((sub.amax(-1) > lo) & open_rows).squeeze(1)
+    if hit.numel() == 0:
+        return chunk.new_empty(0), torch.empty(0, dtype=row_dtype, device=chunk.device)
+    if hit.numel() < rows_total:
+        sub = sub.index_select(0, hit)
+    band = (sub > lo[hit].unsqueeze(1)) & (sub <= hi[hit].unsqueeze(1))
+    r_idx, v_idx = torch.nonzero(band, as_tuple=True)
+    return sub[r_idx, v_idx], hit[r_idx].to(row_dtype)
 
 
 def _segment_sum(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
