@@ -101,20 +101,22 @@ def _child(path: str, method: str, device: str, repeat: int, threads: int) -> No
     def timed():
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
-    cold, out = timed()
+    cold, _, out = timed()
     peak_cold = peak_rss_mb()
     check = out if method == "functional" and cuda else None
     del out
-    times = [timed()[0] for _ in range(repeat)]
+    runs = [timed()[:2] for _ in range(repeat)]
+    times = [r[0] for r in runs]
     res = {
         "cold": cold,
         "median": statistics.median(times),
+        "cpu": statistics.median(r[1] for r in runs),
         "times": times,
         "extra_rss_mb": max(0.0, peak_cold - base_rss),
         "extra_gpu_mb": (torch.cuda.max_memory_allocated() - base_gpu) / 2**20 if cuda else 0.0,
@@ -169,6 +171,8 @@ def main() -> None:
             rows.append((spec, shape, res))
             _print_shape(spec, res, args.device)
     _print_summary(rows)
+    if args.device == "cpu":
+        _print_summary(rows, "cpu")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "volume_kind": args.volume_kind, "device": args.device,
@@ -178,19 +182,21 @@ def main() -> None:
 def _print_shape(spec, res, device):
     print(f"\nshape ({spec})")
     mem = "extra_gpu_mb" if device != "cpu" else "extra_rss_mb"
-    print(f"  {'method':24} {'median s':>9} {'cold s':>8} {'peak extra MB':>14} {'x input':>8}")
+    print(f"  {'method':24} {'median s':>9} {'cpu s':>7} {'cold s':>8} {'peak extra MB':>14} {'x input':>8}")
     for method, r in res.items():
         extra = r[mem]
-        print(f"  {method:24} {r['median']:9.3f} {r['cold']:8.3f} {extra:14.0f} {extra / r['input_mb']:8.2f}"
+        print(f"  {method:24} {r['median']:9.3f} {r['cpu']:7.3f} {r['cold']:8.3f} {extra:14.0f} "
+              f"{extra / r['input_mb']:8.2f}"
               + (f"  cuda==cpu: {r['cuda_equals_cpu']}" if "cuda_equals_cpu" in r else ""))
 
 
-def _ratio(res, a, b):
-    return res[a]["median"] / res[b]["median"] if a in res and b in res else None
+def _ratio(res, a, b, key="median"):
+    return res[a][key] / res[b][key] if a in res and b in res else None
 
 
-def _print_summary(rows) -> None:
-    print("\nRatios of median times (issue 15 targets in brackets):")
+def _print_summary(rows, key="median") -> None:
+    what = "median wall times" if key == "median" else "median process CPU times (steadier under load, 1 thread)"
+    print(f"\nRatios of {what} (issue 15 targets in brackets):")
     print(f"  {'shape':>18} {'functional/argmax':>18} {'transform/AsDiscrete':>21} {'0.0.8/functional':>17} "
           f"{'0.0.8 screening/functional':>27}")
     for spec, shape, res in rows:
@@ -198,7 +204,7 @@ def _print_summary(rows) -> None:
         cells = []
         for (a, b), target in ((("functional", "argmax"), f_t), (("transform", "asdiscrete"), t_t),
                                (("rankseg008", "functional"), None), (("rankseg008_screening", "functional"), None)):
-            r = _ratio(res, a, b)
+            r = _ratio(res, a, b, key)
             cell = "-" if r is None else f"{r:.2f}x"
             if r is not None and target is not None:
                 cell += f" [<={target}] " + ("ok" if r <= target else "MISSED")

@@ -23,6 +23,7 @@ __all__ = [
     "RowStats",
     "flat_view",
     "iter_chunks",
+    "chunk_step",
     "floor_to_dtype",
     "row_statistics",
     "threshold_masks",
@@ -56,15 +57,30 @@ def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
     return max(1024, min(n, target // max(rows, 1)))
 
 
+def chunk_step(flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None) -> int:
+    """Voxels per row in each chunk of :func:`iter_chunks` (``chunk_size``, or the automatic size)."""
+    device = flat.device if device is None else torch.device(device)
+    return chunk_size or _auto_chunk(flat.shape[0] * flat.shape[1], flat.shape[-1], device)
+
+
 def iter_chunks(
-    flat: torch.Tensor, device: torch.device | None = None, chunk_size: int | None = None, clamp: bool = False
+    flat: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+    begin: int = 0,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, chunk)`` with chunk ``flat[..., start:stop]`` on ``device`` (clipped if ``clamp``)."""
+    """Yield ``(start, stop, chunk)`` with chunk ``flat[..., start:stop]`` on ``device`` (clipped if ``clamp``).
+
+    ``begin``: the first chunk's start, a start this loop yields (to resume a pass; chunks never depend on it).
+    """
     device = flat.device if device is None else torch.device(device)
     n = flat.shape[-1]
-    step = chunk_size or _auto_chunk(flat.shape[0] * flat.shape[1], n, device)
+    step = chunk_step(flat, device, chunk_size)
+    if begin % step:
+        raise ValueError(f"begin={begin} is not a chunk start (multiples of {step})")
     streaming = device != flat.device
-    for start in range(0, n, step):
+    for start in range(begin, n, step):
         stop = min(n, start + step)
         chunk = flat[..., start:stop]
         if streaming:
@@ -147,7 +163,7 @@ def threshold_masks(
         return flat > thr_d
     out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        out[..., start:stop] = (chunk > thr_d).to(flat.device, non_blocking=True)
+        out[..., start:stop] = chunk > thr_d  # a blocking copy back (a non-blocking one may still be in flight)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._stream import RowStats, iter_chunks
+from ._stream import RowStats, chunk_step, iter_chunks
 from .objectives import increment_score
 
 __all__ = ["assign", "argmax_labels"]
@@ -59,42 +59,92 @@ def assign(
     """Labels (B, N) from ``flat`` (B, C, N) and per-class thresholds ``thr`` (B, C): mask = flat > thr.
 
     The output is allocated once in ``out_dtype`` (int64 by default; the caller checks it holds every label)
-    and filled chunk by chunk.
+    and filled chunk by chunk.  One pass over the volume: it writes the label of every voxel selected by exactly
+    one class, sums those voxels per class (``M``, ``T``, the state of the increments) and keeps the positions of
+    the other voxels; once the sums are complete, the kept voxels are read back and labelled by their increments.
+    When the kept positions would outgrow :func:`_pending_cap`, the chunks from there on are labelled in a second
+    pass instead (as before), so the memory stays bounded; the labels are the same either way.
     """
     device = flat.device if device is None else torch.device(device)
-    batch, num_classes, _ = flat.shape
+    batch, num_classes, n_vox = flat.shape
     thr_d = thr.to(device).unsqueeze(-1)  # (B, C, 1): thr_d[:, c] is (B, 1)
-    # pass 1: sum and size of the voxels each class selects alone
     M = torch.zeros((batch, num_classes), dtype=torch.float64, device=device)
     T = torch.zeros((batch, num_classes), dtype=torch.int64, device=device)
     ids = _class_ids(num_classes, device)
-    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
+    out = torch.empty((batch, n_vox), dtype=out_dtype, device=flat.device)
+    cap = _pending_cap(batch, n_vox)
+    pos_dtype = torch.int32 if batch * n_vox < 2**31 else torch.int64
+    pending: list[torch.Tensor] = []  # flat positions b * N + v (on flat's device) of voxels with k != 1
+    n_pending = 0
+    second_pass_from = None  # first chunk start labelled by a second pass (None: every chunk done in one pass)
+    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
         _, k, labels = _selection(chunk, thr_d, ids)
         single = k == 1
         p = chunk.gather(1, labels.unsqueeze(1)).squeeze(1)  # the selecting class's probability
         M.scatter_add_(1, labels, (p * single).double())
         T.scatter_add_(1, labels, single.long())
+        out[:, start:stop] = labels  # final where k == 1 (a blocking copy back when streaming)
+        if second_pass_from is not None:
+            continue
+        b_idx, v_idx = torch.nonzero(~single, as_tuple=True)
+        if n_pending + b_idx.numel() > cap:
+            second_pass_from = start
+            continue
+        n_pending += b_idx.numel()
+        pending.append((b_idx * n_vox + (v_idx + start)).to(device=flat.device, dtype=pos_dtype))
     T = T.double()
     mu = stats.mu.to(device)
     active_d = active.to(device)
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
-    out = torch.empty((batch, flat.shape[-1]), dtype=out_dtype, device=flat.device)
-    # pass 2: labels
-    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        sel, k, labels = _selection(chunk, thr_d, ids)  # labels: the selecting class where k == 1
-        b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
-        if b_idx.numel():
-            p = chunk[b_idx, :, v_idx].double()  # (P, C)
-            score = increment_score(metric, p, M[b_idx], T[b_idx], mu[b_idx], smooth)
-            kk = k[b_idx, v_idx].unsqueeze(1)
-            picked = sel[b_idx, :, v_idx]
-            eligible = torch.where(kk > 0, picked, fallback[b_idx])
-            best = torch.where(eligible, score, float("-inf")).argmax(1)
-            if policy == "void":
-                best = torch.where(kk.squeeze(1) == 0, torch.full_like(best, void_index), best)
-            labels[b_idx, v_idx] = best
-        out[:, start:stop] = labels.to(flat.device, non_blocking=True)
+    resolve = _Resolver(metric, smooth, policy, void_index, thr_d, M, T, mu, fallback, ids)
+    if pending:  # voxels of at most one chunk's size at a time: the temporaries of a chunk, as before
+        positions = torch.cat(pending).long()
+        del pending
+        step = batch * chunk_step(flat, device, chunk_size)
+        for lo in range(0, positions.numel(), step):
+            pos = positions[lo:lo + step]
+            b_idx, v_idx = pos // n_vox, pos % n_vox
+            p = flat[b_idx, :, v_idx]  # (P, C) on flat's device, as the chunk's chunk[b_idx, :, v_idx]
+            if clamp:
+                p = p.clamp(0.0, 1.0)
+            best = resolve(p.to(device), b_idx.to(device), None)
+            out.view(-1)[pos] = best.to(device=flat.device, dtype=out_dtype)
+    if second_pass_from is not None:
+        for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp, begin=second_pass_from):
+            sel, k, labels = _selection(chunk, thr_d, ids)
+            b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
+            if b_idx.numel():
+                labels[b_idx, v_idx] = resolve(chunk[b_idx, :, v_idx], b_idx, sel[b_idx, :, v_idx])
+            out[:, start:stop] = labels
     return out
+
+
+def _pending_cap(batch: int, n_vox: int) -> int:
+    """Most voxel positions :func:`assign` keeps for after its pass: 1/32 of the voxels (int32 positions: 1/8 byte
+    per voxel at most, 1/64 of an int64 label map), at least 2^16.  Network outputs leave about 1% of the voxels to
+    the increments; diffuse volumes (more) take the second pass for the rest."""
+    return max(1 << 16, batch * n_vox // 32)
+
+
+class _Resolver:
+    """Labels of voxels selected by zero or several classes, from their probabilities ``(P, C)``: the eligible class
+    with the largest exact RMA increment (float64), lowest index on ties; ``void_index`` for unselected voxels under
+    ``policy="void"``."""
+
+    def __init__(self, metric, smooth, policy, void_index, thr_d, M, T, mu, fallback, ids):
+        self.metric, self.smooth, self.policy, self.void_index = metric, smooth, policy, void_index
+        self.thr, self.M, self.T, self.mu, self.fallback = thr_d.squeeze(-1), M, T, mu, fallback
+
+    def __call__(self, p: torch.Tensor, b_idx: torch.Tensor, picked: torch.Tensor | None) -> torch.Tensor:
+        if picked is None:  # the same comparison as the chunk's (input dtype, same thresholds)
+            picked = p > self.thr[b_idx]
+        score = increment_score(self.metric, p.double(), self.M[b_idx], self.T[b_idx], self.mu[b_idx], self.smooth)
+        kk = picked.sum(1, keepdim=True)
+        eligible = torch.where(kk > 0, picked, self.fallback[b_idx])
+        best = torch.where(eligible, score, float("-inf")).argmax(1)
+        if self.policy == "void":
+            best = torch.where(kk.squeeze(1) == 0, torch.full_like(best, self.void_index), best)
+        return best
 
 
 @torch.no_grad()
@@ -114,5 +164,5 @@ def argmax_labels(
             better = chunk[:, c] > best
             best = torch.where(better, chunk[:, c], best)
             idx.masked_fill_(better, c)
-        out[:, start:stop] = idx.to(flat.device, non_blocking=True)
+        out[:, start:stop] = idx  # a blocking copy back when streaming
     return out
