@@ -18,18 +18,22 @@ __all__ = ["blob_phantom"]
 
 
 def blob_phantom(num_classes: int, spatial: tuple[int, ...], seed: int = 0, batch: int = 1,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Softmax probabilities ``(batch, num_classes, *spatial)`` (contiguous, ``dtype``), deterministic in ``seed``."""
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax probabilities ``(batch, num_classes, *spatial)`` (contiguous, ``dtype``, on ``device``), deterministic
+    in ``seed`` (a CUDA phantom draws its voxel noise from the device's generator: another phantom of the same
+    kind)."""
+    device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
+    gd = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     ndim = len(spatial)
-    out = torch.empty((batch, num_classes, *spatial), dtype=dtype)
-    coords = [torch.arange(s, dtype=torch.float32) for s in spatial]
+    out = torch.empty((batch, num_classes, *spatial), dtype=dtype, device=device)
+    coords = [torch.arange(s, dtype=torch.float32, device=device) for s in spatial]
     smin = min(spatial)
     for b in range(batch):
-        logits = torch.randn((num_classes, *spatial), generator=g) * 0.5
+        logits = torch.randn((num_classes, *spatial), generator=gd, device=device) * 0.5
         logits[0] += 2.0  # background
         # absent everywhere but in its blob: p between about 1e-6 and 1e-4 (a level per class)
-        logits[1:] -= (7.0 + 5.0 * torch.rand((num_classes - 1, *([1] * ndim)), generator=g))
+        logits[1:] -= (7.0 + 5.0 * torch.rand((num_classes - 1, *([1] * ndim)), generator=g)).to(device)
         for c in range(1, num_classes):
             kind = float(torch.rand((), generator=g))
             if kind < 0.2:

@@ -103,10 +103,8 @@ def floor_to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float64:
         return t.clone()
     td = t.to(dtype)
-    over = td.double() > t
-    if bool(over.any()):
-        td = torch.where(over, torch.nextafter(td, torch.full_like(td, float("-inf"))), td)
-    return td
+    over = td.double() > t  # rounded up: step down once (no host sync, so unconditional)
+    return torch.where(over, torch.nextafter(td, torch.full_like(td, float("-inf"))), td)
 
 
 def row_statistics(
@@ -140,7 +138,7 @@ def row_statistics(
         # same values, so the same float64 sums; the count as an int32 sum of the mask (count_nonzero is 3x slower)
         s_half += _above_half(chunk).sum(-1, dtype=torch.float64)
         n_half += (chunk > 0.5).sum(-1, dtype=torch.int32)
-    gmin, gmax = float(raw_min.min()), float(raw_max.max())
+    gmin, gmax = torch.stack([raw_min.min(), raw_max.max()]).tolist()  # one host sync
     check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
     vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
     vmax = raw_max.clamp(0.0, 1.0) if clamp else raw_max
