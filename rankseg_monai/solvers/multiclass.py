@@ -96,15 +96,17 @@ def assign(
     mu = stats.mu.to(device)
     active_d = active.to(device)
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
-    resolve = _Resolver(metric, smooth, policy, void_index, thr_d, M, T, mu, fallback, ids)
+    resolve = _Resolver(metric, smooth, policy, void_index, thr_d.squeeze(-1), M, T, mu, fallback)
+    cols = resolve.cols
     if pending:  # voxels of at most one chunk's size at a time: the temporaries of a chunk, as before
         positions = torch.cat(pending).long()
         del pending
         step = batch * chunk_step(flat, device, chunk_size)
+        cols_f = None if cols is None else cols.to(flat.device)
         for lo in range(0, positions.numel(), step):
             pos = positions[lo:lo + step]
             b_idx, v_idx = pos // n_vox, pos % n_vox
-            p = flat[b_idx, :, v_idx]  # (P, C) on flat's device, as the chunk's chunk[b_idx, :, v_idx]
+            p = _rows_at(flat, b_idx, v_idx, cols_f)  # on flat's device, as the chunk's chunk[b_idx, :, v_idx]
             if clamp:
                 p = p.clamp(0.0, 1.0)
             best = resolve(p.to(device), b_idx.to(device), None)
@@ -114,9 +116,17 @@ def assign(
             sel, k, labels = _selection(chunk, thr_d, ids)
             b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
             if b_idx.numel():
-                labels[b_idx, v_idx] = resolve(chunk[b_idx, :, v_idx], b_idx, sel[b_idx, :, v_idx])
+                labels[b_idx, v_idx] = resolve(_rows_at(chunk, b_idx, v_idx, cols), b_idx,
+                                               _rows_at(sel, b_idx, v_idx, cols))
             out[:, start:stop] = labels
     return out
+
+
+def _rows_at(x: torch.Tensor, b_idx: torch.Tensor, v_idx: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """``x[b_idx, :, v_idx]`` ``(P, C)``, or only the columns ``cols`` ``(P, K)``."""
+    if cols is None:
+        return x[b_idx, :, v_idx]
+    return x[b_idx.unsqueeze(1), cols.unsqueeze(0), v_idx.unsqueeze(1)]
 
 
 def _pending_cap(batch: int, n_vox: int) -> int:
@@ -129,11 +139,27 @@ def _pending_cap(batch: int, n_vox: int) -> int:
 class _Resolver:
     """Labels of voxels selected by zero or several classes, from their probabilities ``(P, C)``: the eligible class
     with the largest exact RMA increment (float64), lowest index on ties; ``void_index`` for unselected voxels under
-    ``policy="void"``."""
+    ``policy="void"``.
 
-    def __init__(self, metric, smooth, policy, void_index, thr_d, M, T, mu, fallback, ids):
+    On the CPU only the columns ``cols`` that can be eligible somewhere are scored (the classes with a finite
+    threshold or in the fallback set, and class 0): ``p`` and ``picked`` then hold those columns only, in class
+    order, so the first maximum is the same class (an ineligible column scores ``-inf`` in the full row; class 0
+    keeps the answer of an all ``-inf`` row).  ``cols`` is ``None`` when every class can be eligible.
+    """
+
+    #: score only the columns that can be eligible (CPU); False: every column (the reference, for the tests)
+    restrict = True
+
+    def __init__(self, metric, smooth, policy, void_index, thr, M, T, mu, fallback):
         self.metric, self.smooth, self.policy, self.void_index = metric, smooth, policy, void_index
-        self.thr, self.M, self.T, self.mu, self.fallback = thr_d.squeeze(-1), M, T, mu, fallback
+        self.cols = None
+        if self.restrict and thr.device.type == "cpu":
+            can = (fallback | (thr < float("inf"))).any(0)
+            can[0] = True
+            if not bool(can.all()):
+                self.cols = torch.nonzero(can).squeeze(1)
+                thr, M, T, mu, fallback = (t[:, self.cols] for t in (thr, M, T, mu, fallback))
+        self.thr, self.M, self.T, self.mu, self.fallback = thr, M, T, mu, fallback
 
     def __call__(self, p: torch.Tensor, b_idx: torch.Tensor, picked: torch.Tensor | None) -> torch.Tensor:
         if picked is None:  # the same comparison as the chunk's (input dtype, same thresholds)
@@ -142,6 +168,8 @@ class _Resolver:
         kk = picked.sum(1, keepdim=True)
         eligible = torch.where(kk > 0, picked, self.fallback[b_idx])
         best = torch.where(eligible, score, float("-inf")).argmax(1)
+        if self.cols is not None:
+            best = self.cols[best]
         if self.policy == "void":
             best = torch.where(kk.squeeze(1) == 0, torch.full_like(best, self.void_index), best)
         return best

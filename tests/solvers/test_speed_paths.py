@@ -18,8 +18,10 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
+from oracle import multiclass_from_masks
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.options import RankSEGOptions
@@ -87,6 +89,7 @@ def _reference_paths(monkeypatch) -> None:
     monkeypatch.setattr(pruning, "auto_active_from_solution", pass_based)
     monkeypatch.setattr(rma, "band_select", full_scan)
     monkeypatch.setattr(multiclass, "_pending_cap", lambda batch, n_vox: 0)
+    monkeypatch.setattr(multiclass._Resolver, "restrict", False)
 
 
 def _decide_both(monkeypatch, x, **kwargs):
@@ -279,3 +282,31 @@ def test_one_pass_labelling_equals_the_two_pass_labelling(case, policy, device, 
                 m.setattr(multiclass, "_pending_cap", lambda batch, n_vox, cap=cap: cap)
                 two = multiclass.assign(*args, chunk_size=chunk_size, out_dtype=torch.int16)
             assert torch.equal(one, two), (case, policy, opts, cap)
+
+
+@pytest.mark.parametrize("policy", ["max_score", "void"])
+def test_labelling_with_thresholds_the_activity_does_not_explain(policy, device, monkeypatch):
+    """``assign`` is public: finite thresholds on inactive classes, a sample with no active class, ties and many
+    classes.  One pass, the second pass and the unrestricted increments all give the oracle's labels."""
+    g = torch.Generator().manual_seed(9)
+    for num_classes, n_vox, seed in ((5, 300, 0), (40, 200, 1), (300, 120, 2)):
+        probs = torch.softmax(torch.randn((2, num_classes, n_vox), generator=g) * 2, 1)
+        if seed == 0:
+            probs = (probs * 8).round() / 8  # ties: the lower class index must win
+        thr = torch.rand((2, num_classes), generator=g, dtype=torch.float64) * 0.6
+        thr[torch.rand((2, num_classes), generator=g) < 0.5] = float("inf")
+        active = torch.rand((2, num_classes), generator=g) < 0.3
+        active[1] = False  # no active class: unselected voxels fall back to every class
+        flat = probs.to(device)
+        stats = row_statistics(flat)
+        expected = torch.from_numpy(np.stack([
+            multiclass_from_masks(probs[b].double().numpy(), (probs[b].double() > thr[b, :, None]).numpy(),
+                                  active[b].numpy(), "dice", 0.0, policy) for b in range(2)]))
+        results = [multiclass.assign(flat, thr.to(device), stats, "dice", 0.0, active.to(device), policy)]
+        with monkeypatch.context() as m:
+            m.setattr(multiclass, "_pending_cap", lambda batch, n: 0)
+            results.append(multiclass.assign(flat, thr.to(device), stats, "dice", 0.0, active.to(device), policy))
+            m.setattr(multiclass._Resolver, "restrict", False)
+            results.append(multiclass.assign(flat, thr.to(device), stats, "dice", 0.0, active.to(device), policy))
+        for out in results:
+            assert torch.equal(out.cpu(), expected), (num_classes, policy)
