@@ -39,7 +39,9 @@ class RowStats:
 
     ``vmin``/``vmax`` are float64 (after clamping when requested), ``mu`` the float64 sum of the row,
     ``s_half``/``n_half`` the float64 sum and int64 count of probabilities ``> 1/2`` (``None`` when the pass
-    was asked not to compute them: only RMA uses them).
+    was asked not to compute them: only RMA uses them).  ``chunk_max``: the maximum of each row in each chunk of
+    the pass, ``(B, C, chunks)`` in the input dtype (after clamping), with ``chunk_step`` voxels per chunk; later
+    passes over the same chunks skip the rows that cannot reach their thresholds there.
     """
 
     vmin: torch.Tensor
@@ -47,6 +49,16 @@ class RowStats:
     mu: torch.Tensor
     s_half: torch.Tensor | None
     n_half: torch.Tensor | None
+    chunk_max: torch.Tensor | None = None
+    chunk_step: int | None = None
+
+    def maxima_for(self, flat: torch.Tensor, device: torch.device, chunk_size: int | None) -> torch.Tensor | None:
+        """``chunk_max`` if it belongs to the chunks ``iter_chunks(flat, device, chunk_size)`` yields, else ``None``."""
+        if self.chunk_max is None or self.chunk_step != chunk_step(flat, device, chunk_size):
+            return None
+        if tuple(self.chunk_max.shape[:2]) != tuple(flat.shape[:2]):
+            return None
+        return self.chunk_max
 
 
 def _auto_chunk(rows: int, n: int, device: torch.device) -> int:
@@ -138,10 +150,12 @@ def row_statistics(
     s_half = torch.zeros(shape, **f64) if half else None
     n_half = torch.zeros(shape, dtype=torch.int64, device=device) if half else None
     rows_total = shape[0] * shape[1]
+    maxima = []
     for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp=False):
         lo, hi = chunk.amin(-1), chunk.amax(-1)  # torch.aminmax(dim=) is 10-25x slower on the CPU (torch 2.13)
         raw_min = torch.minimum(raw_min, lo.double())
         raw_max = torch.maximum(raw_max, hi.double())
+        maxima.append(hi.clamp(0.0, 1.0) if clamp else hi)
         if clamp:
             chunk = chunk.clamp(0.0, 1.0)
         mu += chunk.sum(-1, dtype=torch.float64)
@@ -164,7 +178,8 @@ def row_statistics(
     check_probability_values(gmin, gmax, tolerance=CLAMP_TOLERANCE if clamp else 0.0)
     vmin = raw_min.clamp(0.0, 1.0) if clamp else raw_min
     vmax = raw_max.clamp(0.0, 1.0) if clamp else raw_max
-    return RowStats(vmin=vmin, vmax=vmax, mu=mu, s_half=s_half, n_half=n_half)
+    return RowStats(vmin=vmin, vmax=vmax, mu=mu, s_half=s_half, n_half=n_half, chunk_max=torch.stack(maxima, -1),
+                    chunk_step=chunk_step(flat, device, chunk_size))
 
 
 

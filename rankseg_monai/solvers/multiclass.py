@@ -41,6 +41,31 @@ def _selection(
     return sel, k, labels
 
 
+def _selection_count_labels(chunk: torch.Tensor, thr: torch.Tensor, ids: torch.Tensor,
+                            row_max: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` and ``labels`` of :func:`_selection`, comparing only the rows whose chunk maximum ``row_max`` ``(B, C)``
+    exceeds their threshold (the others select nothing here: on a many-class volume, most classes in most chunks)."""
+    batch, num_classes, n = chunk.shape
+    if row_max is not None:
+        hit = torch.nonzero((row_max > thr.squeeze(-1)).reshape(-1)).squeeze(1)
+        if hit.numel() * 2 <= batch * num_classes:
+            count_dtype = torch.int16 if num_classes < 2**15 else torch.int32
+            b_of, c_of = hit // num_classes, hit % num_classes
+            sel = chunk.reshape(batch * num_classes, n).index_select(0, hit) > thr.reshape(-1, 1)[hit]
+            if batch == 1:
+                k = sel.sum(0, dtype=count_dtype).unsqueeze(0)
+                labels = (sel * ids.reshape(-1, 1)[c_of]).amax(0).unsqueeze(0) if hit.numel() else \
+                    torch.zeros((1, n), dtype=ids.dtype, device=chunk.device)
+            else:
+                k = torch.zeros((batch, n), dtype=count_dtype, device=chunk.device).index_add_(0, b_of,
+                                                                                               sel.to(count_dtype))
+                labels = torch.zeros((batch, n), dtype=ids.dtype, device=chunk.device).scatter_reduce_(
+                    0, b_of.unsqueeze(1).expand(-1, n), sel * ids.reshape(-1, 1)[c_of], "amax")
+            return k, labels.long()
+    _, k, labels = _selection(chunk, thr, ids)
+    return k, labels
+
+
 @torch.no_grad()
 def assign(
     flat: torch.Tensor,
@@ -77,8 +102,9 @@ def assign(
     pending: list[torch.Tensor] = []  # flat positions b * N + v (on flat's device) of voxels with k != 1
     n_pending = 0
     second_pass_from = None  # first chunk start labelled by a second pass (None: every chunk done in one pass)
-    for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp):
-        _, k, labels = _selection(chunk, thr_d, ids)
+    chunk_max = stats.maxima_for(flat, device, chunk_size) if device.type == "cpu" else None
+    for i, (start, stop, chunk) in enumerate(iter_chunks(flat, device, chunk_size, clamp)):
+        k, labels = _selection_count_labels(chunk, thr_d, ids, None if chunk_max is None else chunk_max[..., i])
         single = k == 1
         p = chunk.gather(1, labels.unsqueeze(1)).squeeze(1)  # the selecting class's probability
         M.scatter_add_(1, labels, (p * single).double())

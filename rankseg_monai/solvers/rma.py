@@ -68,6 +68,7 @@ def band_select(
     clamp: bool = False,
     cap: int | None = None,
     above: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_max: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities in ``(low, high]`` per row, plus float64 sums and counts.
 
@@ -79,7 +80,8 @@ def band_select(
 
     ``above``: ``(s_above, n_above)`` when the caller already has them from the same chunks (``high = 1/2``
     everywhere: :class:`~rankseg_monai.solvers._stream.RowStats`' ``s_half``/``n_half``, the same sums bit for
-    bit); the pass then only extracts the band.
+    bit); the pass then only extracts the band.  ``chunk_max``: the rows' maxima per chunk of these chunks
+    (:attr:`RowStats.chunk_max`), so that the CPU scan need not compute them.
     """
     device = flat.device if device is None else torch.device(device)
     dtype = flat.dtype
@@ -104,9 +106,10 @@ def band_select(
     if by_rows:
         lo_r, hi_r = lo.reshape(-1), hi.reshape(-1)
         open_rows = lo_r < hi_r
-    for _, _, chunk in iter_chunks(flat, device, chunk_size, clamp):
+    for i, (_, _, chunk) in enumerate(iter_chunks(flat, device, chunk_size, clamp)):
         if by_rows and values is not None:
-            vals_c, rows_c = _band_by_rows(chunk, lo_r, hi_r, open_rows, row_ids.dtype)
+            row_max = None if chunk_max is None else chunk_max[..., i].reshape(-1)
+            vals_c, rows_c = _band_by_rows(chunk, lo_r, hi_r, open_rows, row_ids.dtype, row_max)
             if cap is None or total + vals_c.numel() <= cap:
                 total += vals_c.numel()
                 n_band += torch.bincount(rows_c, minlength=rows_total).reshape(shape)
@@ -143,12 +146,14 @@ def band_select(
 
 
 def _band_by_rows(chunk: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, open_rows: torch.Tensor,
-                  row_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  row_dtype: torch.dtype, row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The band values of a chunk ``(B, C, n)`` and their flat row ids, row-major (as ``chunk[band]``), scanning only
-    the rows whose maximum in the chunk exceeds their ``lo`` (``lo``/``hi``/``open_rows`` flat per row)."""
+    the rows whose maximum in the chunk (``row_max``, computed if not given) exceeds their ``lo``
+    (``lo``/``hi``/``open_rows`` flat per row)."""
     rows_total = lo.numel()
     sub = chunk.reshape(rows_total, -1)
-    hit = torch.nonzero((sub.amax(-1) > lo) & open_rows).squeeze(1)
+    row_max = sub.amax(-1) if row_max is None else row_max
+    hit = torch.nonzero((row_max > lo) & open_rows).squeeze(1)
     if hit.numel() == 0:
         return chunk.new_empty(0), torch.empty(0, dtype=row_dtype, device=chunk.device)
     if hit.numel() < rows_total:
@@ -277,12 +282,13 @@ def _quasi_concave_threshold(
     high = half
     # while high = 1/2, the sums above it are the statistics pass's (same chunks, same ops): not computed again
     above = (stats.s_half, stats.n_half)
+    chunk_max = stats.maxima_for(flat, device, chunk_size)
     n_prev = None
     for attempt in range(_MAX_DINKELBACH):
         if attempt == _MAX_DINKELBACH - 1:
             cap = None  # give up bounding the memory rather than loop
         values, rows, s_fix, n_fix, s_band, n_band = band_select(flat, low, high, device, chunk_size, clamp, cap,
-                                                                 above=above)
+                                                                 above=above, chunk_max=chunk_max)
         if values is not None:
             break
         # diffuse rows: the band is too large to hold; one Dinkelbach step on the full data raises ``low``

@@ -310,3 +310,29 @@ def test_labelling_with_thresholds_the_activity_does_not_explain(policy, device,
             results.append(multiclass.assign(flat, thr.to(device), stats, "dice", 0.0, active.to(device), policy))
         for out in results:
             assert torch.equal(out.cpu(), expected), (num_classes, policy)
+
+
+@pytest.mark.parametrize("batch,num_classes", [(1, 105), (2, 105), (3, 20), (2, 300)])
+def test_selection_on_the_rows_that_reach_their_threshold(batch, num_classes, device):
+    """Counting and labelling only the rows whose chunk maximum exceeds their threshold gives the full selection's
+    ``k`` and labels everywhere (not only where ``k == 1``)."""
+    g = torch.Generator().manual_seed(batch * 1000 + num_classes)
+    ids = multiclass._class_ids(num_classes, torch.device(device))
+    for _ in range(10):
+        chunk = torch.softmax(torch.randn((batch, num_classes, 300), generator=g) * 3, 1).to(device)
+        thr = (torch.rand((batch, num_classes, 1), generator=g) * 0.5 + 0.2).to(device)
+        thr[torch.rand((batch, num_classes, 1), generator=g) < 0.6] = float("inf")
+        _, k, labels = multiclass._selection(chunk, thr, ids)
+        for row_max in (chunk.amax(-1), None):
+            k2, labels2 = multiclass._selection_count_labels(chunk, thr, ids, row_max)
+            assert torch.equal(k, k2) and torch.equal(labels, labels2)
+
+
+def test_statistics_keep_the_chunk_maxima_of_their_own_chunks(device):
+    flat, _ = flat_view(CASES["c14_b2"]().to(device))
+    for chunk_size, clamp in ((None, False), (50, True)):
+        stats = row_statistics(flat, chunk_size=chunk_size, clamp=clamp)
+        chunks = [c for _, _, c in iter_chunks(flat, chunk_size=chunk_size, clamp=clamp)]
+        assert torch.equal(stats.chunk_max, torch.stack([c.amax(-1) for c in chunks], -1))
+        assert stats.maxima_for(flat, torch.device(device), chunk_size) is stats.chunk_max
+        assert stats.maxima_for(flat, torch.device(device), 7) is None  # other chunks: not used
