@@ -124,15 +124,17 @@ def assign(
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
     resolve = _Resolver(metric, smooth, policy, void_index, thr_d.squeeze(-1), M, T, mu, fallback)
     cols = resolve.cols
-    if pending:  # voxels of at most one chunk's size at a time: the temporaries of a chunk, as before
-        positions = torch.cat(pending).long()
+    if pending:
+        positions = torch.cat(pending).long().sort().values  # by sample, then voxel: row-wise gathers stream
         del pending
-        step = batch * chunk_step(flat, device, chunk_size)
+        # blocks of about 2^18 scores (2 MiB of float64 per temporary, cache-sized; a chunk's worth at most)
+        step = min(batch * chunk_step(flat, device, chunk_size),
+                   max(256, (1 << 18) // (num_classes if cols is None else cols.numel())))
         cols_f = None if cols is None else cols.to(flat.device)
         for lo in range(0, positions.numel(), step):
             pos = positions[lo:lo + step]
             b_idx, v_idx = pos // n_vox, pos % n_vox
-            p = _rows_at(flat, b_idx, v_idx, cols_f)  # on flat's device, as the chunk's chunk[b_idx, :, v_idx]
+            p = _gather_voxels(flat, b_idx, v_idx, cols_f)  # on flat's device: the chunk's chunk[b_idx, :, v_idx]
             if clamp:
                 p = p.clamp(0.0, 1.0)
             best = resolve(p.to(device), b_idx.to(device), None)
@@ -146,6 +148,20 @@ def assign(
                                                _rows_at(sel, b_idx, v_idx, cols))
             out[:, start:stop] = labels
     return out
+
+
+def _gather_voxels(flat: torch.Tensor, b_idx: torch.Tensor, v_idx: torch.Tensor, cols: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """``flat[b_idx, :, v_idx]`` ``(P, C)`` (or its columns ``cols``) for positions sorted by ``b_idx``: gathered row by
+    row (each class row read in voxel order, one stream), not voxel by voxel (C streams a voxel apart)."""
+    parts = []
+    samples = torch.unique_consecutive(b_idx) if flat.shape[0] > 1 else b_idx[:1]
+    for b in samples.tolist():
+        v = v_idx if flat.shape[0] == 1 else v_idx[b_idx == b]
+        part = flat[b].index_select(1, v)  # (C, P_b)
+        parts.append((part if cols is None else part.index_select(0, cols)).T)
+    # (P, C) row-major: the resolver reduces over classes (argmax over a strided dim is slow)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
 
 
 def _rows_at(x: torch.Tensor, b_idx: torch.Tensor, v_idx: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
