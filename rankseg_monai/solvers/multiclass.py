@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _stream
 from ._stream import RowStats, chunk_step, iter_chunks
 from .objectives import increment_score
 
@@ -102,7 +103,7 @@ def assign(
     pending: list[torch.Tensor] = []  # flat positions b * N + v (on flat's device) of voxels with k != 1
     n_pending = 0
     second_pass_from = None  # first chunk start labelled by a second pass (None: every chunk done in one pass)
-    chunk_max = stats.maxima_for(flat, device, chunk_size) if device.type == "cpu" else None
+    chunk_max = stats.maxima_for(flat, device, chunk_size) if _stream.row_selective(device) else None
     for i, (start, stop, chunk) in enumerate(iter_chunks(flat, device, chunk_size, clamp)):
         k, labels = _selection_count_labels(chunk, thr_d, ids, None if chunk_max is None else chunk_max[..., i])
         single = k == 1
@@ -195,7 +196,7 @@ class _Resolver:
     def __init__(self, metric, smooth, policy, void_index, thr, M, T, mu, fallback):
         self.metric, self.smooth, self.policy, self.void_index = metric, smooth, policy, void_index
         self.cols = None
-        if self.restrict and thr.device.type == "cpu":
+        if self.restrict and _stream.row_selective(thr.device):
             can = (fallback | (thr < float("inf"))).any(0)
             can[0] = True
             if not bool(can.all()):

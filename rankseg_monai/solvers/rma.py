@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _stream
 from ._stream import RowStats, floor_to_dtype, iter_chunks
 from .objectives import dice_increment_bound, dinkelbach_threshold, rma_score
 
@@ -102,7 +103,7 @@ def band_select(
     total = 0
     # CPU, sums above known: only the rows whose chunk maximum reaches the band are scanned (on a many-class
     # volume most classes are absent from most chunks); the same values in the same order as the full scan
-    by_rows = above is not None and device.type == "cpu"
+    by_rows = above is not None and _stream.row_selective(device)
     if by_rows:
         lo_r, hi_r = lo.reshape(-1), hi.reshape(-1)
         open_rows = lo_r < hi_r

@@ -336,3 +336,19 @@ def test_statistics_keep_the_chunk_maxima_of_their_own_chunks(device):
         assert torch.equal(stats.chunk_max, torch.stack([c.amax(-1) for c in chunks], -1))
         assert stats.maxima_for(flat, torch.device(device), chunk_size) is stats.chunk_max
         assert stats.maxima_for(flat, torch.device(device), 7) is None  # other chunks: not used
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_code_paths_of_a_gpu_give_the_same_decisions(case, monkeypatch):
+    """A GPU runs the full-volume ops (no row selection: it would cost a host sync per chunk).  Switched off on the
+    CPU, those code paths give the same decisions as the row-selective ones."""
+    from rankseg_monai.solvers import _stream
+
+    x = CASES[case]()
+    kwargs_list = [{}, {"pruning_prob": "auto"}, {"pruning_prob": "auto", "metric": "iou", "smooth": 1.0},
+                   {"pruning_prob": 0.0, "output_mode": "multilabel"}, {"pruning_prob": "auto", "chunk_size": 29,
+                                                                        "unassigned_policy": "void"}]
+    selective = [rankseg(x, **kw) for kw in kwargs_list]
+    monkeypatch.setattr(_stream, "row_selective", lambda device: False)
+    for kw, expected in zip(kwargs_list, selective, strict=True):
+        assert torch.equal(rankseg(x, **kw), expected), kw
