@@ -195,7 +195,8 @@ def _ratio(res, a, b, key="median"):
 
 
 def _print_summary(rows, key="median") -> None:
-    what = "median wall times" if key == "median" else "median process CPU times (steadier under load, 1 thread)"
+    what = "median wall times" if key == "median" else \
+        "median process CPU times (all threads; steadier than wall time on a busy machine)"
     print(f"\nRatios of {what} (issue 15 targets in brackets):")
     print(f"  {'shape':>18} {'functional/argmax':>18} {'transform/AsDiscrete':>21} {'0.0.8/functional':>17} "
           f"{'0.0.8 screening/functional':>27}")
