@@ -126,14 +126,16 @@ def assign(
     resolve = _Resolver(metric, smooth, policy, void_index, thr_d.squeeze(-1), M, T, mu, fallback)
     cols = resolve.cols
     if pending:
-        positions = torch.cat(pending).long().sort().values  # by sample, then voxel: row-wise gathers stream
+        positions = torch.cat(pending)  # int32 (or int64): voxel order within a sample
         del pending
+        if batch > 1:  # chunks list every sample in turn: by sample, then voxel, so row-wise gathers stream
+            positions = positions.sort().values
         # blocks of about 2^18 scores (2 MiB of float64 per temporary, cache-sized; a chunk's worth at most)
         step = min(batch * chunk_step(flat, device, chunk_size),
                    max(256, (1 << 18) // (num_classes if cols is None else cols.numel())))
         cols_f = None if cols is None else cols.to(flat.device)
         for lo in range(0, positions.numel(), step):
-            pos = positions[lo:lo + step]
+            pos = positions[lo:lo + step].long()
             b_idx, v_idx = pos // n_vox, pos % n_vox
             p = _gather_voxels(flat, b_idx, v_idx, cols_f)  # on flat's device: the chunk's chunk[b_idx, :, v_idx]
             if clamp:
