@@ -125,14 +125,15 @@ def assign(
     fallback = active_d | ~active_d.any(dim=1, keepdim=True)
     resolve = _Resolver(metric, smooth, policy, void_index, thr_d.squeeze(-1), M, T, mu, fallback)
     cols = resolve.cols
+    # voxels are scored in blocks of about 2^16 scores (512 KiB of float64 per temporary: cache-sized, and a few
+    # MB in all, less than a chunk's worth)
+    step = min(batch * chunk_step(flat, device, chunk_size),
+               max(256, (1 << 16) // (num_classes if cols is None else cols.numel())))
     if pending:
         positions = torch.cat(pending)  # int32 (or int64): voxel order within a sample
         del pending
         if batch > 1:  # chunks list every sample in turn: by sample, then voxel, so row-wise gathers stream
             positions = positions.sort().values
-        # blocks of about 2^18 scores (2 MiB of float64 per temporary, cache-sized; a chunk's worth at most)
-        step = min(batch * chunk_step(flat, device, chunk_size),
-                   max(256, (1 << 18) // (num_classes if cols is None else cols.numel())))
         cols_f = None if cols is None else cols.to(flat.device)
         for lo in range(0, positions.numel(), step):
             pos = positions[lo:lo + step].long()
@@ -142,11 +143,13 @@ def assign(
                 p = p.clamp(0.0, 1.0)
             best = resolve(p.to(device), b_idx.to(device), None)
             out.view(-1)[pos] = best.to(device=flat.device, dtype=out_dtype)
+        del positions
     if second_pass_from is not None:
         for start, stop, chunk in iter_chunks(flat, device, chunk_size, clamp, begin=second_pass_from):
             sel, k, labels = _selection(chunk, thr_d, ids)
-            b_idx, v_idx = torch.nonzero(k != 1, as_tuple=True)
-            if b_idx.numel():
+            b_all, v_all = torch.nonzero(k != 1, as_tuple=True)
+            for lo in range(0, b_all.numel(), step):
+                b_idx, v_idx = b_all[lo:lo + step], v_all[lo:lo + step]
                 labels[b_idx, v_idx] = resolve(_rows_at(chunk, b_idx, v_idx, cols), b_idx,
                                                _rows_at(sel, b_idx, v_idx, cols))
             out[:, start:stop] = labels
