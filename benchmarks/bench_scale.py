@@ -1,8 +1,11 @@
 """How time and peak memory of RankSEG grow with the volume: in-memory, chunked and GPU-streaming paths.
 
-For each volume (C = 3 at 128^3, 192^3, 256^3 [512^3 with ``--big``]; C = 100 at 64^3, 96^3) a softmax volume
-is written once to a temporary ``.npy`` (float32, or float16 with ``--fp16``), slab by slab so the parent stays
-small.  Every (volume, path) pair then runs in a fresh subprocess that loads the volume and measures:
+For each volume (C = 3 at 128^3, 192^3, 256^3 [512^3 with ``--big``]; C = 14 at 128^3; C = 105 at 64^3, 96^3) a
+softmax volume is written once to a temporary ``.npy`` (float32, or float16 with ``--fp16``).  Kinds
+(``--volume-kind``): ``smooth`` (C = 3 by default: class regions from random low-frequency cosines), ``blobs``
+(C > 3 by default: ``benchmarks/_phantoms.py``, blobs of many sizes, most classes absent from most voxels, like a
+multi-organ network's output), ``noise`` (every voxel uncertain).  Every (volume, path) pair then runs in a fresh
+subprocess that loads the volume and measures:
 
 * ``cold``: the first full-size call, ``warm``: the median wall time of ``--repeat`` further calls, ``cpu``: their
   process CPU time (with one thread, the steady measure on a shared machine; s/Mvox and the growth exponent use
@@ -12,19 +15,21 @@ small.  Every (volume, path) pair then runs in a fresh subprocess that loads the
   on CUDA also the peak GPU memory allocated by the call.  The table is printed per volume, then a summary line
   per path (s/Mvox range, growth exponent of time vs voxels, peak extra as a multiple of the input).
 
-Paths: ``argmax`` (``x.argmax(1)``), ``rankseg`` (``rankseg_monai.functional.rankseg(x)``, automatic chunks),
+Paths: ``argmax`` (``x.argmax(1)``), ``asdiscrete`` (MONAI's ``AsDiscrete(argmax=True)`` on the item ``x[0]``,
+float32 labels), ``rankseg`` (``rankseg_monai.functional.rankseg(x)``, automatic chunks), ``rankseg_transform``
+(``RankSEG()`` on ``x[0]``, the drop-in replacement with its defaults: ``pruning_prob="auto"``, float32 labels),
 ``rankseg_chunked`` (``rankseg(x, chunk_size=--chunk-size)``), ``rankseg_stream_cuda`` (``rankseg(x_cpu,
 device="cuda")``: the volume stays on the CPU and is streamed through the GPU chunk by chunk), ``rankseg_cuda``
 (volume resident on the GPU), ``rankseg008`` (the authors' ``rankseg.functional.rankseg`` 0.0.8).  CUDA paths
-run only when CUDA is available.  Opt-in paths (``--methods``): ``rankseg_uint8`` (``label_dtype=torch.uint8``),
-``asdiscrete`` (MONAI's ``AsDiscrete(argmax=True)`` on the item ``x[0]``, float32 labels) and ``rankseg_transform``
-(``RankSEG()`` on ``x[0]``, the drop-in replacement: float32 labels written directly) and ``rankseg_permuted``
+run only when CUDA is available.  Opt-in paths (``--methods``): ``rankseg_uint8`` (``label_dtype=torch.uint8``)
+and ``rankseg_permuted``
 (``rankseg(x.permute(0, 1, 4, 3, 2))``, a non-contiguous view as ``Invertd`` leaves after ``Orientationd``; the
 labels are permuted back for the comparison).  A path whose estimated peak would not fit in the available memory
 is skipped
-(``--force`` runs it anyway).  Usage::
+(``--force`` runs it anyway).  After each volume the ratios of issue 15 are printed: ``rankseg / argmax``,
+``rankseg_transform / asdiscrete`` and ``rankseg008 / rankseg`` (CPU time on 1-thread CPU paths).  Usage::
 
-    python benchmarks/bench_scale.py                          # CPU: all default volumes (~5 min on 2 cores)
+    python benchmarks/bench_scale.py                          # CPU: all default volumes (~10 min on 2 cores)
     python benchmarks/bench_scale.py --big                    # + C=3 512^3 (0.0.8 skipped unless it fits)
     python benchmarks/bench_scale.py --fp16 --volumes 3:128 3:256
     python benchmarks/bench_scale.py --methods rankseg rankseg_stream_cuda --volumes 3:256 3:512   # on a GPU box
@@ -45,9 +50,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import emit_result, mem_available_mb, peak_rss_mb, reset_peak_rss, rss_mb, run_child, timed  # noqa: E402
 
-DEFAULT_VOLUMES = ["3:128", "3:192", "3:256", "100:64", "100:96"]
+DEFAULT_VOLUMES = ["3:128", "3:192", "3:256", "14:128", "105:64", "105:96"]
 BIG_VOLUMES = ["3:512"]
-CPU_METHODS = ["argmax", "rankseg", "rankseg_chunked", "rankseg008"]
+CPU_METHODS = ["argmax", "asdiscrete", "rankseg", "rankseg_transform", "rankseg_chunked", "rankseg008"]
+#: issue 15's targets per class count: (rankseg / argmax, rankseg_transform / asdiscrete)
+TARGETS = {3: (1.0, None), 14: (1.2, 1.5), 105: (2.0, 2.5)}
 CUDA_METHODS = ["rankseg_stream_cuda", "rankseg_cuda"]
 #: rough peak extra memory per MiB of float32-equivalent input, for the "does it fit" guard only
 _EST_FACTOR = {"argmax": 1.0, "rankseg": 4.0, "rankseg_chunked": 4.0, "rankseg_stream_cuda": 2.0,
@@ -70,6 +77,11 @@ def write_volume(path: str, num_classes: int, size: int, dtype: str, kind: str, 
     import torch
 
     shape = (1, num_classes, size, size, size)
+    if kind == "blobs":
+        from _phantoms import blob_phantom
+
+        np.save(path, blob_phantom(num_classes, (size, size, size), seed=seed).numpy().astype(dtype))
+        return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
     g = torch.Generator().manual_seed(seed)
     freq = (torch.rand((num_classes, 3, 3), generator=g, dtype=torch.float64) * 2 - 1) * 2 * math.pi * 2.5
@@ -209,7 +221,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None, help="default: " + " ".join(CPU_METHODS)
                     + " (+ " + " ".join(CUDA_METHODS) + " with CUDA)")
     ap.add_argument("--fp16", action="store_true", help="save the volume as float16 (default float32)")
-    ap.add_argument("--volume-kind", choices=["smooth", "noise"], default="smooth")
+    ap.add_argument("--volume-kind", choices=["auto", "smooth", "blobs", "noise"], default="auto",
+                    help="auto (default): smooth for C <= 3, blobs for more classes")
     ap.add_argument("--chunk-size", type=int, default=32768, help="voxels per row per chunk of rankseg_chunked")
     ap.add_argument("--repeat", type=int, default=1, help="warm calls after the cold one (median reported)")
     ap.add_argument("--threads", type=int, default=1,
@@ -251,7 +264,8 @@ def main() -> None:
         for spec in volumes:
             num_classes, size = (int(v) for v in spec.split(":"))
             path = os.path.join(tmp, f"probs_{num_classes}_{size}.npy")
-            write_volume(path, num_classes, size, dtype, args.volume_kind)
+            kind = args.volume_kind if args.volume_kind != "auto" else "smooth" if num_classes <= 3 else "blobs"
+            write_volume(path, num_classes, size, dtype, kind)
             voxels = size**3
             input_f32_mb = num_classes * voxels * 4 / 2**20
             for method in methods:
@@ -266,6 +280,7 @@ def main() -> None:
             os.remove(path)
             _print_table([r for r in rows if r[:2] == (num_classes, size)], header=(spec == volumes[0]),
                          cuda=has_cuda)
+            _print_ratios([r for r in rows if r[:2] == (num_classes, size)], kind)
     _print_summary(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -292,12 +307,32 @@ def _print_table(rows, header: bool, cuda: bool) -> None:
         if res is None:
             print(f"{num_classes:>3} {size:>4}^3 {mvox:6.2f} {'':>8}  {method:20} {err.splitlines()[0]}")
             continue
-        same = "-" if ref is None or method in ("rankseg", "argmax") else (
+        # the transform decides with its own defaults (pruning "auto", float32 labels): not comparable
+        same = "-" if ref is None or method in ("rankseg", "argmax", "asdiscrete", "rankseg_transform") else (
             "yes" if res["digest"] == ref["digest"] else "no")
         gpu = f" {res['extra_gpu_mb']:7.0f}" if "extra_gpu_mb" in res else (f" {'':>7}" if cuda else "")
         print(f"{num_classes:>3} {size:>4}^3 {mvox:6.2f} {res['input_mb']:8.0f}  {method:20} {res['cold']:7.2f} "
               f"{res['warm']:7.2f} {res['warm_cpu']:6.2f} {_cost(res) / mvox:7.3f} {res['extra_rss_mb']:9.0f} "
               f"{res['extra_rss_mb'] / res['input_mb']:7.2f}{gpu}  {same}")
+
+
+def _print_ratios(rows, kind: str) -> None:
+    res = {method: r for _, _, method, r, _ in rows if r}
+    if not rows:
+        return
+    num_classes = rows[0][0]
+    f_t, t_t = TARGETS.get(num_classes, (None, None))
+    cells = []
+    for a, b, target in (("rankseg", "argmax", f_t), ("rankseg_transform", "asdiscrete", t_t),
+                         ("rankseg008", "rankseg", None)):
+        if a in res and b in res and _cost(res[b]) > 0:
+            ratio = _cost(res[a]) / _cost(res[b])
+            cell = f"{a} / {b} {ratio:.2f}x"
+            if target is not None:
+                cell += f" [target <= {target}: {'ok' if ratio <= target else 'MISSED'}]"
+            cells.append(cell)
+    if cells:
+        print(f"    ratios ({kind} volume): " + "; ".join(cells))
 
 
 def _print_summary(rows) -> None:

@@ -208,8 +208,12 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
         active = (stats.vmax > 0.0) & _pruning.auto_candidates(stats, metric, smooth, absence)
     else:
         active = stats.vmax > opts.pruning_prob
+    solution = None
     if opts.solver == "rma":
-        thr = _rma.rma_thresholds(flat, stats, metric, smooth, active, device=device, chunk_size=chunk, clamp=clamp)
+        band_summary = opts.auto_pruning and _pruning.AUTO_MODES[opts.pruning_prob] != "correlated"
+        solution = _rma.rma_solve(flat, stats, metric, smooth, active, device=device, chunk_size=chunk, clamp=clamp,
+                                  band_summary=band_summary)
+        thr = solution.thr
     elif opts.solver == "exact":
         from .solvers import exact as _exact
 
@@ -219,9 +223,14 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
 
         thr = _ba.ba_thresholds(flat, stats, opts.solver, smooth, opts.eps, active)
     if opts.auto_pruning:  # keep a class only if its mask beats the empty one in expectation (solvers/pruning.py)
-        active = _pruning.auto_active_from_thresholds(flat, thr, stats, metric, smooth, device=device,
-                                                      chunk_size=chunk, clamp=clamp,
-                                                      absence=_pruning.AUTO_MODES[opts.pruning_prob])
+        absence = _pruning.AUTO_MODES[opts.pruning_prob]
+        if solution is not None:  # the solver's mask sums decide most rows without a pass (same result)
+            active = _pruning.auto_active_from_solution(flat, thr, stats, metric, smooth, solution.S, solution.n,
+                                                        solution.known, solution.band, device=device,
+                                                        chunk_size=chunk, clamp=clamp, absence=absence)
+        else:
+            active = _pruning.auto_active_from_thresholds(flat, thr, stats, metric, smooth, device=device,
+                                                          chunk_size=chunk, clamp=clamp, absence=absence)
         thr = torch.where(active.to(thr.device), thr, torch.full_like(thr, float("inf")))
     if opts.output_mode == "multilabel":
         out = threshold_masks(flat, thr, device=device, chunk_size=chunk, clamp=clamp)

@@ -131,20 +131,19 @@ def apply_guard(
     device = flat.device if device is None else torch.device(device)
     multiclass = output_mode == "multiclass"
     batch, num_classes, n_vox = flat.shape
-    classes = torch.arange(num_classes, device=device).view(1, -1, 1)
     unc = torch.zeros(batch, num_classes, dtype=torch.int64, device=device)
     v_r = torch.zeros_like(unc)
     v_a = torch.zeros_like(unc)
     lo, hi = guard.band
     for start, stop, p in iter_chunks(flat, device, chunk_size, clamp):
-        if multiclass:
-            a_mask = _argmax(p).unsqueeze(1) == classes
-            r_mask = out[:, start:stop].to(device).unsqueeze(1) == classes
+        if multiclass:  # voxel counts per label by scatter-adds: no (B, C, n) one-hot masks
+            v_a.scatter_add_(1, _argmax(p), torch.ones_like(v_a[:, :1]).expand(-1, p.shape[-1]))
+            d = out[:, start:stop].to(device)
+            valid = (d >= 0) & (d < num_classes)  # void labels count for no class
+            v_r.scatter_add_(1, torch.where(valid, d, 0).long(), valid.long())
         else:
-            a_mask = p > 0.5
-            r_mask = out[..., start:stop].to(device)
-        v_a += a_mask.sum(-1)
-        v_r += r_mask.sum(-1)
+            v_a += (p > 0.5).sum(-1)
+            v_r += out[..., start:stop].to(device).sum(-1)
         unc += ((p > lo) & (p < hi)).sum(-1)
     fraction = unc.double() / n_vox
     fallback = (fraction > guard.max_uncertain) & (v_r > guard.max_growth * v_a)

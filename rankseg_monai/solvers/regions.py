@@ -391,7 +391,8 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     st = row_statistics(row, device=device, chunk_size=chunk_size)
     on = st.vmax.device
     mu_r = mu[:, r:r + 1].to(on)
-    stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu_r, s_half=st.s_half, n_half=st.n_half)
+    stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu_r, s_half=st.s_half, n_half=st.n_half, chunk_max=st.chunk_max,
+                     chunk_step=st.chunk_step)
     bounds = None
     if metric == "iou" or smooth == 0:
         bounds = _threshold_bounds(values, nodes == r + 1, s_off.to(on), n_off.to(on), mu_r, metric, smooth)
