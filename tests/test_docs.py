@@ -15,6 +15,8 @@ Markers, an HTML comment right above a fence (invisible on GitHub):
 * ``<!-- doc-test: skip: REASON -->``: not run; the reason is mandatory and the skipped blocks are listed by
   :func:`test_skipped_blocks_have_reasons`.
 * ``<!-- doc-test: slow -->``: a longer block (still run in CI).
+* ``<!-- doc-test: file=NAME -->``: the block is a file the following blocks use (e.g. a script that ``torchrun``
+  runs): it is written to ``NAME`` in the folder instead of being run.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class Block:
         for m in self.marks:
             if m.startswith("skip"):
                 return m[4:].lstrip(": ").strip()
+        return None
+
+    @property
+    def writes(self) -> str | None:
+        for m in self.marks:
+            if m.startswith("file="):
+                return m[5:].strip()
         return None
 
     @property
@@ -144,8 +153,18 @@ def _write_nnunet_regions(folder: Path) -> None:
         "regions_class_order": [1, 2, 3]}, indent=1))
 
 
+def _copy_benchmarks(folder: Path) -> None:
+    """A copy of the repository's ``benchmarks/`` folder (blocks that run "from the repository root")."""
+    import shutil
+
+    if not (folder / "benchmarks").exists():
+        shutil.copytree(ROOT / "benchmarks", folder / "benchmarks",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.json"))
+
+
 #: named input files a block may ask for (``<!-- doc-test: files=NAME -->``)
-FILES = {"nifti-folders": _write_nifti_folders, "repo-bundle": _copy_bundle, "nnunet-regions": _write_nnunet_regions}
+FILES = {"nifti-folders": _write_nifti_folders, "repo-bundle": _copy_bundle, "nnunet-regions": _write_nnunet_regions,
+         "repo-benchmarks": _copy_benchmarks}
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -190,7 +209,9 @@ def test_code_blocks_run(document, tmp_path, monkeypatch):
             continue
         for name in block.files:
             FILES[name](tmp_path)
-        if block.lang == "python":
+        if block.writes is not None:
+            (tmp_path / block.writes).write_text(block.code, encoding="utf-8")
+        elif block.lang == "python":
             _run_python(block, namespace)
         elif block.lang == "bash":
             _run_bash(block, tmp_path)
