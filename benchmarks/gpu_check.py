@@ -15,8 +15,8 @@ What it checks:
   3/14/105 classes (``benchmarks/_phantoms.py``), sigmoid outputs, ties, a diffuse volume (the capped band
   path), multiclass and multilabel, Dice and IoU, smooth 0 and 1, ``pruning_prob`` 0.5/0/auto modes, the void
   policy, uint8 labels, a permuted (non-contiguous) input, the ``RankSEG`` transform (CUDA input, and
-  ``device="cuda"`` on a CPU item), and streaming ``rankseg(x_cpu, device="cuda")``.  Regions (issue 16) have a
-  hook, :func:`region_cases`, empty until they exist.
+  ``device="cuda"`` on a CPU item), and streaming ``rankseg(x_cpu, device="cuda")``; region-aware decisions and
+  the expected-score estimate (:func:`region_cases`).
 * **host syncs**: ``torch.cuda.set_sync_debug_mode("warn")`` around one call of each path on a CUDA-resident
   volume; the table gives the number of synchronizing operations (a few per chunk and per Dinkelbach step are
   expected; a count growing with the voxels would be a regression).
@@ -98,13 +98,31 @@ def corpus_options(level: str) -> list[dict[str, Any]]:
 
 
 def region_cases(level: str) -> list[tuple[str, torch.Tensor, Callable[..., Any]]]:
-    """HOOK for region-aware decisions (issue 16, ``rankseg_monai/solvers/regions.py``).
+    """Region-aware decisions (``rankseg_monai/solvers/regions.py``): LiTS-style regions on class probabilities
+    and BraTS-style region (sigmoid) probabilities, label maps and region masks, Dice and IoU, the expected-score
+    estimate too.  Each ``(name, x_cpu, fn)`` runs on the CPU, on the GPU and streamed; the three must be equal
+    bit for bit."""
+    from rankseg_monai.functional import expected_score, rankseg
 
-    Return ``[(name, x_cpu, fn)]`` where ``fn(x, device=None)`` decides ``x`` (a tensor on some device; ``device``
-    as ``functional.rankseg``'s) and returns a tensor: each case runs on the CPU, on the GPU, and streamed, and the
-    three must be equal bit for bit.  Empty until the regions API exists.
-    """
-    return []
+    g = torch.Generator().manual_seed(16)
+    shape = (12, 10, 8) if level == "tiny" else (32, 28, 20)
+    lits = blob_phantom(3, shape, seed=5)
+    z = torch.nn.functional.avg_pool3d(torch.randn((1, 3, *shape), generator=g), 5, 1, 2) * 12
+    brats = torch.sigmoid(z)
+    lits_regions = {"liver": [1, 2], "tumour": [2]}
+    brats_regions = [[1, 2, 3], [2, 3], [3]]
+    cases: list[tuple[str, torch.Tensor, Callable[..., Any]]] = []
+    opts = [{}, {"output_mode": "multilabel"}] + ([{"metric": "iou"}, {"pruning_prob": 0.0}] if level != "tiny" else [])
+    for kw in opts:
+        cases.append((f"lits regions|{kw}", lits, lambda t, device=None, kw=kw: rankseg(
+            t, device=device, regions=lits_regions, pruning_prob=kw.get("pruning_prob", "auto"),
+            **{k: v for k, v in kw.items() if k != "pruning_prob"})))
+        cases.append((f"brats region probs|{kw}", brats, lambda t, device=None, kw=kw: rankseg(
+            t, device=device, regions=brats_regions, region_probs=True, pruning_prob=kw.get("pruning_prob", "auto"),
+            **{k: v for k, v in kw.items() if k != "pruning_prob"})))
+    cases.append(("lits expected_score", lits, lambda t, device=None: expected_score(
+        t, t.argmax(1), regions=lits_regions, device=device).cpu()))
+    return cases
 
 
 def corpus_cases(level: str) -> list[tuple[str, torch.Tensor, Callable[..., Any]]]:
