@@ -85,6 +85,16 @@ def timed(fn: Callable[[], Any], cuda: bool = False) -> tuple[float, float, Any]
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
+def median_time(fn: Callable[[], Any], repeat: int, warm: bool = True) -> tuple[float, float]:
+    """Median ``(wall seconds, process CPU seconds)`` of ``repeat`` calls of ``fn`` (after one warm-up call)."""
+    import statistics
+
+    if warm:
+        fn()
+    runs = [timed(fn)[:2] for _ in range(max(1, repeat))]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def emit_result(result: dict) -> None:
     """Print the child's result line (the parent reads the last ``RESULT`` line)."""
     print("RESULT " + json.dumps(result), flush=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench_util import median_time
+
+
+def _wall(fn, repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls (no warm-up: the first write is part of what is measured)."""
+    return median_time(fn, repeat, warm=False)[0]
 
 
 def _case(size: int) -> np.ndarray:
@@ -39,15 +44,6 @@ def _case(size: int) -> np.ndarray:
     np.exp(logits, out=logits)
     logits /= logits.sum(0, keepdims=True)
     return logits
-
-
-def _median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             tmp_file = stage(target, lambda t, writer=writer, geo=geo, data=data: writer(data, geo, t))
             per_format[fmt] = {
                 "mask_mb": round(tmp_file.stat().st_size / 2**20, 2),
-                "write_s": round(_median(write_only, args.repeat), 3),
-                "verify_s": round(_median(lambda f=tmp_file, d=data, g=geo, r=reader, t=target:
+                "write_s": round(_wall(write_only, args.repeat), 3),
+                "verify_s": round(_wall(lambda f=tmp_file, d=data, g=geo, r=reader, t=target:
                                           rio._verify(t, str(f), d, g, r), args.repeat), 3),
-                "sha256_mask_s": round(_median(lambda f=tmp_file: sha256_file(f), args.repeat), 4),
+                "sha256_mask_s": round(_wall(lambda f=tmp_file: sha256_file(f), args.repeat), 4),
             }
             os.unlink(tmp_file)
         results["formats"] = per_format
-        results["sha256_inputs_s"] = round(_median(lambda: sha256_file(src), args.repeat), 3)
+        results["sha256_inputs_s"] = round(_wall(lambda: sha256_file(src), args.repeat), 3)
         cli = [sys.executable, "-m", "rankseg_monai.app.cli", "predict", str(src), "-o", str(tmp / "pred"), "--quiet"]
         t = time.perf_counter()
         subprocess.run(cli, check=True)
