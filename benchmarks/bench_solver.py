@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None,
+                    help="set OMP_WAIT_POLICY in the children (default: inherit). PASSIVE keeps several threads fast "
+                    "on a machine shared with other jobs (docs/solvers.md)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,8 +152,10 @@ def main() -> None:
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    policy = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "default")
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeat {args.repeat}, "
-          f"{args.volume_kind} volumes, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+          f"{args.volume_kind} volumes, OMP_WAIT_POLICY {policy}, load average {load[0]:.1f} {load[1]:.1f} "
+          f"{load[2]:.1f}")
     if args.device != "cpu":
         print("gpu:", torch.cuda.get_device_name(0))
     rows = []
@@ -163,7 +168,9 @@ def main() -> None:
             for method in args.methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--repeat",
                        str(args.repeat), "--threads", str(args.threads), "--child", path, method]
-                r, err = run_child(cmd)
+                env = None if args.omp_wait_policy is None else {**os.environ,
+                                                                 "OMP_WAIT_POLICY": args.omp_wait_policy}
+                r, err = run_child(cmd, env=env)
                 if r is None:
                     print(f"{spec} {method}: failed\n{err}")
                     continue
