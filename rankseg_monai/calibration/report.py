@@ -25,7 +25,7 @@ import torch
 
 from .._files import atomic_write
 from ..activation import check_activation
-from ..functional import decide
+from ..functional import decide, expected_score
 from ..guard import UNCERTAIN_BAND
 from ..options import RankSEGOptions
 from ._data import pairs
@@ -90,6 +90,10 @@ class ClassCalibration:
         holds: whether RankSEG's assumptions (calibration of the volume and of the uncertain voxels) hold for
             this class (see :func:`calibration_report`).
         verdict: plain-language verdict, with the Dice comparison as a note.
+        expected_dice_rankseg: mean over cases of the model's own estimate of the Dice of RankSEG's mask
+            (:func:`rankseg_monai.functional.expected_score`, no labels; ``None`` unless ``compare_decisions``).
+        expected_dice_mae: mean over cases of ``|estimate - Dice|`` for RankSEG's mask: how far the label-free
+            per-case estimate (``docs/expected_dice.md``) can be trusted on this model.
     """
 
     index: int
@@ -110,6 +114,8 @@ class ClassCalibration:
     dice_rankseg: float | None
     holds: bool
     verdict: str
+    expected_dice_rankseg: float | None = None
+    expected_dice_mae: float | None = None
 
 
 @dataclass
@@ -134,14 +140,17 @@ class CalibrationReport:
     def format(self) -> str:
         """A small text table plus the verdicts."""
         head = (f"{'class':>5} {'ECE':>7} {'ECE unc.':>9} {'E[vol]/vol':>11} {'uncertain':>10} {'Dice argmax':>12} "
-                f"{'Dice RankSEG':>13}  holds")
+                f"{'Dice RankSEG':>13} {'E[Dice] RankSEG':>16} {'|E - Dice|':>11}  holds")
         lines = [f"calibration report: {self.cases} cases, {self.voxels} voxels, mode={self.mode}, "
                  f"{self.n_bins} bins", head, "-" * len(head)]
         for c in self.classes:
             da = "-" if c.dice_argmax is None else f"{c.dice_argmax:.4f}"
             dr = "-" if c.dice_rankseg is None else f"{c.dice_rankseg:.4f}"
+            ed = "-" if c.expected_dice_rankseg is None else f"{c.expected_dice_rankseg:.4f}"
+            mae = "-" if c.expected_dice_mae is None else f"{c.expected_dice_mae:.4f}"
             lines.append(f"{c.index:>5} {c.ece:>7.4f} {c.ece_uncertain:>9.4f} {c.volume_ratio:>11.3f} "
-                         f"{c.uncertain_fraction:>10.1%} {da:>12} {dr:>13}  {'yes' if c.holds else 'NO'}")
+                         f"{c.uncertain_fraction:>10.1%} {da:>12} {dr:>13} {ed:>16} {mae:>11}  "
+                         f"{'yes' if c.holds else 'NO'}")
         lines.extend(self.verdicts)
         return "\n".join(lines)
 
@@ -234,7 +243,8 @@ def calibration_report(
             ``"sigmoid"`` (multilabel, decisions by ``p > 0.5`` and multilabel RankSEG).
         n_bins: bins of the reliability curve (MONAI's binning).
         compare_decisions: also run argmax and RankSEG on every case and report their mean Dice (cheap next to
-            inference; the most direct evidence).
+            inference; the most direct evidence), and the model's own expected Dice of RankSEG's mask against its
+            actual Dice (``expected_dice_rankseg``, ``expected_dice_mae``).
         thresholds: override the marks in :data:`VERDICT_THRESHOLDS`.  The class *holds* when ``sum(p)`` is
             within the factor ``volume_ratio`` of the true volume (``absent_volume``: the ``sum(p)`` allowed for a
             class absent from every case) and the calibration error among its uncertain voxels is at most
@@ -264,7 +274,7 @@ def calibration_report(
     lo, hi = UNCERTAIN_BAND
     acc: dict[str, Any] = {}
     cases = voxels = 0
-    dice_a, dice_r = [], []
+    dice_a, dice_r, expected_r = [], [], []
     for _, p, t in pairs(probs_list, labels_list, mode, "probs"):
         p = p.double() if p.dtype == torch.float64 else p.float()
         if not bool(torch.isfinite(p).all()) or float(p.min()) < 0 or float(p.max()) > 1:
@@ -287,6 +297,7 @@ def calibration_report(
             base, rs = _decisions(p, mode, options)
             dice_a.append(_dice(base, t))
             dice_r.append(_dice(rs, t))
+            expected_r.append(expected_score(p[None], rs[None], metric="dice", smooth=options.smooth)[0])
         cases += 1
         voxels += p.shape[1]
     count, sum_p, sum_y = acc["bins"]
@@ -322,6 +333,9 @@ def calibration_report(
             dice_rankseg=float(torch.stack(dice_r)[:, k].mean()) if dice_r else None,
             holds=True,
             verdict="",
+            expected_dice_rankseg=float(torch.stack(expected_r)[:, k].mean()) if expected_r else None,
+            expected_dice_mae=(float((torch.stack(expected_r)[:, k] - torch.stack(dice_r)[:, k]).abs().mean())
+                               if expected_r else None),
         )
         c.holds, c.verdict = _verdict(c, th)
         report.classes.append(c)
