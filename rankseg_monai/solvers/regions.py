@@ -28,11 +28,14 @@ Algorithm (``docs/regions.md`` has the reasoning):
    ``q_r`` (``rma.rma_thresholds(..., offsets=...)``; tie groups are never split; Dice with ``s > 0`` uses the
    same banded exact search as a plain row).  Every step is exact for its region, so the summed objective never
    decreases; sweeps run in top-down order until a sweep changes nothing.
+4. **Only the voxels that can move** (Dice ``s = 0`` and IoU): background voxels far below every independent
+   threshold are left out of step 3 and the joint moves, under a per-step certificate that none of them would
+   move (:func:`_ascend_items`); an uncertified item is solved again on the whole volume.
 
 The result is at least as good as each candidate of step 2 (it starts from the best and never decreases) and a
 coordinate-wise optimum.  Passes over the volume: two for the region probabilities and their statistics, two or
 three for the independent solve, one per candidate, then per region and sweep one pass to build its free values
-and about two band passes; all sums are float64.
+and about two band passes (over the voxels that can move, when step 4 applies); all sums are float64.
 """
 
 from __future__ import annotations
@@ -380,8 +383,9 @@ def _threshold_bounds(values: torch.Tensor, current: torch.Tensor, s_off: torch.
 
 def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
                      active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
-                     chunk_size: int | None) -> torch.Tensor:
-    """Region ``r``'s exact best mask with every other region fixed; returns the new node map.
+                     chunk_size: int | None, return_sums: bool = False) -> Any:
+    """Region ``r``'s exact best mask with every other region fixed; returns the new node map (and, with
+    ``return_sums``, the float64 ``(B,)`` sum ``S_r`` and size ``n_r`` of the region's new mask).
 
     Only voxels whose node is ``r``'s parent or ``r`` itself can move (its children's voxels are forced in, its
     siblings' and everything outside its parent are out), so the best mask is the RMA optimum over those voxels
@@ -411,8 +415,12 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
                          offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
     take = values > thr
-    out = torch.where(free, torch.full_like(nodes, par), nodes)
-    return out.masked_fill_(free & take, r + 1)
+    out = torch.where(free, torch.full_like(nodes, par), nodes).masked_fill_(free & take, r + 1)
+    if not return_sums:
+        return out
+    S = s_off[:, 0] + torch.where(take, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(
+        -1, dtype=torch.float64)
+    return out, S, (n_off[:, 0] + take.sum(-1)).double()
 
 
 def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
@@ -446,13 +454,23 @@ def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: tor
     return moves
 
 
+class _Uncertified(Exception):
+    """A step of the ascent on the compacted voxels might have taken a voxel left out (see :func:`_ascend`)."""
+
+
 def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
-            metric: str, smooth: float, device: torch.device | None, chunk_size: int | None
-            ) -> tuple[torch.Tensor, int, torch.Tensor]:
+            metric: str, smooth: float, device: torch.device | None, chunk_size: int | None,
+            outside_max: torch.Tensor | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Coordinate sweeps (top-down) and joint moves until a sweep changes nothing or raises the summed objective by
     less than :data:`REL_TOL` of it; the objective never drops.  A region is solved again only when a region
     whose voxels its step reads (its parent, siblings or children) moved since its last step.  Returns the node
-    map, the number of sweeps and the final ``(B, R)`` region values."""
+    map, the number of sweeps and the final ``(B, R)`` region values.
+
+    ``outside_max``: float64 ``(B, R)``, when ``q`` and ``nodes`` hold only some of the voxels and every voxel
+    left out is background with ``q_r`` at most ``outside_max[:, r]``.  Every coordinate step and joint move then
+    checks that it would not take a voxel left out (the step's optimum ``f*`` has Dinkelbach threshold
+    ``g(f*) > outside_max``, and no left-out voxel has a positive first-order gain), so the result is the one of
+    the whole volume; otherwise it raises :class:`_Uncertified`.  Dice with ``s = 0`` and IoU only."""
     neighbours = [{tree.parent[r], *tree.children(r), *(j for j in range(len(tree)) if j != r and tree.parent[j] ==
                                                          tree.parent[r])} - {-1} for r in range(len(tree))]
     dirty = set(range(len(tree)))
@@ -466,13 +484,23 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
             if r not in dirty:
                 continue
             dirty.discard(r)
-            new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+            if outside_max is None:
+                new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+            else:
+                new, S_r, n_r = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size,
+                                                 return_sums=True)
+                cut = dinkelbach_threshold(metric, rma_score(metric, S_r, n_r, mu[:, r], smooth))
+                if not bool(((cut > outside_max[:, r]) | ~active[:, r]).all()):
+                    raise _Uncertified
             if not torch.equal(new, nodes):
                 dirty |= neighbours[r]
                 nodes = new
         S, n = region_sums(q, nodes, tree)
         values = rma_score(metric, S, n, mu, smooth)
         current = values.sum(-1)
+        if outside_max is not None and not bool(((dinkelbach_threshold(metric, values) > outside_max) |
+                                                 ~active).all()):
+            raise _Uncertified  # a left-out voxel could gain from a joint move
         for trial in _joint_moves(q, nodes, tree, mu, active, metric, smooth, sums=(S, n)):
             trial_values = region_objective(q, trial, tree, mu, metric, smooth)
             value = trial_values.sum(-1)
@@ -485,6 +513,68 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
         if bool((current - start <= REL_TOL * current.abs()).all()):
             break
     return nodes, sweeps, values
+
+
+#: the ascent works on the voxels that could join a region when it leaves out at least this fraction of them
+COMPACT_MIN_OUT = 0.25
+#: a voxel is left out when it is background and each ``q_r`` is below this fraction of region ``r``'s independent
+#: threshold (a margin: the ascent's thresholds stay near the independent ones)
+COMPACT_MARGIN = 0.5
+
+
+def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
+                  thr: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
+                  chunk_size: int | None) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
+    """:func:`_ascend` item by item (an item's result never depends on the others in its batch), on the voxels
+    that can join a region when that is certified.
+
+    With Dice ``s = 0`` or IoU, a region's mask at any step is a superlevel set ``{q_r > g(f)}`` of its own
+    objective value, so background voxels whose every ``q_r`` lies well below the independent thresholds ``thr``
+    never move.  The ascent runs on the other voxels (a gather of ``R x M`` values) with the certificate of
+    :func:`_ascend` (``outside_max``); the rare item where a step cannot be certified runs again on the whole
+    volume.  Either way the decision is the ascent's on the whole volume (up to float64 rounding of the sums).
+    """
+    nodes = start.clone()
+    values, sweeps, compacted = [], 0, []
+    compactable = metric == "iou" or smooth == 0
+    tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
+                      torch.full_like(thr, float("inf")))
+    for i in range(q.shape[0]):
+        qi, si, sl = q[i:i + 1], start[i:i + 1], slice(i, i + 1)
+        keep = None
+        if compactable:
+            keep = si[0] != 0
+            outside_max = torch.full((1, q.shape[1]), -1.0, dtype=torch.float64, device=q.device)
+            for a, b in _chunks(q.shape[2]):
+                block = qi[0, :, a:b]
+                keep[a:b] |= (block >= tau[i].unsqueeze(-1).to(block.dtype)).any(0)
+            out_count = int(q.shape[2] - keep.sum())
+            if COMPACT_MIN_OUT * q.shape[2] <= out_count < q.shape[2]:
+                for a, b in _chunks(q.shape[2]):
+                    block = qi[0, :, a:b]
+                    left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
+                    outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
+            else:
+                keep = None
+        result = None
+        if keep is not None:
+            idx = torch.nonzero(keep).squeeze(1)
+            try:
+                sub, n_sw, val = _ascend(qi.index_select(2, idx), si.index_select(1, idx), tree, mu[sl], active[sl],
+                                         metric, smooth, device, chunk_size, outside_max=outside_max)
+                full = si.clone()
+                full[0, idx] = sub[0]
+                result = (full, n_sw, val, idx.numel() / q.shape[2])
+            except _Uncertified:
+                result = None
+        if result is None:
+            full, n_sw, val = _ascend(qi, si, tree, mu[sl], active[sl], metric, smooth, device, chunk_size)
+            result = (full, n_sw, val, 1.0)
+        nodes[i] = result[0][0]
+        sweeps = max(sweeps, result[1])
+        values.append(result[2])
+        compacted.append(result[3])
+    return nodes, sweeps, torch.cat(values), compacted
 
 
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,7 +610,8 @@ def solve_regions(
         device, chunk_size: as for the other solvers (the threshold solves stream through ``device``).
         return_details: also return a dict: ``q`` (region probabilities), ``mu``, ``active``, ``candidates``
             (name -> summed objective ``(B,)`` of each starting candidate), ``start`` (the chosen one per item),
-            ``sweeps`` and ``objective`` (the final ``(B, R)`` values).
+            ``sweeps`` (the most of any item), ``compacted`` (per item, the fraction of voxels the certified ascent
+            worked on; 1.0 for the whole volume) and ``objective`` (the final ``(B, R)`` values).
     """
     q = flat if region_probs else region_probabilities(flat, tree)
     stats = row_statistics(q, device=device, chunk_size=chunk_size)
@@ -553,12 +644,17 @@ def solve_regions(
         "top_down": top_down,
     }
     names = list(candidates)
-    maps = [_restrict(candidates[name], tree, active) for name in names]
-    values = [region_objective(q, m, tree, mu, metric, smooth).sum(-1) for m in maps]
+    restrict = not bool(active.all())
+    maps = [_restrict(candidates[name], tree, active) if restrict else candidates[name] for name in names]
+    values = []
+    for k, m in enumerate(maps):  # candidates are often equal (e.g. painted and nested): evaluate each map once
+        same = next((j for j in range(k) if torch.equal(m, maps[j])), None)
+        values.append(values[same] if same is not None else region_objective(q, m, tree, mu, metric, smooth).sum(-1))
     start, pick = _select(maps, values)
-    nodes, sweeps, objective = _ascend(q, start, tree, mu, active, metric, smooth, device, chunk_size)
+    nodes, sweeps, objective, compacted = _ascend_items(q, start, tree, mu, active, thr.to(q.device), metric, smooth,
+                                                         device, chunk_size)
     if not return_details:
         return nodes
     return nodes, {"q": q, "mu": mu, "active": active, "candidates": dict(zip(names, values)),
-                   "start": [names[int(i)] for i in pick], "sweeps": sweeps,
+                   "start": [names[int(i)] for i in pick], "sweeps": sweeps, "compacted": compacted,
                    "objective": objective}

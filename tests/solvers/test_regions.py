@@ -141,6 +141,95 @@ def test_improves_the_summed_objective_over_argmax_and_multiclass():
             assert bool((ours >= theirs - 1e-12).all())
 
 
+def _scan_like(seed: int, region_probs: bool, batch: int = 2) -> torch.Tensor:
+    """Sparse volumes as scans give them: a structure over a few percent of the box, nested parts inside, soft
+    boundaries and noise, confident background elsewhere ((batch, 3, 24, 24, 16) softmax classes or sigmoid
+    regions)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (24, 24, 16)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    out = []
+    for _ in range(batch):
+        centre = [n * (0.35 + 0.3 * float(torch.rand((), generator=g))) for n in shape]
+        dist = torch.sqrt(sum(((x - c) / (0.18 * n)) ** 2 for x, c, n in zip(grids, centre, shape)))
+        noise = 0.6 * torch.randn((3, *shape), generator=g)
+        outer, inner, core = 7 * (1 - dist), 7 * (1 - 2.2 * dist), 6 * (1 - 4 * dist)
+        if region_probs:
+            out.append(torch.sigmoid(torch.stack([outer, inner, core]) + noise))
+        else:
+            out.append(torch.softmax(torch.stack([torch.zeros(shape), outer, inner]) + noise, 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("region_probs", [False, True], ids=["classes", "regions"])
+@pytest.mark.parametrize("metric,smooth", SETTINGS)
+def test_the_ascent_on_the_voxels_that_can_move_is_the_ascent_on_the_volume(region_probs, metric, smooth, device,
+                                                                          monkeypatch):
+    """The certified compaction (``_ascend_items``) gives the whole-volume ascent's node map; with a margin so
+    large that steps cannot be certified it falls back to the whole volume, still with the same result; an item's
+    decision does not depend on the other items of its batch."""
+    from rankseg_monai.solvers import regions
+
+    spec = BRATS if region_probs else LITS
+    tree = RegionTree.parse(spec)
+    ascend, refused = regions._ascend, []
+
+    def counting(*args, **kwargs):
+        try:
+            return ascend(*args, **kwargs)
+        except regions._Uncertified:
+            refused.append(1)
+            raise
+
+    monkeypatch.setattr(regions, "_ascend", counting)
+    for seed in range(3):
+        x = _scan_like(seed, region_probs).to(device)
+        flat = x.reshape(2, 3, -1)
+        nodes, details = solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs,
+                                       return_details=True)
+        if metric == "iou" or smooth == 0:
+            assert max(details["compacted"]) < 0.5  # the ascent worked on the structure, not the volume
+        else:  # Dice with s > 0 is not a threshold of g(f): the whole volume
+            assert details["compacted"] == [1.0, 1.0]
+        with monkeypatch.context() as m:
+            m.setattr(regions, "COMPACT_MIN_OUT", 2.0)  # never compact
+            whole, whole_details = solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs,
+                                                 return_details=True)
+            assert whole_details["compacted"] == [1.0, 1.0]
+        assert torch.equal(nodes, whole)
+        torch.testing.assert_close(details["objective"], whole_details["objective"], rtol=1e-12, atol=1e-12)
+        assert not refused  # the default margin certifies these
+        with monkeypatch.context() as m:
+            m.setattr(regions, "COMPACT_MARGIN", 4.0)  # leaves out every background voxel of the start
+            assert torch.equal(solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs), whole)
+        refused.clear()
+        if metric == "iou" or smooth == 0:
+            # a voxel left out that a step would take: the certificate refuses (g(f) <= 1/2 < 0.99 for Dice) ...
+            q = flat if region_probs else region_probabilities(flat, tree)
+            mu, active = q.double().sum(-1), torch.ones((2, len(tree)), dtype=torch.bool, device=device)
+            with pytest.raises(regions._Uncertified):
+                regions._ascend(q, whole, tree, mu, active, metric, smooth, None, None,
+                                outside_max=torch.full((2, len(tree)), 0.99, dtype=torch.float64, device=device))
+            refused.clear()
+            # ... and an uncertified item is solved again on the whole volume
+
+            def refuse_compacted(*args, outside_max=None, **kwargs):
+                if outside_max is not None:
+                    refused.append(1)
+                    raise regions._Uncertified
+                return ascend(*args, **kwargs)
+
+            with monkeypatch.context() as m:
+                m.setattr(regions, "_ascend", refuse_compacted)
+                again, again_details = solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs,
+                                                     return_details=True)
+            assert torch.equal(again, whole) and len(refused) == 2 and again_details["compacted"] == [1.0, 1.0]
+            refused.clear()
+        for i in range(2):
+            alone = solve_regions(flat[i:i + 1], tree, metric, smooth, None, region_probs=region_probs)
+            assert torch.equal(alone[0], nodes[i])
+
+
 def test_tie_groups_are_never_split():
     """Voxels with identical probabilities always get the same label (every step is a per-voxel function of the
     probabilities and the current decision, and starts from such a decision)."""
