@@ -364,17 +364,21 @@ def _threshold_bounds(values: torch.Tensor, current: torch.Tensor, s_off: torch.
     of ``max(0, .)`` and ``D_min`` the smallest denominator of a feasible set, so ``t* <= g(lam + that)``.  Near
     the optimum both bounds meet, and the band between them is a sliver.
     """
-    sel = current.unsqueeze(1)
-    S = s_off + (values.unsqueeze(1) * sel).sum(-1, dtype=torch.float64)
-    n = n_off + sel.sum(-1)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    S = s_off + torch.where(current, values, zero).sum(-1, keepdim=True, dtype=torch.float64)
+    n = n_off + current.sum(-1, keepdim=True)
     lam = rma_score(metric, S, n.double(), mu, smooth)
-    v = values.unsqueeze(1)
+    # the per-voxel term max(0, a q - lam) (a = 2 for Dice, 1 + lam for IoU) is positive exactly above g(lam):
+    # its sum is a * (sum of those q) - lam * (their number), without float64 copies of the row
+    over = values > dinkelbach_threshold(metric, lam)
+    s_over = torch.where(over, values, zero).sum(-1, keepdim=True, dtype=torch.float64)
+    n_over = over.sum(-1, keepdim=True).double()
     if metric == "dice":  # N - lam D = 2 S - lam (mu + n + 1): per free voxel 2 q - lam
-        gain = (2.0 * v.double() - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        gain = 2.0 * s_over - lam * n_over
         base = 2.0 * s_off - lam * (mu + n_off.double() + 1.0)
         d_min = mu + n_off.double() + 1.0
     else:  # N - lam D = S + s - lam (mu - S + n + s): per free voxel q (1 + lam) - lam
-        gain = (v.double() * (1.0 + lam.unsqueeze(-1)) - lam.unsqueeze(-1)).clamp(min=0.0).sum(-1)
+        gain = (1.0 + lam) * s_over - lam * n_over
         base = s_off * (1.0 + lam) + smooth - lam * (mu + n_off.double() + smooth)
         d_min = (mu + smooth).clamp(min=1e-300)
     upper = lam + (base + gain).clamp(min=0.0) / d_min
