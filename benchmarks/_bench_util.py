@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["rss_mb", "reset_peak_rss", "peak_rss_mb", "mem_available_mb", "timed", "emit_result", "run_child"]
+__all__ = ["rss_mb", "reset_peak_rss", "peak_rss_mb", "mem_available_mb", "timed", "median_time", "emit_result",
+           "run_child", "baseline_method"]
 
 
 def _status_kb(field: str) -> float | None:
@@ -93,6 +94,32 @@ def median_time(fn: Callable[[], Any], repeat: int, warm: bool = True) -> tuple[
         fn()
     runs = [timed(fn)[:2] for _ in range(max(1, repeat))]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def baseline_method(name: str, x: Any) -> Callable[[], Any] | None:
+    """The calls every benchmark compares with, on a batch ``x`` ``(B, C, *spatial)``: ``"argmax"``
+    (``x.argmax(1)``), ``"asdiscrete"`` (MONAI's ``AsDiscrete(argmax=True)`` on the item ``x[0]``), ``"transform"``
+    or ``"rankseg_transform"`` (the drop-in ``RankSEG()`` with its defaults, on ``x[0]``), ``"rankseg008"`` and
+    ``"rankseg008_screening"`` (the authors' rankseg 0.0.8, default and ``safe_screening=True``).  ``None`` for
+    any other name (the benchmark's own paths)."""
+    if name == "argmax":
+        return lambda: x.argmax(1)
+    if name == "asdiscrete":
+        from monai.transforms import AsDiscrete
+
+        post = AsDiscrete(argmax=True)
+        return lambda: post(x[0])
+    if name in ("transform", "rankseg_transform"):
+        from rankseg_monai import RankSEG
+
+        post = RankSEG()
+        return lambda: post(x[0])
+    if name in ("rankseg008", "rankseg008_screening"):
+        from rankseg.functional import rankseg as ref
+
+        kw = {"safe_screening": True} if name.endswith("screening") else {}
+        return lambda: ref(x, **kw)
+    return None
 
 
 def emit_result(result: dict) -> None:

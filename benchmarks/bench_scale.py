@@ -48,7 +48,16 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import emit_result, mem_available_mb, peak_rss_mb, reset_peak_rss, rss_mb, run_child, timed  # noqa: E402
+from _bench_util import (  # noqa: E402
+    baseline_method,
+    emit_result,
+    mem_available_mb,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    run_child,
+    timed,
+)
 
 DEFAULT_VOLUMES = ["3:128", "3:192", "3:256", "14:128", "105:64", "105:96"]
 BIG_VOLUMES = ["3:512"]
@@ -110,22 +119,9 @@ def write_volume(path: str, num_classes: int, size: int, dtype: str, kind: str, 
 
 
 def _make_fn(method: str, x, chunk_size: int):
-    if method == "argmax":
-        return lambda: x.argmax(1)
-    if method == "rankseg008":
-        from rankseg.functional import rankseg as ref
-
-        return lambda: ref(x)
-    if method == "asdiscrete":
-        from monai.transforms import AsDiscrete
-
-        post = AsDiscrete(argmax=True)
-        return lambda: post(x[0])
-    if method == "rankseg_transform":
-        from rankseg_monai import RankSEG
-
-        post = RankSEG()
-        return lambda: post(x[0])
+    fn = baseline_method(method, x)
+    if fn is not None:
+        return fn
     import torch
 
     from rankseg_monai.functional import rankseg

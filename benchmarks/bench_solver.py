@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import peak_rss_mb, reset_peak_rss, rss_mb, run_child  # noqa: E402
+from _bench_util import baseline_method, peak_rss_mb, reset_peak_rss, rss_mb, run_child  # noqa: E402
 
 DEFAULT_SHAPES = ["1,3,256,256,128", "1,14,128,128,128", "1,105,96,96,96"]
 METHODS = ["argmax", "asdiscrete", "functional", "transform", "functional_multilabel", "rankseg008",
@@ -54,27 +54,13 @@ def make_volume(shape: tuple[int, ...], kind: str, seed: int = 0):
 
 
 def _make_fn(method: str, x):
-    if method == "argmax":
-        return lambda: x.argmax(1)
-    if method == "asdiscrete":
-        from monai.transforms import AsDiscrete
+    fn = baseline_method(method, x)
+    if fn is not None:
+        return fn
+    from rankseg_monai.functional import rankseg
 
-        post = AsDiscrete(argmax=True)
-        return lambda: post(x[0])
-    if method == "transform":
-        from rankseg_monai import RankSEG
-
-        post = RankSEG()
-        return lambda: post(x[0])
-    if method.startswith("functional"):
-        from rankseg_monai.functional import rankseg
-
-        mode = "multilabel" if method == "functional_multilabel" else "multiclass"
-        return lambda: rankseg(x, output_mode=mode)
-    from rankseg.functional import rankseg as ref
-
-    kw = {"safe_screening": True} if method.endswith("screening") else {}
-    return lambda: ref(x, **kw)
+    mode = "multilabel" if method == "functional_multilabel" else "multiclass"
+    return lambda: rankseg(x, output_mode=mode)
 
 
 def _child(path: str, method: str, device: str, repeat: int, threads: int) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from _bench_util import baseline_method  # noqa: E402
 from _phantoms import blob_phantom  # noqa: E402
 
 FULL_SHAPES = ["1,3,512,512,512", "1,105,256,256,256"]
@@ -221,30 +222,16 @@ def check_syncs(dev: str, level: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ speed
 def _method(name: str, x: torch.Tensor, x_cpu: torch.Tensor | None, dev: str) -> Callable[[], Any]:
-    if name == "argmax":
-        return lambda: x.argmax(1)
-    if name == "asdiscrete":
-        from monai.transforms import AsDiscrete
+    fn = baseline_method(name, x)
+    if fn is not None:
+        return fn
+    from rankseg_monai.functional import rankseg
 
-        post = AsDiscrete(argmax=True)
-        return lambda: post(x[0])
     if name == "functional":
-        from rankseg_monai.functional import rankseg
-
         return lambda: rankseg(x)
-    if name == "transform":
-        from rankseg_monai import RankSEG
-
-        post = RankSEG()
-        return lambda: post(x[0])
     if name == "stream":
-        from rankseg_monai.functional import rankseg
-
         return lambda: rankseg(x_cpu, device=dev, label_dtype=torch.uint8)
-    from rankseg.functional import rankseg as ref
-
-    kw = {"safe_screening": True} if name.endswith("screening") else {}
-    return lambda: ref(x, **kw)
+    raise ValueError(f"unknown method {name!r}")
 
 
 def _sync(dev: str) -> None:
