@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICES
-from generators import rma_inputs, softmax_probs
+from generators import random_rows, rma_inputs, softmax_probs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import best_threshold_mask, brute_force_best, mask_rma_value, multiclass_from_masks
@@ -29,17 +29,7 @@ def _multilabel(p: np.ndarray, device, **kwargs) -> np.ndarray:
 @pytest.mark.parametrize("metric,smooth", METRIC_SMOOTH)
 def test_brute_force_small(metric, smooth, device):
     rng = np.random.default_rng(1)
-    for trial in range(40):
-        n = int(rng.integers(1, 11))
-        kind = trial % 4
-        if kind == 0:
-            p = rng.uniform(size=n)
-        elif kind == 1:
-            p = rng.beta(0.5, 0.5, size=n)
-        elif kind == 2:
-            p = rng.choice([0.1, 0.36, 0.5, 0.9], size=n)  # ties
-        else:
-            p = rng.uniform(0, 0.3, size=n)
+    for p in random_rows(rng, 40):  # uniform, U-shaped, quantised (ties, exact 0 and 1), faint, beta
         out = _multilabel(p, device, metric=metric, smooth=smooth, pruning_prob=0.0)
         best = brute_force_best(p, metric, smooth)
         got = mask_rma_value(metric, p, out, smooth)
