@@ -257,10 +257,20 @@ def region_probabilities(flat: torch.Tensor, tree: RegionTree) -> torch.Tensor:
     return out.clamp_(max=1.0)
 
 
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for an integer ``index`` of any shape, chunk by chunk (the int64 copy of the index that
+    indexing needs stays chunk-sized)."""
+    flat = index.reshape(-1)
+    out = torch.empty((flat.numel(), *table.shape[1:]), dtype=table.dtype, device=index.device)
+    for a, b in _chunks(flat.numel()):
+        out[a:b] = table[flat[a:b].long()]
+    return out.reshape(*index.shape, *table.shape[1:])
+
+
 def nodes_from_labels(labels: torch.Tensor, tree: RegionTree, num_labels: int) -> torch.Tensor:
     """Node map (0 background, ``1 + r`` region ``r``; uint8) of an integer label map."""
     table = tree.node_of_label(max(num_labels, tree.max_label + 1)).to(labels.device, _node_dtype(len(tree)))
-    return table[labels.long()]
+    return _lookup(table, labels)
 
 
 def labels_from_nodes(nodes: torch.Tensor, tree: RegionTree, class_probs: torch.Tensor | None,
@@ -269,7 +279,7 @@ def labels_from_nodes(nodes: torch.Tensor, tree: RegionTree, class_probs: torch.
     (``class_probs`` ``(B, C, N)``, first maximum wins) when it has several."""
     single = tree.label_of_node()
     table = torch.tensor([0] + [v if v is not None else 0 for v in single], dtype=torch.int64, device=nodes.device)
-    out = table.to(out_dtype)[nodes.long()]
+    out = _lookup(table.to(out_dtype), nodes)
     for r, lab in enumerate(single):
         if lab is not None:
             continue
@@ -287,7 +297,7 @@ def region_masks(nodes: torch.Tensor, tree: RegionTree) -> torch.Tensor:
     for r in range(len(tree)):
         for j in tree.subtree(r):
             member[j + 1, r] = True
-    return member[nodes.long()].movedim(-1, 1)
+    return _lookup(member, nodes).movedim(-1, 1)
 
 
 def _membership(tree: RegionTree, device: torch.device) -> torch.Tensor:
@@ -344,6 +354,21 @@ def _restrict(nodes: torch.Tensor, tree: RegionTree, active: torch.Tensor) -> to
     return out
 
 
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor | Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(B, 1)`` sum of ``values`` ``(B, N)`` where ``mask`` holds, and the float64 count, chunk by chunk
+    (no ``N``-sized temporaries).  ``mask``: bool ``(B, N)``, or a callable ``(a, b) -> bool (B, b - a)``, the
+    mask of voxels ``a`` to ``b``."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    total = torch.zeros((values.shape[0], 1), dtype=torch.float64, device=values.device)
+    count = torch.zeros((values.shape[0], 1), dtype=torch.float64, device=values.device)
+    for a, b in _chunks(values.shape[-1]):
+        block = values[:, a:b]
+        m = mask(a, b) if callable(mask) else mask[:, a:b]
+        total += torch.where(m, block, zero).sum(-1, keepdim=True, dtype=torch.float64)
+        count += m.sum(-1, keepdim=True)
+    return total, count
+
+
 def _in_nodes(nodes: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
     """bool: the node map's voxels whose node is in ``which`` (byte comparisons for a few nodes; ``torch.isin`` is
     several times slower on uint8 maps)."""
@@ -355,24 +380,23 @@ def _in_nodes(nodes: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def _threshold_bounds(values: torch.Tensor, current: torch.Tensor, s_off: torch.Tensor, n_off: torch.Tensor,
+def _threshold_bounds(values: torch.Tensor, current: Any, s_off: torch.Tensor, n_off: torch.Tensor,
                       mu: torch.Tensor, metric: str, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of the coordinate step's optimal threshold from the current mask (Dice ``s = 0`` and IoU).
 
     With ``lam = f(current)`` (a feasible set, so ``f* >= lam``), Dinkelbach's ``t* = g(f*) >= g(lam)``; and
     ``f* - lam <= max_A (N_A - lam D_A) / D_min`` where the maximum of the linearised objective is a sum over voxels
     of ``max(0, .)`` and ``D_min`` the smallest denominator of a feasible set, so ``t* <= g(lam + that)``.  Near
-    the optimum both bounds meet, and the band between them is a sliver.
+    the optimum both bounds meet, and the band between them is a sliver.  ``current``: the region's current mask,
+    bool ``(B, N)`` or a chunk callable (see :func:`_masked_sum`).
     """
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    S = s_off + torch.where(current, values, zero).sum(-1, keepdim=True, dtype=torch.float64)
-    n = n_off + current.sum(-1, keepdim=True)
-    lam = rma_score(metric, S, n.double(), mu, smooth)
+    s_cur, n_cur = _masked_sum(values, current)
+    S = s_off + s_cur
+    lam = rma_score(metric, S, n_off.double() + n_cur, mu, smooth)
     # the per-voxel term max(0, a q - lam) (a = 2 for Dice, 1 + lam for IoU) is positive exactly above g(lam):
     # its sum is a * (sum of those q) - lam * (their number), without float64 copies of the row
-    over = values > dinkelbach_threshold(metric, lam)
-    s_over = torch.where(over, values, zero).sum(-1, keepdim=True, dtype=torch.float64)
-    n_over = over.sum(-1, keepdim=True).double()
+    cut = dinkelbach_threshold(metric, lam)
+    s_over, n_over = _masked_sum(values, lambda a, b: values[:, a:b] > cut)
     if metric == "dice":  # N - lam D = 2 S - lam (mu + n + 1): per free voxel 2 q - lam
         gain = 2.0 * s_over - lam * n_over
         base = 2.0 * s_off - lam * (mu + n_off.double() + 1.0)
@@ -401,9 +425,8 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     free = (nodes == par) | (nodes == r + 1)
     values = torch.where(free, qr, torch.zeros((), dtype=qr.dtype, device=qr.device))
     if below:
-        forced = _in_nodes(nodes, below)
-        s_off = (qr * forced).sum(-1, keepdim=True, dtype=torch.float64)
-        n_off = forced.sum(-1, keepdim=True)
+        s_off, n_off = _masked_sum(qr, lambda a, b: _in_nodes(nodes[:, a:b], below))
+        n_off = n_off.long()
     else:
         s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
         n_off = torch.zeros((q.shape[0], 1), dtype=torch.int64, device=q.device)
@@ -414,17 +437,19 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     stats = RowStats(vmin=st.vmin, vmax=st.vmax, mu=mu_r, s_half=st.s_half, n_half=st.n_half, chunk_max=st.chunk_max,
                      chunk_step=st.chunk_step)
     bounds = None
-    if metric == "iou" or smooth == 0:
-        bounds = _threshold_bounds(values, nodes == r + 1, s_off.to(on), n_off.to(on), mu_r, metric, smooth)
+    if metric == "iou" or smooth == 0:  # computed where the row lives (streaming: the host), used on ``on``
+        low, high = _threshold_bounds(values, lambda a, b: nodes[:, a:b] == r + 1, s_off, n_off, mu[:, r:r + 1],
+                                      metric, smooth)
+        bounds = (low.to(on), high.to(on))
     thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
                          offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
     take = values > thr
-    out = torch.where(free, torch.full_like(nodes, par), nodes).masked_fill_(free & take, r + 1)
+    take &= free
+    out = nodes.masked_fill(free, par).masked_fill_(take, r + 1)
     if not return_sums:
         return out
-    S = s_off[:, 0] + torch.where(take, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(
-        -1, dtype=torch.float64)
-    return out, S, (n_off[:, 0] + take.sum(-1)).double()
+    s_take, n_take = _masked_sum(values, take)
+    return out, (s_off + s_take)[:, 0], (n_off.double() + n_take)[:, 0]
 
 
 def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
@@ -538,7 +563,7 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
     :func:`_ascend` (``outside_max``); the rare item where a step cannot be certified runs again on the whole
     volume.  Either way the decision is the ascent's on the whole volume (up to float64 rounding of the sums).
     """
-    nodes = start.clone()
+    nodes = start  # the caller's fresh map (written item by item below)
     values, sweeps, compacted = [], 0, []
     compactable = metric == "iou" or smooth == 0
     tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
@@ -584,8 +609,10 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per batch item, the candidate node map with the largest value (the first on ties) and its index."""
     pick = torch.stack(values, 1).argmax(1)
-    stacked = torch.stack(candidates, 1)
-    return stacked.gather(1, pick.view(-1, 1, 1).expand(-1, 1, stacked.shape[2]))[:, 0], pick
+    out = torch.empty_like(candidates[0])
+    for i, k in enumerate(pick.tolist()):  # item by item: no (B, K, N) stack
+        out[i] = candidates[k][i]
+    return out, pick
 
 
 @torch.no_grad()
@@ -627,24 +654,26 @@ def solve_regions(
     for r in tree.order:  # a region is kept only when the region above it is kept
         if tree.parent[r] >= 0:
             active[:, r] &= active[:, tree.parent[r]]
-    independent = q > thr.to(q.device).unsqueeze(-1)
-    nested = independent.clone()
-    for r in tree.order:  # each child intersected with its (already intersected) parent
-        if tree.parent[r] >= 0:
-            nested[:, r] &= nested[:, tree.parent[r]]
     given = list(range(len(tree)))
+    independent = q > thr.to(q.device).unsqueeze(-1)
+    independent_paint = paint_nodes(independent, tree, given)
+    for r in tree.order:  # each child intersected with its (already intersected) parent, in place
+        if tree.parent[r] >= 0:
+            independent[:, r] &= independent[:, tree.parent[r]]
+    independent_nested = paint_nodes(independent, tree, tree.order)
+    del independent
     top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=_node_dtype(len(tree)), device=q.device)
     for r in tree.order:  # each region solved exactly inside its parent's mask
         top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size)
     if region_probs:
         baseline = paint_nodes(q > 0.5, tree, given)
     else:  # the running-maximum argmax: same labels, about 10x faster than torch.argmax over a strided class axis
-        labels = argmax_labels(flat, device=device, chunk_size=chunk_size, out_dtype=_node_dtype(flat.shape[1]))
-        baseline = nodes_from_labels(labels, tree, flat.shape[1])
+        baseline = nodes_from_labels(argmax_labels(flat, device=device, chunk_size=chunk_size,
+                                                   out_dtype=_node_dtype(flat.shape[1])), tree, flat.shape[1])
     candidates = {
         "threshold_paint" if region_probs else "argmax": baseline,
-        "independent_paint": paint_nodes(independent, tree, given),
-        "independent_nested": paint_nodes(nested, tree, tree.order),
+        "independent_paint": independent_paint,
+        "independent_nested": independent_nested,
         "top_down": top_down,
     }
     names = list(candidates)
