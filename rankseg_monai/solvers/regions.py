@@ -411,9 +411,11 @@ def _threshold_bounds(values: torch.Tensor, current: Any, s_off: torch.Tensor, n
 
 def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
                      active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
-                     chunk_size: int | None, return_sums: bool = False) -> Any:
+                     chunk_size: int | None, return_sums: bool = False, hint: torch.Tensor | None = None) -> Any:
     """Region ``r``'s exact best mask with every other region fixed; returns the new node map (and, with
-    ``return_sums``, the float64 ``(B,)`` sum ``S_r`` and size ``n_r`` of the region's new mask).
+    ``return_sums``, the float64 ``(B,)`` sum ``S_r`` and size ``n_r`` of the region's new mask).  ``hint``: float64
+    ``(B, 1)``, a threshold whose free voxels above it form the feasible set the threshold bounds start from
+    (instead of the region's current mask; e.g. the independent threshold when the current mask is empty).
 
     Only voxels whose node is ``r``'s parent or ``r`` itself can move (its children's voxels are forced in, its
     siblings' and everything outside its parent are out), so the best mask is the RMA optimum over those voxels
@@ -438,8 +440,9 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
                      chunk_step=st.chunk_step)
     bounds = None
     if metric == "iou" or smooth == 0:  # computed where the row lives (streaming: the host), used on ``on``
-        low, high = _threshold_bounds(values, lambda a, b: nodes[:, a:b] == r + 1, s_off, n_off, mu[:, r:r + 1],
-                                      metric, smooth)
+        current = ((lambda a, b: nodes[:, a:b] == r + 1) if hint is None else
+                   (lambda a, b: values[:, a:b] > hint))  # values are 0 outside the free voxels, and hint >= 0
+        low, high = _threshold_bounds(values, current, s_off, n_off, mu[:, r:r + 1], metric, smooth)
         bounds = (low.to(on), high.to(on))
     thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
                          offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
@@ -655,6 +658,8 @@ def solve_regions(
         if tree.parent[r] >= 0:
             active[:, r] &= active[:, tree.parent[r]]
     given = list(range(len(tree)))
+    # the bounds of the top-down steps start from the independent masks (their current masks are empty)
+    independent_thr = thr.to(q.device).nan_to_num(posinf=2.0).clamp(min=0.0)
     independent = q > thr.to(q.device).unsqueeze(-1)
     independent_paint = paint_nodes(independent, tree, given)
     for r in tree.order:  # each child intersected with its (already intersected) parent, in place
@@ -664,7 +669,8 @@ def solve_regions(
     del independent
     top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=_node_dtype(len(tree)), device=q.device)
     for r in tree.order:  # each region solved exactly inside its parent's mask
-        top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size)
+        top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size,
+                                    hint=independent_thr[:, r:r + 1])
     if region_probs:
         baseline = paint_nodes(q > 0.5, tree, given)
     else:  # the running-maximum argmax: same labels, about 10x faster than torch.argmax over a strided class axis
