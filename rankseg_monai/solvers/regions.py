@@ -659,8 +659,9 @@ def solve_regions(
             active[:, r] &= active[:, tree.parent[r]]
     given = list(range(len(tree)))
     # the bounds of the top-down steps start from the independent masks (their current masks are empty)
-    independent_thr = thr.to(q.device).nan_to_num(posinf=2.0).clamp(min=0.0)
-    independent = q > thr.to(q.device).unsqueeze(-1)
+    thr_q = thr.to(q.device)
+    independent_thr = thr_q.nan_to_num(posinf=2.0).clamp(min=0.0)
+    independent = q > thr_q.unsqueeze(-1)
     independent_paint = paint_nodes(independent, tree, given)
     for r in tree.order:  # each child intersected with its (already intersected) parent, in place
         if tree.parent[r] >= 0:
@@ -690,7 +691,7 @@ def solve_regions(
         same = next((j for j in range(k) if torch.equal(m, maps[j])), None)
         values.append(values[same] if same is not None else region_objective(q, m, tree, mu, metric, smooth).sum(-1))
     start, pick = _select(maps, values)
-    nodes, sweeps, objective, compacted = _ascend_items(q, start, tree, mu, active, thr.to(q.device), metric, smooth,
+    nodes, sweeps, objective, compacted = _ascend_items(q, start, tree, mu, active, thr_q, metric, smooth,
                                                          device, chunk_size)
     if not return_details:
         return nodes
