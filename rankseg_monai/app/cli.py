@@ -48,6 +48,11 @@ LEGACY_SETTINGS_FILE = "rankseg_predict.json"
 REPORT_FILE = "evaluation.json"
 REPORT_KIND = "rankseg-monai evaluation"
 SOLVER_CHOICES = ("rma", "ba", "trna", "ba+trna", "exact")
+#: choices of evaluate, spelled here so that the parser does not import MONAI (metrics.NSD_STYLES,
+#: metrics.LESION_STYLES, evaluation.AGGREGATIONS; a test keeps them equal)
+NSD_STYLES = ("subvoxel", "edge")
+LESION_STYLES = ("plain", "brats2023")
+AGGREGATIONS = ("default", "nnunet")
 
 
 class UsageError(Exception):
@@ -118,6 +123,9 @@ def _json_arg(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"liver\": [1, 2], \"tumour\": [2]}}'") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("nested too deeply; regions are e.g. '{\"liver\": [1, 2], \"tumour\": [2]}'"
+                                         ) from None
 
 
 def _add_part_options(p: argparse.ArgumentParser) -> None:
@@ -169,10 +177,26 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                     help="names of the label values 0, 1, 2, ... in order (background first), for the table and CSVs")
     ev.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
                     help="tolerance of the normalised surface Dice in mm (default 2; 0 leaves NSD out)")
+    ev.add_argument("--nsd-style", choices=NSD_STYLES, default="subvoxel",
+                    help="subvoxel (default): the published NSD (DeepMind surface-distance, MONAI use_subvoxels=True); "
+                         "edge: MONAI's default over edge voxels (column nsd_edge_<method>)")
+    ev.add_argument("--aggregation", choices=AGGREGATIONS, default="default",
+                    help="default: a structure empty in both masks scores Dice 1, NSD 1, lesion-wise Dice 1; nnunet: "
+                         "NaN there and means over the other cases, the 'all' row the mean of the class means "
+                         "(nnUNetv2_evaluate_folder's summary)")
     ev.add_argument("--lesion-wise", nargs="+", default=None, metavar="NAME",
                     help="score these classes (label values) or regions (names) lesion-wise as well: found, missed "
                          "and false-positive lesions, lesion-wise Dice (default: with regions, those inside another "
                          "region)")
+    ev.add_argument("--lesion-wise-style", choices=LESION_STYLES, default="plain",
+                    help="plain (default): connected components as they are; brats2023: the BraTS 2023 evaluation "
+                         "(truth dilated --lesion-dilation times to merge nearby lesions, lesions of at most "
+                         "--lesion-min-size mm^3 not scored)")
+    ev.add_argument("--lesion-min-size", type=float, default=None, metavar="SIZE",
+                    help="plain: ignore components smaller than SIZE voxels (default 0); brats2023: leave out true "
+                         "lesions of at most SIZE mm^3 (default 50)")
+    ev.add_argument("--lesion-dilation", type=int, default=None, metavar="N",
+                    help="brats2023: dilation iterations of the truth (default 3; BraTS-MEN and -MET use 1)")
     ev.add_argument("--ignore-empty", action="store_true",
                     help="Dice is NaN (not 1 or 0) for classes absent from the labels (MONAI's default)")
     ev.add_argument("--skip-failed", action="store_true",
@@ -241,13 +265,35 @@ def decision_options(args: argparse.Namespace) -> RankSEGOptions:
     regions, order, region_probs = _region_settings(args)
     if regions is not None and args.output_mode is None:
         mode = "multiclass"  # a label map, as nnU-Net writes for region models, also from sigmoids
+    if regions is not None and args.sigmoid and not region_probs:
+        raise UsageError("--sigmoid with --regions: regions on class probabilities take a softmax over the classes "
+                         "(--softmax); for one sigmoid logit per region add --region-probs")
+    if regions is not None and args.command == "evaluate":
+        if args.classes is not None:
+            raise UsageError("--classes picks label values; with --regions (or a region --dataset-json) every region "
+                             "is scored: drop --classes")
+        if mode == "multilabel":
+            raise UsageError("evaluate compares label maps: drop --output-mode multilabel (the regions of the label "
+                             "map are scored)")
     try:
-        return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
-                              pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
-                              clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
-                              region_probs=region_probs)
+        options = RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
+                                 pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
+                                 clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
+                                 region_probs=region_probs)
     except (TypeError, ValueError) as exc:
-        raise UsageError(_cli_spelling(str(exc))) from None
+        raise UsageError(_cli_spelling(_region_spelling(str(exc)))) from None
+    tree = options.regions
+    if tree is not None and region_probs and mode == "multiclass" and any(v is None for v in tree.label_of_node()):
+        several = [n for n, own in zip(tree.names, tree.own) if len(own) > 1]
+        raise UsageError(f"regions {several} have several labels of their own: give --regions-class-order (the label "
+                         "painted for each region) to write a label map from region probabilities")
+    return options
+
+
+def _region_spelling(message: str) -> str:
+    """A region message in the command line's words."""
+    return message.replace("regions_class_order", "--regions-class-order").replace("region_probs=True",
+                                                                                 "--region-probs")
 
 
 def _dataset(args: argparse.Namespace) -> rio.DatasetJson | None:
@@ -271,6 +317,9 @@ def _region_settings(args: argparse.Namespace) -> tuple[Any, Any, bool]:
         return dataset.regions, dataset.regions_class_order, True
     if args.regions is None and (args.regions_class_order is not None or args.region_probs):
         raise UsageError("--regions-class-order and --region-probs need --regions (or --dataset-json)")
+    if args.regions is not None and not isinstance(args.regions, dict | list):
+        raise UsageError(f"--regions {json.dumps(args.regions)}: give the regions as '{{\"liver\": [1, 2], "
+                         "\"tumour\": [2]}' or '[[1, 2], [2]]' (or leave --regions out)")
     return args.regions, args.regions_class_order, bool(args.region_probs)
 
 
@@ -284,13 +333,22 @@ def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> di
     if args.command == "evaluate":
         settings.update(source="probs" if args.probs else "pred", classes=args.classes,
                         ignore_empty=args.ignore_empty, class_names=args.class_names,
-                        nsd_tolerance=args.nsd_tolerance or None, lesion_wise=args.lesion_wise)
+                        nsd_tolerance=args.nsd_tolerance or None, lesion_wise=args.lesion_wise,
+                        nsd_style=args.nsd_style, aggregation=args.aggregation,
+                        lesion_wise_style=args.lesion_wise_style, lesion_min_size=args.lesion_min_size,
+                        lesion_dilation=args.lesion_dilation, ignore_label=_ignore_label(args))
     return settings
 
 
 def _settings_key(settings: Mapping[str, Any]) -> str:
     text = json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _ignore_label(args: argparse.Namespace) -> int | None:
+    """nnU-Net's ignore label from --dataset-json (its voxels count in no metric)."""
+    dataset = _dataset(args)
+    return None if dataset is None else dataset.ignore_label
 
 
 def _names_from_dataset(args: argparse.Namespace) -> None:
@@ -656,13 +714,16 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
     label = rio.load_labels(labels[case])
     nsd = args.nsd_tolerance or None
     lesions = None if args.lesion_wise is None else [int(v) if v.isdigit() else v for v in args.lesion_wise]
+    scoring = {"nsd_style": args.nsd_style, "aggregation": args.aggregation, "lesion_style": args.lesion_wise_style,
+               "lesion_min_size": args.lesion_min_size, "lesion_dilation": args.lesion_dilation}
+    ignore = _ignore_label(args)
     if args.probs:
         volume = _load(path, args, spatial_shape=label.labels.shape)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
         return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
                                ignore_empty=args.ignore_empty, options=options, nsd_tolerance=nsd,
-                               lesion_structures=lesions)
+                               lesion_structures=lesions, ignore_label=ignore, scoring=scoring)
     pred = rio.load_labels(path)
     rio.check_same_grid(pred.geometry, label.geometry, case)
     tree = options.regions
@@ -672,7 +733,7 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
     return ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing,
                              classes if tree is None else (classes or list(tree.names)), case=case,
                              ignore_empty=args.ignore_empty, structures=structures, nsd_tolerance=nsd,
-                             lesion_structures=lesions or ())
+                             lesion_structures=lesions or (), ignore_label=ignore, **scoring)
 
 
 def _part_suffix(part: tuple[int, int] | None) -> str:
@@ -695,7 +756,7 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
     try:
         written.append(ev.write_csv(results, current, protected=protected, class_names=names))
         if part is None:
-            table = ev.summarize(results)
+            table = ev.summarize(results, aggregation=settings.get("aggregation") or "default")
             print(ev.format_table(table, class_names=names))
             current = outdir / "summary.csv"
             written.append(ev.write_summary_csv(table, current, protected=protected, class_names=names))
@@ -726,6 +787,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.nsd_tolerance) and args.nsd_tolerance >= 0):
         raise UsageError(f"--nsd-tolerance must be a finite number of mm >= 0 (0 leaves NSD out), got "
                          f"{args.nsd_tolerance}")
+    _check_scoring(args, options)
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
@@ -752,16 +814,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _remove_if_empty(outdir, created)
 
 
+def _check_scoring(args: argparse.Namespace, options: RankSEGOptions) -> None:
+    """The scoring options of evaluate, before any case."""
+    if args.aggregation == "nnunet" and args.ignore_empty:
+        raise UsageError("--ignore-empty and --aggregation nnunet both say how empty structures score: pick one "
+                         "(nnunet: NaN only when both masks are empty)")
+    size = args.lesion_min_size
+    if size is not None and not (math.isfinite(size) and size >= 0):
+        raise UsageError(f"--lesion-min-size must be a finite number >= 0, got {size}")
+    if args.lesion_dilation is not None:
+        if args.lesion_wise_style != "brats2023":
+            raise UsageError("--lesion-dilation applies to --lesion-wise-style brats2023 only")
+        if args.lesion_dilation < 0:
+            raise UsageError(f"--lesion-dilation must be >= 0, got {args.lesion_dilation}")
+    if args.lesion_wise is None:
+        return
+    tree = options.regions
+    for name in args.lesion_wise:
+        if tree is not None:
+            if name not in tree.names:
+                raise UsageError(f"--lesion-wise {name}: not one of the regions ({', '.join(tree.names)})")
+        elif not name.isdigit() or int(name) < 1:
+            raise UsageError(f"--lesion-wise {name}: name a foreground label value (1, 2, ...) to score, or give "
+                             "--regions to score regions by name")
+        elif args.classes is not None and int(name) not in args.classes:
+            raise UsageError(f"--lesion-wise {name}: not among --classes {' '.join(map(str, args.classes))}")
+
+
 def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
                    cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
                    protected: Sequence[Path]) -> int:
+    from . import evaluation as ev
+
     with _open_outdir(outdir, settings, "evaluate"):
         classes = args.classes
-        if args.pred and classes is None:  # one class list for every case: the values present anywhere
+        ignore = _ignore_label(args)
+        if args.pred and classes is None and options.regions is None:  # one class list for all: the values anywhere
             found: set[int] = set()
             for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
                 try:
-                    found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0}
+                    found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0 and v != ignore}
                 except Exception:
                     pass  # reported with its case below
             classes = sorted(found) or [1]
@@ -771,6 +863,8 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             case = rio.case_name(path)
             try:
                 results.append(_evaluate_case(path, labels, args, options, classes))
+            except ev.ClassesError as exc:  # the same for every case: a usage error
+                raise UsageError(f"--classes {' '.join(map(str, classes or []))}: {exc}") from None
             except Exception as exc:  # one bad case never stops the others
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")

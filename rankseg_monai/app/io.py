@@ -167,7 +167,9 @@ class Geometry:
     def describe(self) -> str:
         spacing = ", ".join(f"{s:.4g}" for s in self.spacing)
         origin = ", ".join(f"{o:.4g}" for o in self.affine[:3, 3])
-        return f"shape {self.shape}, spacing ({spacing}) mm, RAS origin ({origin})"
+        axes = self.affine[:3, :3] / np.where(np.array(self.spacing) > 0, np.array(self.spacing), 1.0)
+        direction = ", ".join(f"{d:.4g}" for d in (axes.ravel() + 0.0))  # + 0.0: no "-0"
+        return f"shape {self.shape}, spacing ({spacing}) mm, RAS origin ({origin}), RAS direction ({direction})"
 
 
 @dataclass
@@ -963,15 +965,19 @@ class DatasetJson:
     """What an nnU-Net v2 ``dataset.json`` says about the labels.
 
     Attributes:
-        class_names: label value -> name (the ``labels`` entries holding one label, background included).
+        class_names: label value -> name (the ``labels`` entries holding one label, background included; not the
+            ``ignore`` label).
         regions: ``{name: [labels]}`` when the dataset is region-based (some entry of ``labels`` is a list, as nnU-Net
             decides it), else ``None``.
         regions_class_order: nnU-Net's ``regions_class_order`` (the label painted for each region), or ``None``.
+        ignore_label: nnU-Net's ``"ignore"`` label (voxels not annotated; it must be the largest label), or
+            ``None``.  nnU-Net leaves it out of the classes and its voxels out of every metric.
     """
 
     class_names: dict[int, str]
     regions: dict[str, list[int]] | None
     regions_class_order: list[int] | None
+    ignore_label: int | None = None
 
     @property
     def region_based(self) -> bool:
@@ -980,7 +986,9 @@ class DatasetJson:
 
 
 def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
-    """Read the ``labels`` (with region lists) and ``regions_class_order`` of an nnU-Net ``dataset.json``.
+    """Read the ``labels`` (with region lists and the ``ignore`` label) and ``regions_class_order`` of an nnU-Net
+    ``dataset.json`` (UTF-8, with or without a byte-order mark).  Labels follow one rule with ``--regions``
+    (:func:`rankseg_monai.solvers.regions.check_label`: integers in ``[0, 65535]``).
 
     Example:
         >>> import json, pathlib, tempfile
@@ -993,13 +1001,17 @@ def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
     """
     import json
 
+    from ..solvers.regions import check_label
+
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows editors write a byte-order mark
     except OSError as exc:
         raise VolumeError(f"{path}: cannot read the dataset.json ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VolumeError(f"{path}: not a JSON file ({exc}); pass nnU-Net's dataset.json") from None
+    except RecursionError:
+        raise VolumeError(f"{path}: nested too deeply to be a dataset.json; pass nnU-Net's dataset.json") from None
     labels = doc.get("labels") if isinstance(doc, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise VolumeError(f"{path}: no 'labels' mapping; nnU-Net v2's dataset.json has e.g. "
@@ -1007,17 +1019,33 @@ def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
 
     def as_labels(name: str, value: Any) -> list[int]:
         items = value if isinstance(value, list | tuple) else [value]
-        if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        if not items:
             raise VolumeError(f"{path}: label {name!r} must be an integer or a list of integers, got {value!r}")
-        return [int(v) for v in items]
+        try:
+            return [check_label(v, f"label {name!r}") for v in items]
+        except ValueError as exc:
+            raise VolumeError(f"{path}: {exc}") from None
 
     parsed = {str(k): as_labels(str(k), v) for k, v in labels.items()}
-    region_based = any(isinstance(v, list | tuple) and len(v) > 1 for v in labels.values())
+    ignore = parsed.pop("ignore", None)
+    if ignore is not None:
+        if len(ignore) != 1:
+            raise VolumeError(f"{path}: the ignore label must be one integer, got {labels['ignore']!r}")
+        others = [v for vals in parsed.values() for v in vals]
+        if others and ignore[0] <= max(others):
+            raise VolumeError(f"{path}: the ignore label {ignore[0]} must be the largest label (nnU-Net requires it; "
+                              f"the largest other label is {max(others)})")
+    region_based = any(isinstance(v, list | tuple) and len(v) > 1 for k, v in labels.items() if k != "ignore")
     class_names = {v[0]: k for k, v in parsed.items() if len(v) == 1}
     regions = {k: v for k, v in parsed.items() if v != [0]} if region_based else None
     order = doc.get("regions_class_order")
-    if order is not None and (not isinstance(order, list) or not all(isinstance(v, int) for v in order)):
-        raise VolumeError(f"{path}: regions_class_order must be a list of integers, got {order!r}")
+    if order is not None:
+        if not isinstance(order, list):
+            raise VolumeError(f"{path}: regions_class_order must be a list of integers, got {order!r}")
+        try:
+            order = [check_label(v, "regions_class_order") for v in order]
+        except ValueError as exc:
+            raise VolumeError(f"{path}: {exc}") from None
     if region_based and order is None:
         raise VolumeError(f"{path}: a region-based dataset.json needs regions_class_order (nnU-Net requires it too)")
-    return DatasetJson(class_names, regions, order)
+    return DatasetJson(class_names, regions, order, ignore[0] if ignore else None)
