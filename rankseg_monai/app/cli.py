@@ -120,7 +120,11 @@ def _add_decision_options(p: argparse.ArgumentParser) -> None:
 
 def _json_arg(text: str) -> Any:
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        if not isinstance(value, dict | list):
+            raise argparse.ArgumentTypeError(f"{text.strip()} is not a set of regions; give e.g. "
+                                             "'{\"liver\": [1, 2], \"tumour\": [2]}' or '[[1, 2], [2]]'")
+        return value
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"liver\": [1, 2], \"tumour\": [2]}}'") from None
     except RecursionError:
@@ -317,9 +321,6 @@ def _region_settings(args: argparse.Namespace) -> tuple[Any, Any, bool]:
         return dataset.regions, dataset.regions_class_order, True
     if args.regions is None and (args.regions_class_order is not None or args.region_probs):
         raise UsageError("--regions-class-order and --region-probs need --regions (or --dataset-json)")
-    if args.regions is not None and not isinstance(args.regions, dict | list):
-        raise UsageError(f"--regions {json.dumps(args.regions)}: give the regions as '{{\"liver\": [1, 2], "
-                         "\"tumour\": [2]}' or '[[1, 2], [2]]' (or leave --regions out)")
     return args.regions, args.regions_class_order, bool(args.region_probs)
 
 
@@ -330,6 +331,8 @@ def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> di
     if options is not None:
         settings["options"] = options.to_dict()
         settings["channels_last"] = args.channels_last
+        if options.regions is not None:  # the channels map to the regions in this order (settings compare sorted)
+            settings["region_order"] = list(options.regions.names)
     if args.command == "evaluate":
         settings.update(source="probs" if args.probs else "pred", classes=args.classes,
                         ignore_empty=args.ignore_empty, class_names=args.class_names,
