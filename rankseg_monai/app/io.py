@@ -50,6 +50,7 @@ import numpy as np
 
 from .._arrays import numpy_dtype
 from .._files import VolumeError, atomic_write, check_target, commit, discard, stage
+from ..activation import looks_like_probabilities
 from ..options import smallest_label_dtype
 from ..solvers._stream import CLAMP_TOLERANCE
 
@@ -802,11 +803,9 @@ def check_logits(values: np.ndarray, *, where: str, activation: str, sum_toleran
     probabilities (all within ``[0, 1]``, give or take a ``0.01`` overshoot): applying it again silently changes the
     decisions."""
     values = np.asarray(values)
-    if values.size == 0 or not np.all(np.isfinite(values)):
+    if not looks_like_probabilities(values):
         return
     lo, hi, lo_text, hi_text = _value_range(values)
-    if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
-        return
     near = "" if lo >= 0.0 and hi <= 1.0 else f" (give or take a {CLAMP_TOLERANCE:g} rounding overshoot)"
     what = f"every value lies in [0, 1]{near} (min {lo_text}, max {hi_text})"
     if values.shape[0] > 1:

@@ -143,7 +143,8 @@ def test_item9_region_usage_errors_before_any_case(class_cases, tmp_path, monkey
 def test_item9_dataset_json_follows_the_same_label_rule(class_cases, tmp_path, capsys, doc, match):
     folder, _ = class_cases
     (tmp_path / "ds.json").write_text(json.dumps(doc))
-    rc = main(["predict", str(folder), "-o", str(tmp_path / "o"), "--quiet", "--dataset-json", str(tmp_path / "ds.json")])
+    rc = main(["predict", str(folder), "-o", str(tmp_path / "o"), "--quiet", "--dataset-json",
+               str(tmp_path / "ds.json")])
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err, err
 
