@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._files import atomic_write, clean_temporaries, sha256_file
+from .._files import clean_temporaries, commit, discard, sha256_file, stage
 from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype, supported_solvers
 from ..solvers.pruning import AUTO_MODES
 from . import io as rio
@@ -743,44 +743,71 @@ def _part_suffix(part: tuple[int, int] | None) -> str:
     return "" if part is None else f".part-{part[0]}-of-{part[1]}"
 
 
+#: the files of a whole report (a part's are per_case.part-K-of-N.csv and evaluation.part-K-of-N.json)
+REPORT_FILES = ("per_case.csv", "summary.csv", "differences.png", "expected.png", REPORT_FILE)
+
+
 def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, Any], *, methods: Sequence[str],
                   cases: Sequence[str], failed: Mapping[str, str], part: tuple[int, int] | None,
-                  protected: Sequence[Path] = (), parts: Sequence[str] = ()) -> list[Path]:
+                  protected: Sequence[Path] = (), parts: Sequence[str] = (), extra: Mapping[str, Any] | None = None
+                  ) -> list[Path]:
     """The one place an evaluation report is written: the per-case CSV and, for a whole report (not a part), the
     summary CSV, the table on standard output and the plot; then ``evaluation[.part-K-of-N].json`` with the settings,
-    version, cases, failures and the SHA-256 of every file written.  An ``OSError`` becomes a :class:`UsageError`
-    (exit 2) naming the file."""
+    version, cases, failures, ``extra`` fields and the SHA-256 of every file written.
+
+    A report is replaced whole or not at all: every file is first written to a hidden temporary beside its place
+    (and read back); only when all are there is the old report's record removed, the files of the old report that
+    the new one does not have removed, and the new files moved into place, the record last.  An ``OSError`` leaves
+    the old report as it was and becomes a :class:`UsageError` (exit 2) naming the file."""
     from . import evaluation as ev
 
     names = _class_names(settings.get("class_names"))
     suffix = _part_suffix(part)
-    written: list[Path] = []
+    record_name = f"{Path(REPORT_FILE).stem}{suffix}.json"
+    staged: dict[str, Path] = {}
     current = outdir / f"per_case{suffix}.csv"
+
+    def put(name: str, write: Any) -> None:
+        nonlocal current
+        current = outdir / name
+        staged[name] = stage(current, lambda tmp: write(Path(tmp)))
+
     try:
-        written.append(ev.write_csv(results, current, protected=protected, class_names=names))
+        put(f"per_case{suffix}.csv", lambda tmp: ev.write_csv(results, tmp, protected=protected, class_names=names))
         if part is None:
             table = ev.summarize(results, aggregation=settings.get("aggregation") or "default")
             print(ev.format_table(table, class_names=names))
-            current = outdir / "summary.csv"
-            written.append(ev.write_summary_csv(table, current, protected=protected, class_names=names))
+            put("summary.csv", lambda tmp: ev.write_summary_csv(table, tmp, protected=protected, class_names=names))
             if "argmax" in methods and "rankseg" in methods:
-                current = outdir / "differences.png"
-                written.append(ev.plot_differences(results, current, protected=protected, class_names=names))
+                put("differences.png", lambda tmp: ev.plot_differences(results, tmp, protected=protected,
+                                                                       class_names=names))
             if "expected_dice" in results[0]["metrics"][methods[0]]:
-                current = outdir / "expected.png"
-                written.append(ev.plot_expected(results, current, protected=protected, class_names=names))
+                put("expected.png", lambda tmp: ev.plot_expected(results, tmp, protected=protected,
+                                                                 class_names=names))
         record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
                   "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
-                  "failed": dict(failed), "merged_from": list(parts),
-                  "files": {p.name: sha256_file(p) for p in written},
+                  "failed": dict(failed), "merged_from": list(parts), **dict(extra or {}),
+                  "files": {name: sha256_file(tmp) for name, tmp in staged.items()},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        current = outdir / f"{Path(REPORT_FILE).stem}{suffix}.json"
         text = json.dumps(record, indent=1) + "\n"
-        written.append(atomic_write(current, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
-                                    protected=protected))
+        put(record_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        old = REPORT_FILES if part is None else (f"per_case{suffix}.csv", record_name)
+        current = outdir / record_name
+        (outdir / record_name).unlink(missing_ok=True)  # from here on no record vouches for the old files
+        for name in old:
+            if name not in staged:
+                current = outdir / name
+                (outdir / name).unlink(missing_ok=True)
+        written = []
+        for name in [*(n for n in staged if n != record_name), record_name]:
+            current = outdir / name
+            written.append(commit(staged.pop(name), outdir / name))
     except OSError as exc:
         raise UsageError(f"cannot write {current}: {exc.strerror or exc}; free space or fix the folder, then run "
-                         "the same command again") from None
+                         "the same command again (an earlier report there is kept unless it was being replaced)"
+                         ) from None
+    finally:
+        discard(*staged.values())
     return written
 
 
