@@ -839,7 +839,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = run_settings(args, options)
     created = not outdir.exists()
     try:
-        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected)
+        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected,
+                              [rio.case_name(p) for p in all_cases])
     finally:
         _remove_if_empty(outdir, created)
 
@@ -873,7 +874,7 @@ def _check_scoring(args: argparse.Namespace, options: RankSEGOptions) -> None:
 
 def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
                    cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
-                   protected: Sequence[Path]) -> int:
+                   protected: Sequence[Path], all_cases: Sequence[str] = ()) -> int:
     from . import evaluation as ev
 
     with _open_outdir(outdir, settings, "evaluate"):
@@ -906,8 +907,16 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             _err("no case could be evaluated; no report written")
             return 1
         methods = list(results[0]["methods"])
+        extra = None
+        if part:  # what a merge checks: the whole case list, where the inputs were and what they held
+            done = {r["case"] for r in results}
+            extra = {"all_cases": list(all_cases),
+                     "sources": {"probs" if args.probs else "pred": str(Path(args.probs or args.pred).resolve()),
+                                 "labels": str(Path(args.labels).resolve())},
+                     "inputs": {rio.case_name(p): prov.hash_inputs([*_inputs_of(p), labels[rio.case_name(p)]])
+                                for p in cases if rio.case_name(p) in done}}
         written = _write_report(outdir, results, settings, methods=methods, cases=[r["case"] for r in results],
-                                failed=failed, part=part, protected=protected)
+                                failed=failed, part=part, protected=protected, extra=extra)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if part:
         print(f"part {part[0]} of {part[1]} done; when every part is done: rankseg-monai merge-reports {outdir}",
@@ -926,6 +935,47 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("record") != REPORT_KIND:
         raise UsageError(f"{path}: not a report record of rankseg-monai evaluate")
     return data
+
+
+def _part_record(path: Path) -> dict[str, Any]:
+    """A part's record with the fields a merge reads checked (a malformed one: a :class:`UsageError` naming it)."""
+    rec = _read_json(path)
+    shapes = (("settings", dict), ("methods", list), ("files", dict), ("cases", list), ("failed", dict),
+              ("all_cases", list), ("sources", dict), ("inputs", dict))
+    for key, kind in shapes:
+        value = rec.get(key)
+        if not isinstance(value, kind) or (key == "methods" and not value):
+            raise UsageError(f"{path}: malformed part record ({key} is {value!r}, expected a {kind.__name__}); it "
+                             "was not written by this version of rankseg-monai evaluate, or it was edited: run that "
+                             "part again")
+    if not all(isinstance(m, str) for m in rec["methods"]) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in rec["files"].items()):
+        raise UsageError(f"{path}: malformed part record (methods or files); run that part again")
+    return rec
+
+
+def _check_part_inputs(records: Sequence[Mapping[str, Any]], paths: Sequence[Path], n: int) -> None:
+    """Every part was made over the same case list and input folders, holds its own share of the cases, and its
+    inputs still hold what they held then (each input still there is hashed again)."""
+    first = records[0]
+    for k, rec in enumerate(records):
+        if rec["all_cases"] != first["all_cases"]:
+            gone = sorted(set(first["all_cases"]) ^ set(rec["all_cases"]))
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) was made over another case list than part 0 "
+                             f"(differing: {', '.join(map(str, gone[:5]))}); run every part over the same folders")
+        if rec["sources"] != first["sources"]:
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) was made from other input folders than part 0 "
+                             f"({rec['sources']} vs {first['sources']}); run every part with the same inputs")
+        share = sorted(first["all_cases"])[k::n]
+        if sorted([*rec["cases"], *rec["failed"]]) != share:
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) holds cases {rec['cases']} (failed: "
+                             f"{list(rec['failed'])}) but its share is {share}; run that part again")
+        for case, entries in rec["inputs"].items():
+            for entry in entries if isinstance(entries, list) else []:
+                path = Path(str(entry.get("path", ""))) if isinstance(entry, dict) else None
+                if path is not None and path.is_file() and sha256_file(path) != entry.get("sha256"):
+                    raise UsageError(f"part {k} of {n} ({paths[k].name}): the input {path} of case {case!r} changed "
+                                     "since that part ran (another model's output?); run that part again")
 
 
 def cmd_merge_reports(args: argparse.Namespace) -> int:
@@ -953,13 +1003,14 @@ def cmd_merge_reports(args: argparse.Namespace) -> int:
         raise UsageError(f"part {k} of {n} is missing in {folder} (evaluation.part-{k}-of-{n}.json"
                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run evaluate --part-id {k} "
                          f"--num-parts {n} -o {folder}, then merge again")
-    records = [_read_json(found[(k, n)]) for k in range(n)]
+    records = [_part_record(found[(k, n)]) for k in range(n)]
     first = records[0]
     for k, rec in enumerate(records):
         for key in ("settings", "version", "methods"):
             if json.dumps(rec.get(key), sort_keys=True) != json.dumps(first.get(key), sort_keys=True):
                 raise UsageError(f"part {k} of {n} was made with other {key} than part 0 ({rec.get(key)!r} vs "
                                  f"{first.get(key)!r}); run every part with the same command")
+    _check_part_inputs(records, [found[(k, n)] for k in range(n)], n)
     results, failed, seen = [], {}, {}
     methods = list(first["methods"])
     for k, rec in enumerate(records):
