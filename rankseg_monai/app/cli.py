@@ -525,7 +525,13 @@ def _narrowest(num_classes: int, options: RankSEGOptions) -> Any:
 
 
 def _survey(run: _PredictRun, targets: Sequence[Path]) -> None:
-    """Refuse (unless --overwrite) a folder holding masks made with other settings or masks without a record."""
+    """Refuse (unless --overwrite) a folder holding masks made with other settings or masks without a record; refuse
+    always a mask or record path that is not a file (nothing could be written there)."""
+    for target in targets:
+        for path in (target, prov.record_path(target)):
+            if path.exists() and not path.is_file():
+                raise UsageError(f"{path} is a folder (or not a file): no mask or record can be written there; move "
+                                 "it away or choose another -o")
     other, foreign = [], []
     for rec in sorted(run.outdir.glob("*" + prov.RECORD_SUFFIX)):
         mask = rec.with_name(rec.name[: -len(prov.RECORD_SUFFIX)])
@@ -583,7 +589,10 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
     cases flagged for review."""
     rows, flagged = [], []
     for target in targets:
-        record = prov.read_record(target)
+        try:
+            record = prov.read_record(target)
+        except prov.RecordError:  # an unreadable record: its case failed or is redone next time
+            continue
         est = (record or {}).get(EXPECTED_KEY)
         if not est:
             continue
@@ -609,7 +618,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
 def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
     """Decide and write one case, or skip it; returns ``"written"``, ``"skipped"`` or ``"elsewhere"``."""
     case = rio.case_name(path)
-    with run.runs.claim(case) as mine:
+    with run.runs.claim(target.name) as mine:  # the mask file, format included: a run writing another format
+        # of the same case into the folder writes its own file
         if not mine:
             return "elsewhere"
         inputs = prov.hash_inputs(_inputs_of(path))
@@ -646,7 +656,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
     settings = run_settings(args, options)
     created = not outdir.exists()
-    runs = _open_outdir(outdir, settings, "predict")
+    try:
+        runs = _open_outdir(outdir, settings, "predict")
+    except UsageError:
+        _remove_if_empty(outdir, created)
+        raise
     with runs:
         run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
         _survey(run, targets)
