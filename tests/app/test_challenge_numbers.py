@@ -279,3 +279,18 @@ def test_item6_grid_errors_show_the_direction():
     msg = str(info.value)
     assert a.describe() != b.describe() and a.describe() in msg and b.describe() in msg
     assert "direction" in a.describe()
+
+
+def test_item5_ignore_label_with_probabilities():
+    from generators import make_case
+
+    probs, label, _ = make_case(seed=5, shape=(10, 9, 8))
+    label = label.copy()
+    label[:, :, 0] = 4  # not annotated
+    with pytest.raises(rio.VolumeError, match="outside the class range"):
+        ev.compare_case(probs, label, (1.0, 1.0, 1.0), estimate=False)
+    res = ev.compare_case(probs, label, (1.0, 1.0, 1.0), estimate=False, ignore_label=4, return_predictions=True)
+    keep = label != 4
+    for i, c in enumerate(res["classes"]):
+        pred = res["predictions"]["rankseg"] == c
+        assert res["metrics"]["rankseg"]["dice"][i] == pytest.approx(_dice(pred & keep, (label == c) & keep))
