@@ -90,6 +90,9 @@ def _as_label_set(value: Any, where: str) -> frozenset[int]:
     if value is None or isinstance(value, str | bytes | Mapping):
         raise ValueError(f"{where}: a region is a label or a list of labels (e.g. [1, 2]), got {value!r}")
     items = value if isinstance(value, Sequence) else [value]
+    if any(isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) for v in items):
+        raise ValueError(f"{where}: a region is a label or a list of labels, integers (e.g. [1, 2]; not 1.0, \"1\" "
+                         f"or true), got {value!r}")
     labels = [check_label(v, where) for v in items]
     if not labels:
         raise ValueError(f"{where}: a region needs at least one label")
