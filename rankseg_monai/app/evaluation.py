@@ -6,7 +6,13 @@ All metrics come from MONAI: ``monai.metrics.DiceMetric`` and ``HausdorffDistanc
 * Dice uses ``ignore_empty=False`` by default: a class absent from the truth scores 1 when the prediction is
   empty too and 0 otherwise (``ignore_empty=True`` gives NaN there, MONAI's default).
 * HD95 is NaN when the prediction or the truth is empty (MONAI's rule).  Means and medians skip NaN, so the
-  summary also *counts* them (``hd95_undefined_<method>``) and counts empty predictions (``empty_pred_<method>``).
+  summary also *counts* them (``hd95_undefined_<method>``, ``dice_/nsd_/lesion_dice_undefined_<method>``) and
+  counts empty predictions (``empty_pred_<method>``).
+* NSD is the published definition (MONAI ``use_subvoxels=True``; ``nsd_style="edge"``: MONAI's default) and 1 when
+  both masks are empty (Metrics Reloaded); the lesion-wise Dice is 1 with no lesion on either side (BraTS 2023).
+  ``aggregation="nnunet"`` makes Dice, NSD and lesion-wise Dice NaN when both masks are empty and the ``all`` row
+  the mean of the class means (``nnUNetv2_evaluate_folder``).  The table of ``docs/cli.md`` names the library
+  each number matches.
 * A single-channel probability volume is a foreground probability: argmax means ``p > 0.5`` and RankSEG runs in
   multilabel mode; the evaluated class is label ``1``.
 * **Differences are always candidate minus baseline (RankSEG minus argmax)**, for Dice and HD95 alike:
