@@ -909,7 +909,9 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             try:
                 results.append(_evaluate_case(path, labels, args, options, classes))
             except ev.ClassesError as exc:  # the same for every case: a usage error
-                raise UsageError(f"--classes {' '.join(map(str, classes or []))}: {exc}") from None
+                flag = (f"--classes {' '.join(map(str, classes or []))}" if exc.option == "classes" else
+                        f"--lesion-wise {' '.join(args.lesion_wise or [])}")
+                raise UsageError(f"{flag}: {exc}") from None
             except Exception as exc:  # one bad case never stops the others
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")

@@ -74,7 +74,12 @@ AGGREGATIONS = ("default", "nnunet")
 
 
 class ClassesError(ValueError):
-    """Classes asked for that the probabilities do not have (the same for every case: a usage error)."""
+    """Classes asked for that the probabilities do not have (the same for every case: a usage error); ``option``
+    names the argument (``"classes"`` or ``"lesion_structures"``)."""
+
+    def __init__(self, message: str, option: str = "classes") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def default_classes(num_classes: int) -> list[int]:
@@ -153,7 +158,8 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
         raise ValueError(f"{missing} are not among the structures {list(structures)}")
     stray = [c for c in lesion_structures if c not in classes]
     if stray:
-        raise ValueError(f"lesion-wise structures {stray} are not among the scored structures {classes}")
+        raise ClassesError(f"lesion-wise structures {stray} are not among the scored structures {classes}",
+                           "lesion_structures")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     nan_if_empty = aggregation == "nnunet"

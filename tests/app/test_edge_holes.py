@@ -165,6 +165,7 @@ def test_item9_deep_or_bom_dataset_json(class_cases, tmp_path, capsys):
     (["--regions", json.dumps(LITS), "--classes", "1"], "drop --classes"),
     (["--regions", json.dumps(LITS), "--output-mode", "multilabel"], "drop --output-mode multilabel"),
     (["--classes", "7"], "--classes 7"),
+    (["--lesion-wise", "5"], "--lesion-wise 5"),
 ])
 def test_item9_evaluate_usage_errors(eval_dirs, tmp_path, monkeypatch, capsys, extra, match):
     probs_dir, labels_dir = eval_dirs
