@@ -294,3 +294,11 @@ def test_item5_ignore_label_with_probabilities():
     for i, c in enumerate(res["classes"]):
         pred = res["predictions"]["rankseg"] == c
         assert res["metrics"]["rankseg"]["dice"][i] == pytest.approx(_dice(pred & keep, (label == c) & keep))
+
+
+def test_cli_choices_are_the_library_ones():
+    from rankseg_monai import metrics
+    from rankseg_monai.app import cli
+
+    assert cli.NSD_STYLES == metrics.NSD_STYLES and cli.LESION_STYLES == metrics.LESION_STYLES
+    assert cli.AGGREGATIONS == ev.AGGREGATIONS
