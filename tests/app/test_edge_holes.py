@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import shutil
 import struct
 import tracemalloc
@@ -401,3 +402,19 @@ def test_item15_real_nnunet_properties_still_load(tmp_path):
     props = rio.load_nnunet_properties(tmp_path / "a.pkl")
     np.testing.assert_array_equal(props["nibabel_stuff"]["original_affine"], np.diag([0.8, 0.8, 2, 1]))
     assert props["spacing"] and props["shape_before_cropping"]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_item15_every_pickle_protocol_of_plain_data_loads(tmp_path, protocol):
+    from collections import OrderedDict
+
+    obj = {"a": np.eye(4), "b": [1.5, (2, 3)], "c": OrderedDict(x=1), "s": {1, 2}, "f": np.float32(2.5),
+           "o": np.array([None, "x"], dtype=object), "raw": b"\x00\xff", "i": np.arange(1000, dtype=np.int16)}
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    out = rio.load_nnunet_properties(path)
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            assert out[key].dtype == value.dtype and np.array_equal(out[key], value)
+        else:
+            assert out[key] == value and type(out[key]) is type(value)
