@@ -586,7 +586,7 @@ def load_nnunet_properties(path: str | os.PathLike) -> dict:
                           f"{MAX_PROPERTIES_BYTES} bytes are read); is this the right file?")
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_PROPERTIES_BYTES + 1)
+            data = fh.read(size + 1)  # what stat said, plus one byte to see a file that grew since
         if len(data) > MAX_PROPERTIES_BYTES:
             raise VolumeError(f"{path}: more than {MAX_PROPERTIES_BYTES} bytes; is this the right file?")
         props = _SafeUnpickler(data).load()
