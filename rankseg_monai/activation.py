@@ -17,7 +17,8 @@ import torch
 
 from ._arrays import as_tensor
 
-__all__ = ["ACTIVATIONS", "check_temperature", "check_activation", "activate"]
+__all__ = ["ACTIVATIONS", "check_temperature", "check_activation", "activate", "looks_like_probabilities",
+           "check_logits"]
 
 ACTIVATIONS = ("softmax", "sigmoid")
 
@@ -104,3 +105,35 @@ def activate(logits: Any, mode: str, temperature: Any = None, bias: Any = None, 
     if bias is not None:
         z = z + _per_channel(bias if not isinstance(bias, Real) else float(bias), z, dim, "bias")
     return torch.softmax(z, dim=dim) if mode == "softmax" else torch.sigmoid(z)
+
+
+def looks_like_probabilities(values: Any) -> bool:
+    """Whether every value is finite and within ``[0, 1]``, give or take a ``0.01`` rounding overshoot: what logits
+    almost never are, and what a softmax/sigmoid must not be applied to again (it silently changes the decisions).
+    The one rule of :func:`check_logits` and the command line's ``--softmax``/``--sigmoid`` check.
+
+    >>> looks_like_probabilities(torch.tensor([0.2, 0.8])), looks_like_probabilities(np.array([-3.0, 2.5]))
+    (True, False)
+    """
+    from .solvers._stream import CLAMP_TOLERANCE
+
+    if isinstance(values, torch.Tensor):
+        if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+            return False
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        arr = np.asarray(values)
+        if arr.size == 0 or not bool(np.all(np.isfinite(arr))):
+            return False
+        lo, hi = float(arr.min()), float(arr.max())
+    return lo >= -CLAMP_TOLERANCE and hi <= 1.0 + CLAMP_TOLERANCE
+
+
+def check_logits(values: Any, mode: str) -> None:
+    """Raise a ``ValueError`` when ``mode`` (``"softmax"``/``"sigmoid"``) is about to be applied to values that
+    already look like probabilities (:func:`looks_like_probabilities`); pass ``force_activation=True`` to apply it
+    anyway (logits that happen to lie in ``[0, 1]``)."""
+    if looks_like_probabilities(values):
+        raise ValueError(f"{mode}=True was given, but every value lies in [0, 1]: these look like probabilities "
+                         f"already, and a {mode} over probabilities changes the masks; drop {mode}=True, or pass "
+                         "force_activation=True if these really are logits")

@@ -273,8 +273,9 @@ def expected_score(
         probs: probabilities ``(B, C, *spatial)`` (class probabilities, or region probabilities with
             ``region_probs``).
         pred: the decision: a label map ``(B, *spatial)`` (or ``(B, 1, *spatial)``; labels outside the classes,
-            e.g. a void label, belong to none) or masks ``(B, K, *spatial)`` with ``K = C`` (one per class), or ``K``
-            the number of regions.
+            e.g. a void label, belong to none; with one channel a 0/1 map whose 1 marks the channel's foreground, as
+            the single-channel decisions are written) or masks ``(B, K, *spatial)`` with ``K = C`` (one per class),
+            or ``K`` the number of regions.
         metric: ``"dice"`` or ``"iou"``.
         smooth: the metric's smoothing constant.
         regions, regions_class_order, region_probs: score the decision on regions (as :func:`rankseg`'s
@@ -328,14 +329,18 @@ def expected_score(
         q = source if opts.region_probs else _regions.region_probabilities(source, tree)
         if kind == "labels":
             labels = y.reshape(batch, -1).to(q.device).long()
-            nodes = _regions.nodes_from_labels(labels.clamp(min=0), tree, max(num_classes, tree.max_label + 1))
-            masks = _regions.region_masks(torch.where(labels >= 0, nodes, torch.zeros_like(nodes)), tree)
+            top = max(num_classes, tree.max_label + 1)
+            inside = (labels >= 0) & (labels < top)  # other labels (a void label) belong to no region
+            nodes = _regions.nodes_from_labels(torch.where(inside, labels, 0), tree, top)
+            masks = _regions.region_masks(torch.where(inside, nodes, torch.zeros_like(nodes)), tree)
         else:
             masks = y.reshape(batch, rows, -1).to(q.device) != 0
         stats = row_statistics(q, device=dev, chunk_size=opts.chunk_size, half=False)
         S, n = mask_sums(q, masks, device=dev, chunk_size=opts.chunk_size)
         rows_flat = q
     else:
+        if kind == "labels" and num_classes == 1:  # one channel: a 0/1 label map marks its foreground (as decide())
+            y, kind = (y == 1).unsqueeze(1), "masks"
         decision = y.reshape(batch, -1) if kind == "labels" else y.reshape(batch, num_classes, -1)
         S, n = mask_sums(flat, decision, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
         rows_flat = flat

@@ -7,12 +7,14 @@
 * :class:`ExpectedScoreMetric`: collects the label-free expected Dice/IoU estimates that ``RankSEGd(...,
   expected_score=True)`` attaches to each case (handler: :class:`rankseg_monai.handlers.ExpectedScore`);
 * :func:`surface_dice`: normalised surface Dice (NSD) of one binary mask at a tolerance in mm, through MONAI's
-  ``compute_surface_dice`` (Metrics Reloaded recommends it beside Dice);
-* :func:`lesion_wise`: lesion-wise detection and Dice (BraTS 2023 style) from connected components.
+  ``compute_surface_dice`` (the published definition by default; Metrics Reloaded recommends it beside Dice);
+* :func:`lesion_wise`: lesion-wise detection and Dice from connected components (plain, or the BraTS 2023
+  evaluation's dilation and volume threshold).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +28,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 __all__ = ["HausdorffDistance95Metric", "ExpectedScoreMetric", "surface_dice", "lesion_wise", "EMPTY_PRED",
-           "EMPTY_TRUTH"]
+           "EMPTY_TRUTH", "NSD_STYLES", "LESION_STYLES"]
 
 #: bit flags of the per-(case, class) empty codes stored by :class:`HausdorffDistance95Metric`
 EMPTY_PRED = 1
@@ -270,50 +272,85 @@ def _binary(mask: Any, name: str) -> np.ndarray:
     return arr
 
 
-def surface_dice(pred: Any, truth: Any, spacing: Sequence[float], tolerance_mm: float) -> float:
-    """Normalised surface Dice of two binary masks ``(*spatial)`` at ``tolerance_mm`` (MONAI's
-    ``compute_surface_dice``, euclidean distances in mm from ``spacing``): the fraction of both boundaries within the
-    tolerance of the other.  NaN when both masks are empty (MONAI's rule), 0 when only one is.
+#: NSD definitions of :func:`surface_dice`: the published one (Nikolov et al. 2021, DeepMind's surface-distance,
+#: MONAI ``use_subvoxels=True``) and MONAI's default (edge voxels)
+NSD_STYLES = ("subvoxel", "edge")
+#: lesion-wise definitions of :func:`lesion_wise`
+LESION_STYLES = ("plain", "brats2023")
+
+
+def surface_dice(pred: Any, truth: Any, spacing: Sequence[float], tolerance_mm: float, style: str = "subvoxel",
+                 empty_score: float = 1.0) -> float:
+    """Normalised surface Dice of two binary masks ``(*spatial)`` at ``tolerance_mm``: the fraction of both
+    boundaries within the tolerance of the other (euclidean distances in mm from ``spacing``), through MONAI's
+    ``compute_surface_dice``.
+
+    Args:
+        style: ``"subvoxel"`` (default): the published definition (Nikolov et al. 2021; DeepMind's
+            ``surface-distance``, which Metrics Reloaded and challenges use): surfaces weighted by their area, MONAI's
+            ``use_subvoxels=True``.  ``"edge"``: MONAI's default, counting boundary (edge) voxels; it differs from the
+            published value when the tolerance is below the slice spacing (by up to 0.29 on LiTS-like masks).
+        empty_score: the value when both masks are empty (default 1, Metrics Reloaded; ``nan`` as nnU-Net and
+            MONAI).  One empty mask scores 0.
 
     Example:
         >>> import numpy as np
         >>> from rankseg_monai.metrics import surface_dice
         >>> a = np.zeros((20, 20), bool); a[5:15, 5:15] = True
         >>> b = np.zeros((20, 20), bool); b[6:15, 5:15] = True      # one row short
-        >>> round(surface_dice(a, b, (1.0, 1.0), 1.0), 4), round(surface_dice(a, b, (1.0, 1.0), 0.5), 4)
+        >>> round(surface_dice(a, b, (1.0, 1.0), 1.0), 4), round(surface_dice(a, b, (1.0, 1.0), 0.5, "edge"), 4)
         (1.0, 0.7429)
     """
     from monai.metrics import compute_surface_dice
 
+    if style not in NSD_STYLES:
+        raise ValueError(f"NSD style {style!r}: use 'subvoxel' (the published definition) or 'edge' (MONAI's default)")
     p, t = _binary(pred, "pred"), _binary(truth, "truth")
     if p.shape != t.shape:
         raise ValueError(f"pred {p.shape} and truth {t.shape} differ: compare masks on the same grid")
     if len(spacing) != p.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match the {p.ndim}D masks")
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not (has_p and has_t):
+        return float(empty_score) if not (has_p or has_t) else 0.0
 
     def onehot(m: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(m)[None, None]
         return torch.cat([~x, x], 1).float()
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns on empty masks; the NaN / 0 it returns is the answer
+        warnings.simplefilter("ignore")
         value = compute_surface_dice(onehot(p), onehot(t), class_thresholds=[float(tolerance_mm)],
-                                     include_background=False, spacing=[float(v) for v in spacing])
+                                     include_background=False, spacing=[float(v) for v in spacing],
+                                     use_subvoxels=style == "subvoxel")
     return float(value[0, 0])
 
 
-def lesion_wise(pred: Any, truth: Any, min_size: int = 0, connectivity: int | None = None) -> dict[str, Any]:
-    """Lesion-wise counts and Dice of a binary prediction against a binary truth (BraTS 2023 style).
+def lesion_wise(pred: Any, truth: Any, min_size: float | None = None, connectivity: int | None = None, *,
+                style: str = "plain", spacing: Sequence[float] | None = None, dilation: int | None = None,
+                empty_score: float = 1.0) -> dict[str, Any]:
+    """Lesion-wise counts and Dice of a binary prediction against a binary truth.
 
     Lesions are the connected components of the truth (full connectivity by default: 26 neighbours in 3D), and
-    predicted components likewise.  A true lesion is *detected* when a predicted component overlaps it, and its
-    Dice is taken against the union of the predicted components that overlap it; a predicted component that
-    overlaps no true lesion is a *false positive* and counts as a Dice of 0.  Components smaller than
-    ``min_size`` voxels are ignored on both sides (BraTS uses 50 after a dilation; 0 keeps every voxel).
+    predicted components likewise.
+
+    * ``style="plain"``: a true lesion is *detected* when a predicted component overlaps it, and its Dice is taken
+      against the union of the predicted components that overlap it; a predicted component that overlaps no true
+      lesion is a *false positive* and counts as a Dice of 0.  Components smaller than ``min_size`` voxels (default
+      0) are ignored on both sides.
+    * ``style="brats2023"``: the BraTS 2023 lesion-wise evaluation (``rachitsaluja/BraTS-2023-Metrics``): the truth
+      is dilated ``dilation`` times (default 3) with the 18-neighbour structure and true lesions inside one dilated
+      component are merged into one; a predicted component is matched to a true lesion when it overlaps the
+      lesion's own dilation; true lesions of at most ``min_size`` mm^3 (default 50, voxels times the voxel volume
+      from ``spacing``) are left out of the score and the counts, and a predicted component matched to no lesion
+      (small ones included) is a false positive.
+
+    The lesion-wise Dice is the sum of the true lesions' Dice over the number of true lesions plus false positives;
+    ``empty_score`` (default 1, as the BraTS 2023 script) when there is neither (``nan``: undefined).
 
     Returns:
-        ``{"true": n true lesions, "detected": ..., "missed": ..., "false_positive": ..., "lesion_dice": mean over
-        true lesions and false positives (NaN when there is neither), "dice": the per-true-lesion Dice values}``.
+        ``{"true": n true lesions scored, "detected": ..., "missed": ..., "false_positive": ..., "lesion_dice":
+        ..., "dice": the per-true-lesion Dice values}``.
 
     Example:
         >>> import numpy as np
@@ -326,10 +363,18 @@ def lesion_wise(pred: Any, truth: Any, min_size: int = 0, connectivity: int | No
     """
     from scipy import ndimage
 
+    if style not in LESION_STYLES:
+        raise ValueError(f"lesion-wise style {style!r}: use 'plain' or 'brats2023'")
     p, t = _binary(pred, "pred"), _binary(truth, "truth")
     if p.shape != t.shape:
         raise ValueError(f"pred {p.shape} and truth {t.shape} differ: compare masks on the same grid")
     structure = ndimage.generate_binary_structure(p.ndim, p.ndim if connectivity is None else connectivity)
+    if style == "brats2023":
+        return _lesion_wise_brats(p, t, structure, 50.0 if min_size is None else float(min_size),
+                                  3 if dilation is None else int(dilation), spacing, empty_score)
+    if dilation:
+        raise ValueError("dilation applies to style='brats2023' only")
+    min_size = 0 if min_size is None else min_size
 
     def components(m: np.ndarray) -> tuple[np.ndarray, list[int]]:
         lab, n = ndimage.label(m, structure=structure)
@@ -348,8 +393,50 @@ def lesion_wise(pred: Any, truth: Any, min_size: int = 0, connectivity: int | No
         found = np.isin(p_lab, hits) if hits else np.zeros_like(lesion)
         dice.append(2.0 * float((lesion & found).sum()) / float(lesion.sum() + found.sum()))
     false_pos = [j for j in p_keep if j not in matched_pred and not (t[p_lab == j]).any()]
-    detected = sum(d > 0 for d in dice)
-    total = len(dice) + len(false_pos)
-    return {"true": len(t_keep), "detected": int(detected), "missed": int(len(t_keep) - detected),
-            "false_positive": len(false_pos), "lesion_dice": float(sum(dice) / total) if total else float("nan"),
-            "dice": dice}
+    return _lesion_result(dice, len(false_pos), empty_score)
+
+
+def _lesion_result(dice: list[float], false_positive: int, empty_score: float, detected: int | None = None
+                   ) -> dict[str, Any]:
+    detected = sum(d > 0 for d in dice) if detected is None else detected
+    total = len(dice) + false_positive
+    return {"true": len(dice), "detected": int(detected), "missed": int(len(dice) - detected),
+            "false_positive": int(false_positive),
+            "lesion_dice": float(sum(dice) / total) if total else float(empty_score), "dice": dice}
+
+
+def _lesion_wise_brats(p: np.ndarray, t: np.ndarray, structure: np.ndarray, min_volume: float, dilation: int,
+                       spacing: Sequence[float] | None, empty_score: float) -> dict[str, Any]:
+    """BraTS 2023's lesion-wise matching (see :func:`lesion_wise`)."""
+    from scipy import ndimage
+
+    if spacing is None:
+        raise ValueError("style='brats2023' needs spacing (its lesion volume threshold is in mm^3)")
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match the {p.ndim}D masks")
+    if dilation < 0 or not math.isfinite(min_volume) or min_volume < 0:
+        raise ValueError(f"dilation ({dilation}) and min_size ({min_volume} mm^3) must be >= 0")
+    voxel = float(np.prod([float(s) for s in spacing]))
+    grow = ndimage.generate_binary_structure(p.ndim, 2)  # the BraTS script's dilation structure (18 in 3D)
+
+    def dilate(m: np.ndarray) -> np.ndarray:
+        return ndimage.binary_dilation(m, structure=grow, iterations=dilation) if dilation else m
+
+    t_lab, _ = ndimage.label(t, structure=structure)
+    merged, n = ndimage.label(dilate(t), structure=structure)  # true lesions within one dilated blob are one
+    merged = np.where(t_lab > 0, merged, 0)
+    p_lab, _ = ndimage.label(p, structure=structure)
+    dice, matched, detected = [], set(), 0
+    for i in range(1, n + 1):
+        lesion = merged == i
+        if not lesion.any():
+            continue
+        hits = [j for j in np.unique(p_lab[dilate(lesion)]) if j > 0]
+        matched.update(hits)
+        if lesion.sum() * voxel <= min_volume:
+            continue  # too small to be scored; its matches are no false positives
+        detected += bool(hits)
+        found = np.isin(p_lab, hits) if hits else np.zeros_like(lesion)
+        dice.append(2.0 * float((lesion & found).sum()) / float(lesion.sum() + found.sum()))
+    false_pos = [j for j in np.unique(p_lab) if j > 0 and j not in matched]
+    return _lesion_result(dice, len(false_pos), empty_score, detected)

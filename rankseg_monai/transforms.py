@@ -26,7 +26,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep, issequenceiterable
 
 from ._arrays import as_tensor, numpy_dtype
-from .activation import activate
+from .activation import activate, check_logits
 from .functional import baseline_decision, decide, expected_score
 from .options import (
     DEFAULT_PRUNING_PROB,
@@ -120,8 +120,12 @@ class RankSEG(Transform):
         unassigned_policy: multiclass only; ``"max_score"`` gives voxels chosen by no class to the best class,
             ``"void"`` labels them ``void_index``.
         void_index: label of unassigned voxels with ``unassigned_policy="void"``; must lie outside ``[0, C)``.
-        softmax: apply ``softmax`` over the channels first (the input holds logits).
-        sigmoid: apply ``sigmoid`` per channel first (the input holds logits).  Not together with ``softmax``.
+        softmax: apply ``softmax`` over the channels first (the input holds logits).  An input whose values all lie in
+            ``[0, 1]`` (probabilities already) raises a ``ValueError``, as the command line's ``--softmax`` does.
+        sigmoid: apply ``sigmoid`` per channel first (the input holds logits; the same check).  Not together with
+            ``softmax``.
+        force_activation: apply ``softmax``/``sigmoid`` even to an input that looks like probabilities (logits that
+            happen to lie in ``[0, 1]``); default ``False``.
         temperature: divide the logits by this before ``softmax``/``sigmoid`` (temperature scaling); a positive
             scalar or one value per channel.  Requires ``softmax=True`` or ``sigmoid=True``.
         clamp: clip probabilities to ``[0, 1]`` before deciding.  Meant for the small overshoots that spline
@@ -202,7 +206,9 @@ class RankSEG(Transform):
         regions_class_order: Sequence[int] | None = None,
         region_probs: bool = False,
         expected_score: bool = False,
+        force_activation: bool = False,
     ) -> None:
+        self.force_activation = check_bool("force_activation", force_activation)
         self.options = RankSEGOptions(
             metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
             unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
@@ -298,7 +304,10 @@ class RankSEG(Transform):
         elif opts.output_mode == "multiclass" and num_channels > 1:
             check_label_capacity(out_dtype, *opts.label_bounds(num_channels), name="dtype")
         if opts.activation is not None:
-            x = activate(x, opts.activation, opts.temperature, dim=0)
+            activated = activate(x, opts.activation, opts.temperature, dim=0)  # checks the temperature first
+            if not self.force_activation:
+                check_logits(x, opts.activation)  # as the command line: no second activation over probabilities
+            x = activated
         out = decide(x.unsqueeze(0), opts)
         estimates = self._estimates(x, out, opts) if self.expected_score else None
         # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
@@ -403,6 +412,7 @@ class RankSEGd(MapTransform):
         region_probs: bool = False,
         expected_score: bool = False,
         allow_missing_keys: bool = False,
+        force_activation: bool = False,
     ) -> None:
         """
         Args:
@@ -412,6 +422,7 @@ class RankSEGd(MapTransform):
                 clamp, to_onehot, dtype, device, spatial_dims: see :py:class:`RankSEG`; each can also be a
                 sequence, one element per key.
             guard, regions, regions_class_order, region_probs: see :py:class:`RankSEG` (one value for all keys).
+            force_activation: see :py:class:`RankSEG` (one value, or one per key).
             expected_score: see :py:class:`RankSEG`; the estimates go to the keys ``<key>_expected_<metric>``
                 (RankSEG's decision) and ``<key>_expected_<metric>_argmax`` (the decision it replaces), float64
                 ``(C,)`` tensors (one per region with ``regions``), next to the decision.
@@ -441,6 +452,7 @@ class RankSEGd(MapTransform):
             "regions_class_order": (regions_class_order,) * n,
             "region_probs": (region_probs,) * n,
             "expected_score": (expected_score,) * n,
+            "force_activation": ensure_tuple_rep(force_activation, n),
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 

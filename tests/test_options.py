@@ -158,7 +158,7 @@ def test_construction_runs_no_solver(monkeypatch):
     RankSEGd(keys=["a", "b"], **kwargs)
     RankSEGHandler(keys="pred", **kwargs)
     with pytest.raises(AssertionError, match="a decision ran"):
-        t(torch.zeros(3, 4, 4))  # the patch is in effect where the transforms decide
+        t(torch.full((3, 4, 4), -1.0))  # the patch is in effect where the transforms decide (logits: not in [0, 1])
 
 
 # ------------------------------------------------------------------------------------------------ normalised

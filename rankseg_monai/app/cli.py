@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._files import atomic_write, clean_temporaries, sha256_file
+from .._files import clean_temporaries, commit, discard, sha256_file, stage
 from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype, supported_solvers
 from ..solvers.pruning import AUTO_MODES
 from . import io as rio
@@ -48,6 +48,11 @@ LEGACY_SETTINGS_FILE = "rankseg_predict.json"
 REPORT_FILE = "evaluation.json"
 REPORT_KIND = "rankseg-monai evaluation"
 SOLVER_CHOICES = ("rma", "ba", "trna", "ba+trna", "exact")
+#: choices of evaluate, spelled here so that the parser does not import MONAI (metrics.NSD_STYLES,
+#: metrics.LESION_STYLES, evaluation.AGGREGATIONS; a test keeps them equal)
+NSD_STYLES = ("subvoxel", "edge")
+LESION_STYLES = ("plain", "brats2023")
+AGGREGATIONS = ("default", "nnunet")
 
 
 class UsageError(Exception):
@@ -115,9 +120,16 @@ def _add_decision_options(p: argparse.ArgumentParser) -> None:
 
 def _json_arg(text: str) -> Any:
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        if not isinstance(value, dict | list):
+            raise argparse.ArgumentTypeError(f"{text.strip()} is not a set of regions; give e.g. "
+                                             "'{\"liver\": [1, 2], \"tumour\": [2]}' or '[[1, 2], [2]]'")
+        return value
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"liver\": [1, 2], \"tumour\": [2]}}'") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("nested too deeply; regions are e.g. '{\"liver\": [1, 2], \"tumour\": [2]}'"
+                                         ) from None
 
 
 def _add_part_options(p: argparse.ArgumentParser) -> None:
@@ -169,10 +181,26 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                     help="names of the label values 0, 1, 2, ... in order (background first), for the table and CSVs")
     ev.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
                     help="tolerance of the normalised surface Dice in mm (default 2; 0 leaves NSD out)")
+    ev.add_argument("--nsd-style", choices=NSD_STYLES, default="subvoxel",
+                    help="subvoxel (default): the published NSD (DeepMind surface-distance, MONAI use_subvoxels=True); "
+                         "edge: MONAI's default over edge voxels (column nsd_edge_<method>)")
+    ev.add_argument("--aggregation", choices=AGGREGATIONS, default="default",
+                    help="default: a structure empty in both masks scores Dice 1, NSD 1, lesion-wise Dice 1; nnunet: "
+                         "NaN there and means over the other cases, the 'all' row the mean of the class means "
+                         "(nnUNetv2_evaluate_folder's summary)")
     ev.add_argument("--lesion-wise", nargs="+", default=None, metavar="NAME",
                     help="score these classes (label values) or regions (names) lesion-wise as well: found, missed "
                          "and false-positive lesions, lesion-wise Dice (default: with regions, those inside another "
                          "region)")
+    ev.add_argument("--lesion-wise-style", choices=LESION_STYLES, default="plain",
+                    help="plain (default): connected components as they are; brats2023: the BraTS 2023 evaluation "
+                         "(truth dilated --lesion-dilation times to merge nearby lesions, lesions of at most "
+                         "--lesion-min-size mm^3 not scored)")
+    ev.add_argument("--lesion-min-size", type=float, default=None, metavar="SIZE",
+                    help="plain: ignore components smaller than SIZE voxels (default 0); brats2023: leave out true "
+                         "lesions of at most SIZE mm^3 (default 50)")
+    ev.add_argument("--lesion-dilation", type=int, default=None, metavar="N",
+                    help="brats2023: dilation iterations of the truth (default 3; BraTS-MEN and -MET use 1)")
     ev.add_argument("--ignore-empty", action="store_true",
                     help="Dice is NaN (not 1 or 0) for classes absent from the labels (MONAI's default)")
     ev.add_argument("--skip-failed", action="store_true",
@@ -241,13 +269,35 @@ def decision_options(args: argparse.Namespace) -> RankSEGOptions:
     regions, order, region_probs = _region_settings(args)
     if regions is not None and args.output_mode is None:
         mode = "multiclass"  # a label map, as nnU-Net writes for region models, also from sigmoids
+    if regions is not None and args.sigmoid and not region_probs:
+        raise UsageError("--sigmoid with --regions: regions on class probabilities take a softmax over the classes "
+                         "(--softmax); for one sigmoid logit per region add --region-probs")
+    if regions is not None and args.command == "evaluate":
+        if args.classes is not None:
+            raise UsageError("--classes picks label values; with --regions (or a region --dataset-json) every region "
+                             "is scored: drop --classes")
+        if mode == "multilabel":
+            raise UsageError("evaluate compares label maps: drop --output-mode multilabel (the regions of the label "
+                             "map are scored)")
     try:
-        return RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
-                              pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
-                              clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
-                              region_probs=region_probs)
+        options = RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
+                                 pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
+                                 clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
+                                 region_probs=region_probs)
     except (TypeError, ValueError) as exc:
-        raise UsageError(_cli_spelling(str(exc))) from None
+        raise UsageError(_cli_spelling(_region_spelling(str(exc)))) from None
+    tree = options.regions
+    if tree is not None and region_probs and mode == "multiclass" and any(v is None for v in tree.label_of_node()):
+        several = [n for n, own in zip(tree.names, tree.own) if len(own) > 1]
+        raise UsageError(f"regions {several} have several labels of their own: give --regions-class-order (the label "
+                         "painted for each region) to write a label map from region probabilities")
+    return options
+
+
+def _region_spelling(message: str) -> str:
+    """A region message in the command line's words."""
+    return message.replace("regions_class_order", "--regions-class-order").replace("region_probs=True",
+                                                                                 "--region-probs")
 
 
 def _dataset(args: argparse.Namespace) -> rio.DatasetJson | None:
@@ -281,16 +331,27 @@ def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> di
     if options is not None:
         settings["options"] = options.to_dict()
         settings["channels_last"] = args.channels_last
+        if options.regions is not None:  # the channels map to the regions in this order (settings compare sorted)
+            settings["region_order"] = list(options.regions.names)
     if args.command == "evaluate":
         settings.update(source="probs" if args.probs else "pred", classes=args.classes,
                         ignore_empty=args.ignore_empty, class_names=args.class_names,
-                        nsd_tolerance=args.nsd_tolerance or None, lesion_wise=args.lesion_wise)
+                        nsd_tolerance=args.nsd_tolerance or None, lesion_wise=args.lesion_wise,
+                        nsd_style=args.nsd_style, aggregation=args.aggregation,
+                        lesion_wise_style=args.lesion_wise_style, lesion_min_size=args.lesion_min_size,
+                        lesion_dilation=args.lesion_dilation, ignore_label=_ignore_label(args))
     return settings
 
 
 def _settings_key(settings: Mapping[str, Any]) -> str:
     text = json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _ignore_label(args: argparse.Namespace) -> int | None:
+    """nnU-Net's ignore label from --dataset-json (its voxels count in no metric)."""
+    dataset = _dataset(args)
+    return None if dataset is None else dataset.ignore_label
 
 
 def _names_from_dataset(args: argparse.Namespace) -> None:
@@ -464,7 +525,13 @@ def _narrowest(num_classes: int, options: RankSEGOptions) -> Any:
 
 
 def _survey(run: _PredictRun, targets: Sequence[Path]) -> None:
-    """Refuse (unless --overwrite) a folder holding masks made with other settings or masks without a record."""
+    """Refuse (unless --overwrite) a folder holding masks made with other settings or masks without a record; refuse
+    always a mask or record path that is not a file (nothing could be written there)."""
+    for target in targets:
+        for path in (target, prov.record_path(target)):
+            if path.exists() and not path.is_file():
+                raise UsageError(f"{path} is a folder (or not a file): no mask or record can be written there; move "
+                                 "it away or choose another -o")
     other, foreign = [], []
     for rec in sorted(run.outdir.glob("*" + prov.RECORD_SUFFIX)):
         mask = rec.with_name(rec.name[: -len(prov.RECORD_SUFFIX)])
@@ -522,7 +589,10 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
     cases flagged for review."""
     rows, flagged = [], []
     for target in targets:
-        record = prov.read_record(target)
+        try:
+            record = prov.read_record(target)
+        except prov.RecordError:  # an unreadable record: its case failed or is redone next time
+            continue
         est = (record or {}).get(EXPECTED_KEY)
         if not est:
             continue
@@ -548,7 +618,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
 def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
     """Decide and write one case, or skip it; returns ``"written"``, ``"skipped"`` or ``"elsewhere"``."""
     case = rio.case_name(path)
-    with run.runs.claim(case) as mine:
+    with run.runs.claim(target.name) as mine:  # the mask file, format included: a run writing another format
+        # of the same case into the folder writes its own file
         if not mine:
             return "elsewhere"
         inputs = prov.hash_inputs(_inputs_of(path))
@@ -585,7 +656,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
     settings = run_settings(args, options)
     created = not outdir.exists()
-    runs = _open_outdir(outdir, settings, "predict")
+    try:
+        runs = _open_outdir(outdir, settings, "predict")
+    except UsageError:
+        _remove_if_empty(outdir, created)
+        raise
     with runs:
         run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
         _survey(run, targets)
@@ -656,13 +731,16 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
     label = rio.load_labels(labels[case])
     nsd = args.nsd_tolerance or None
     lesions = None if args.lesion_wise is None else [int(v) if v.isdigit() else v for v in args.lesion_wise]
+    scoring = {"nsd_style": args.nsd_style, "aggregation": args.aggregation, "lesion_style": args.lesion_wise_style,
+               "lesion_min_size": args.lesion_min_size, "lesion_dilation": args.lesion_dilation}
+    ignore = _ignore_label(args)
     if args.probs:
         volume = _load(path, args, spatial_shape=label.labels.shape)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
         return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
                                ignore_empty=args.ignore_empty, options=options, nsd_tolerance=nsd,
-                               lesion_structures=lesions)
+                               lesion_structures=lesions, ignore_label=ignore, scoring=scoring)
     pred = rio.load_labels(path)
     rio.check_same_grid(pred.geometry, label.geometry, case)
     tree = options.regions
@@ -672,51 +750,78 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
     return ev.evaluate_masks({"pred": pred.labels}, label.labels, label.spacing,
                              classes if tree is None else (classes or list(tree.names)), case=case,
                              ignore_empty=args.ignore_empty, structures=structures, nsd_tolerance=nsd,
-                             lesion_structures=lesions or ())
+                             lesion_structures=lesions or (), ignore_label=ignore, **scoring)
 
 
 def _part_suffix(part: tuple[int, int] | None) -> str:
     return "" if part is None else f".part-{part[0]}-of-{part[1]}"
 
 
+#: the files of a whole report (a part's are per_case.part-K-of-N.csv and evaluation.part-K-of-N.json)
+REPORT_FILES = ("per_case.csv", "summary.csv", "differences.png", "expected.png", REPORT_FILE)
+
+
 def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, Any], *, methods: Sequence[str],
                   cases: Sequence[str], failed: Mapping[str, str], part: tuple[int, int] | None,
-                  protected: Sequence[Path] = (), parts: Sequence[str] = ()) -> list[Path]:
+                  protected: Sequence[Path] = (), parts: Sequence[str] = (), extra: Mapping[str, Any] | None = None
+                  ) -> list[Path]:
     """The one place an evaluation report is written: the per-case CSV and, for a whole report (not a part), the
     summary CSV, the table on standard output and the plot; then ``evaluation[.part-K-of-N].json`` with the settings,
-    version, cases, failures and the SHA-256 of every file written.  An ``OSError`` becomes a :class:`UsageError`
-    (exit 2) naming the file."""
+    version, cases, failures, ``extra`` fields and the SHA-256 of every file written.
+
+    A report is replaced whole or not at all: every file is first written to a hidden temporary beside its place
+    (and read back); only when all are there is the old report's record removed, the files of the old report that
+    the new one does not have removed, and the new files moved into place, the record last.  An ``OSError`` leaves
+    the old report as it was and becomes a :class:`UsageError` (exit 2) naming the file."""
     from . import evaluation as ev
 
     names = _class_names(settings.get("class_names"))
     suffix = _part_suffix(part)
-    written: list[Path] = []
+    record_name = f"{Path(REPORT_FILE).stem}{suffix}.json"
+    staged: dict[str, Path] = {}
     current = outdir / f"per_case{suffix}.csv"
+
+    def put(name: str, write: Any) -> None:
+        nonlocal current
+        current = outdir / name
+        staged[name] = stage(current, lambda tmp: write(Path(tmp)))
+
     try:
-        written.append(ev.write_csv(results, current, protected=protected, class_names=names))
+        put(f"per_case{suffix}.csv", lambda tmp: ev.write_csv(results, tmp, protected=protected, class_names=names))
         if part is None:
-            table = ev.summarize(results)
+            table = ev.summarize(results, aggregation=settings.get("aggregation") or "default")
             print(ev.format_table(table, class_names=names))
-            current = outdir / "summary.csv"
-            written.append(ev.write_summary_csv(table, current, protected=protected, class_names=names))
+            put("summary.csv", lambda tmp: ev.write_summary_csv(table, tmp, protected=protected, class_names=names))
             if "argmax" in methods and "rankseg" in methods:
-                current = outdir / "differences.png"
-                written.append(ev.plot_differences(results, current, protected=protected, class_names=names))
+                put("differences.png", lambda tmp: ev.plot_differences(results, tmp, protected=protected,
+                                                                       class_names=names))
             if "expected_dice" in results[0]["metrics"][methods[0]]:
-                current = outdir / "expected.png"
-                written.append(ev.plot_expected(results, current, protected=protected, class_names=names))
+                put("expected.png", lambda tmp: ev.plot_expected(results, tmp, protected=protected,
+                                                                 class_names=names))
         record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
                   "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
-                  "failed": dict(failed), "merged_from": list(parts),
-                  "files": {p.name: sha256_file(p) for p in written},
+                  "failed": dict(failed), "merged_from": list(parts), **dict(extra or {}),
+                  "files": {name: sha256_file(tmp) for name, tmp in staged.items()},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        current = outdir / f"{Path(REPORT_FILE).stem}{suffix}.json"
         text = json.dumps(record, indent=1) + "\n"
-        written.append(atomic_write(current, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
-                                    protected=protected))
+        put(record_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        old = REPORT_FILES if part is None else (f"per_case{suffix}.csv", record_name)
+        current = outdir / record_name
+        (outdir / record_name).unlink(missing_ok=True)  # from here on no record vouches for the old files
+        for name in old:
+            if name not in staged:
+                current = outdir / name
+                (outdir / name).unlink(missing_ok=True)
+        written = []
+        for name in [*(n for n in staged if n != record_name), record_name]:
+            current = outdir / name
+            written.append(commit(staged.pop(name), outdir / name))
     except OSError as exc:
         raise UsageError(f"cannot write {current}: {exc.strerror or exc}; free space or fix the folder, then run "
-                         "the same command again") from None
+                         "the same command again (an earlier report there is kept unless it was being replaced)"
+                         ) from None
+    finally:
+        discard(*staged.values())
     return written
 
 
@@ -726,6 +831,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.nsd_tolerance) and args.nsd_tolerance >= 0):
         raise UsageError(f"--nsd-tolerance must be a finite number of mm >= 0 (0 leaves NSD out), got "
                          f"{args.nsd_tolerance}")
+    _check_scoring(args, options)
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
@@ -747,21 +853,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = run_settings(args, options)
     created = not outdir.exists()
     try:
-        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected)
+        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected,
+                              [rio.case_name(p) for p in all_cases])
     finally:
         _remove_if_empty(outdir, created)
 
 
+def _check_scoring(args: argparse.Namespace, options: RankSEGOptions) -> None:
+    """The scoring options of evaluate, before any case."""
+    if args.aggregation == "nnunet" and args.ignore_empty:
+        raise UsageError("--ignore-empty and --aggregation nnunet both say how empty structures score: pick one "
+                         "(nnunet: NaN only when both masks are empty)")
+    size = args.lesion_min_size
+    if size is not None and not (math.isfinite(size) and size >= 0):
+        raise UsageError(f"--lesion-min-size must be a finite number >= 0, got {size}")
+    if args.lesion_dilation is not None:
+        if args.lesion_wise_style != "brats2023":
+            raise UsageError("--lesion-dilation applies to --lesion-wise-style brats2023 only")
+        if args.lesion_dilation < 0:
+            raise UsageError(f"--lesion-dilation must be >= 0, got {args.lesion_dilation}")
+    if args.lesion_wise is None:
+        return
+    tree = options.regions
+    for name in args.lesion_wise:
+        if tree is not None:
+            if name not in tree.names:
+                raise UsageError(f"--lesion-wise {name}: not one of the regions ({', '.join(tree.names)})")
+        elif not name.isdigit() or int(name) < 1:
+            raise UsageError(f"--lesion-wise {name}: name a foreground label value (1, 2, ...) to score, or give "
+                             "--regions to score regions by name")
+        elif args.classes is not None and int(name) not in args.classes:
+            raise UsageError(f"--lesion-wise {name}: not among --classes {' '.join(map(str, args.classes))}")
+
+
 def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
                    cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
-                   protected: Sequence[Path]) -> int:
+                   protected: Sequence[Path], all_cases: Sequence[str] = ()) -> int:
+    from . import evaluation as ev
+
     with _open_outdir(outdir, settings, "evaluate"):
         classes = args.classes
-        if args.pred and classes is None:  # one class list for every case: the values present anywhere
+        ignore = _ignore_label(args)
+        if args.pred and classes is None and options.regions is None:  # one class list for all: the values anywhere
             found: set[int] = set()
             for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
                 try:
-                    found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0}
+                    found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0 and v != ignore}
                 except Exception:
                     pass  # reported with its case below
             classes = sorted(found) or [1]
@@ -771,6 +908,10 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             case = rio.case_name(path)
             try:
                 results.append(_evaluate_case(path, labels, args, options, classes))
+            except ev.ClassesError as exc:  # the same for every case: a usage error
+                flag = (f"--classes {' '.join(map(str, classes or []))}" if exc.option == "classes" else
+                        f"--lesion-wise {' '.join(args.lesion_wise or [])}")
+                raise UsageError(f"{flag}: {exc}") from None
             except Exception as exc:  # one bad case never stops the others
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")
@@ -782,8 +923,16 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             _err("no case could be evaluated; no report written")
             return 1
         methods = list(results[0]["methods"])
+        extra = None
+        if part:  # what a merge checks: the whole case list, where the inputs were and what they held
+            done = {r["case"] for r in results}
+            extra = {"all_cases": list(all_cases),
+                     "sources": {"probs" if args.probs else "pred": str(Path(args.probs or args.pred).resolve()),
+                                 "labels": str(Path(args.labels).resolve())},
+                     "inputs": {rio.case_name(p): prov.hash_inputs([*_inputs_of(p), labels[rio.case_name(p)]])
+                                for p in cases if rio.case_name(p) in done}}
         written = _write_report(outdir, results, settings, methods=methods, cases=[r["case"] for r in results],
-                                failed=failed, part=part, protected=protected)
+                                failed=failed, part=part, protected=protected, extra=extra)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if part:
         print(f"part {part[0]} of {part[1]} done; when every part is done: rankseg-monai merge-reports {outdir}",
@@ -802,6 +951,47 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("record") != REPORT_KIND:
         raise UsageError(f"{path}: not a report record of rankseg-monai evaluate")
     return data
+
+
+def _part_record(path: Path) -> dict[str, Any]:
+    """A part's record with the fields a merge reads checked (a malformed one: a :class:`UsageError` naming it)."""
+    rec = _read_json(path)
+    shapes = (("settings", dict), ("methods", list), ("files", dict), ("cases", list), ("failed", dict),
+              ("all_cases", list), ("sources", dict), ("inputs", dict))
+    for key, kind in shapes:
+        value = rec.get(key)
+        if not isinstance(value, kind) or (key == "methods" and not value):
+            raise UsageError(f"{path}: malformed part record ({key} is {value!r}, expected a {kind.__name__}); it "
+                             "was not written by this version of rankseg-monai evaluate, or it was edited: run that "
+                             "part again")
+    if not all(isinstance(m, str) for m in rec["methods"]) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in rec["files"].items()):
+        raise UsageError(f"{path}: malformed part record (methods or files); run that part again")
+    return rec
+
+
+def _check_part_inputs(records: Sequence[Mapping[str, Any]], paths: Sequence[Path], n: int) -> None:
+    """Every part was made over the same case list and input folders, holds its own share of the cases, and its
+    inputs still hold what they held then (each input still there is hashed again)."""
+    first = records[0]
+    for k, rec in enumerate(records):
+        if rec["all_cases"] != first["all_cases"]:
+            gone = sorted(set(first["all_cases"]) ^ set(rec["all_cases"]))
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) was made over another case list than part 0 "
+                             f"(differing: {', '.join(map(str, gone[:5]))}); run every part over the same folders")
+        if rec["sources"] != first["sources"]:
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) was made from other input folders than part 0 "
+                             f"({rec['sources']} vs {first['sources']}); run every part with the same inputs")
+        share = sorted(first["all_cases"])[k::n]
+        if sorted([*rec["cases"], *rec["failed"]]) != share:
+            raise UsageError(f"part {k} of {n} ({paths[k].name}) holds cases {rec['cases']} (failed: "
+                             f"{list(rec['failed'])}) but its share is {share}; run that part again")
+        for case, entries in rec["inputs"].items():
+            for entry in entries if isinstance(entries, list) else []:
+                path = Path(str(entry.get("path", ""))) if isinstance(entry, dict) else None
+                if path is not None and path.is_file() and sha256_file(path) != entry.get("sha256"):
+                    raise UsageError(f"part {k} of {n} ({paths[k].name}): the input {path} of case {case!r} changed "
+                                     "since that part ran (another model's output?); run that part again")
 
 
 def cmd_merge_reports(args: argparse.Namespace) -> int:
@@ -829,13 +1019,14 @@ def cmd_merge_reports(args: argparse.Namespace) -> int:
         raise UsageError(f"part {k} of {n} is missing in {folder} (evaluation.part-{k}-of-{n}.json"
                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run evaluate --part-id {k} "
                          f"--num-parts {n} -o {folder}, then merge again")
-    records = [_read_json(found[(k, n)]) for k in range(n)]
+    records = [_part_record(found[(k, n)]) for k in range(n)]
     first = records[0]
     for k, rec in enumerate(records):
         for key in ("settings", "version", "methods"):
             if json.dumps(rec.get(key), sort_keys=True) != json.dumps(first.get(key), sort_keys=True):
                 raise UsageError(f"part {k} of {n} was made with other {key} than part 0 ({rec.get(key)!r} vs "
                                  f"{first.get(key)!r}); run every part with the same command")
+    _check_part_inputs(records, [found[(k, n)] for k in range(n)], n)
     results, failed, seen = [], {}, {}
     methods = list(first["methods"])
     for k, rec in enumerate(records):

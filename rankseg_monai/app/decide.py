@@ -14,7 +14,7 @@ from ..activation import activate
 from ..functional import decide as _decide_batch
 from ..functional import expected_score
 from ..options import RankSEGOptions, check_label_capacity, check_label_dtype
-from ..solvers.regions import labels_from_nodes, paint_nodes, region_masks
+from ..solvers.regions import labels_from_nodes, nodes_from_labels, paint_nodes, region_masks
 
 __all__ = ["METHODS", "decide", "activate_case", "estimate", "structure_names"]
 
@@ -36,7 +36,8 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
     Args:
         probs: probabilities ``(C, *spatial)`` (numpy).
         method: ``"rankseg"`` or ``"argmax"`` (``p > 0.5`` for a single channel or multilabel output; with region
-            probabilities nnU-Net's painting of ``q > 0.5`` in the order of the regions).
+            probabilities nnU-Net's painting of ``q > 0.5`` in the order of the regions; with regions on class
+            probabilities the argmax label map, as region masks for multilabel output).
         options: the RankSEG options (or give them as keywords, e.g. ``metric="iou"``; default
             ``RankSEGOptions()``).  ``options.output_mode="multilabel"`` gives one mask per channel.
         label_dtype: dtype of the label map (default: ``options.label_dtype``); it must hold every label, else a
@@ -73,6 +74,10 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
         if multilabel:
             return region_masks(nodes, tree).reshape(num_classes, *probs.shape[1:]).numpy()
         return labels_from_nodes(nodes, tree, None, dtype).reshape(probs.shape[1:]).numpy()
+    if method == "argmax" and tree is not None and multilabel:  # argmax of the classes, as region masks
+        labels = torch.from_numpy(np.argmax(probs, axis=0).reshape(1, -1))
+        nodes = nodes_from_labels(labels, tree, max(num_classes, tree.max_label + 1))
+        return region_masks(nodes, tree).reshape(len(tree), *probs.shape[1:]).numpy()
     if method == "argmax":
         if multilabel:
             masks = probs > 0.5

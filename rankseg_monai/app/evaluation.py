@@ -6,7 +6,13 @@ All metrics come from MONAI: ``monai.metrics.DiceMetric`` and ``HausdorffDistanc
 * Dice uses ``ignore_empty=False`` by default: a class absent from the truth scores 1 when the prediction is
   empty too and 0 otherwise (``ignore_empty=True`` gives NaN there, MONAI's default).
 * HD95 is NaN when the prediction or the truth is empty (MONAI's rule).  Means and medians skip NaN, so the
-  summary also *counts* them (``hd95_undefined_<method>``) and counts empty predictions (``empty_pred_<method>``).
+  summary also *counts* them (``hd95_undefined_<method>``, ``dice_/nsd_/lesion_dice_undefined_<method>``) and
+  counts empty predictions (``empty_pred_<method>``).
+* NSD is the published definition (MONAI ``use_subvoxels=True``; ``nsd_style="edge"``: MONAI's default) and 1 when
+  both masks are empty (Metrics Reloaded); the lesion-wise Dice is 1 with no lesion on either side (BraTS 2023).
+  ``aggregation="nnunet"`` makes Dice, NSD and lesion-wise Dice NaN when both masks are empty and the ``all`` row
+  the mean of the class means (``nnUNetv2_evaluate_folder``).  The table of ``docs/cli.md`` names the library
+  each number matches.
 * A single-channel probability volume is a foreground probability: argmax means ``p > 0.5`` and RankSEG runs in
   multilabel mode; the evaluated class is label ``1``.
 * **Differences are always candidate minus baseline (RankSEG minus argmax)**, for Dice and HD95 alike:
@@ -58,7 +64,22 @@ __all__ = [
     "plot_differences",
     "plot_expected",
     "OPTIONAL_METRICS",
+    "AGGREGATIONS",
+    "ClassesError",
 ]
+
+
+#: how structures empty in both masks are scored and averaged: see :func:`evaluate_masks` and :func:`summarize`
+AGGREGATIONS = ("default", "nnunet")
+
+
+class ClassesError(ValueError):
+    """Classes asked for that the probabilities do not have (the same for every case: a usage error); ``option``
+    names the argument (``"classes"`` or ``"lesion_structures"``)."""
+
+    def __init__(self, message: str, option: str = "classes") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def default_classes(num_classes: int) -> list[int]:
@@ -66,12 +87,13 @@ def default_classes(num_classes: int) -> list[int]:
     return [1] if num_classes == 1 else list(range(1, num_classes))
 
 
-def check_label_values(label: np.ndarray, num_classes: int, case: str = "") -> None:
+def check_label_values(label: np.ndarray, num_classes: int, case: str = "", ignore_label: int | None = None
+                       ) -> None:
     """Raise a :class:`VolumeError` unless the truth labels lie in ``[0, C)`` (``{0, 1}`` for one foreground
-    channel): a label file that does not belong to these probabilities."""
+    channel) or are the ``ignore_label``: a label file that does not belong to these probabilities."""
     top = max(num_classes, 2)
     values = np.unique(label)
-    bad = values[(values < 0) | (values >= top)]
+    bad = values[((values < 0) | (values >= top)) & (values != (-1 if ignore_label is None else ignore_label))]
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:10])
         raise VolumeError(
@@ -89,7 +111,9 @@ def _mask(label: np.ndarray, c: int) -> torch.Tensor:
 def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spacing: Sequence[float],
                    classes: Sequence[Any], *, case: str = "", ignore_empty: bool = False,
                    structures: Mapping[Any, Sequence[int]] | None = None, nsd_tolerance: float | None = None,
-                   lesion_structures: Sequence[Any] = ()) -> dict:
+                   lesion_structures: Sequence[Any] = (), nsd_style: str = "subvoxel", aggregation: str = "default",
+                   lesion_style: str = "plain", lesion_min_size: float | None = None,
+                   lesion_dilation: int | None = None, ignore_label: int | None = None) -> dict:
     """Dice and HD95 (mm) of each prediction, per class or per region, and on request NSD and lesion-wise counts.
 
     Args:
@@ -105,6 +129,15 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
             surface_dice`, MONAI's ``compute_surface_dice``).
         lesion_structures: structures also scored lesion-wise (:func:`rankseg_monai.metrics.lesion_wise`:
             found, missed and false-positive lesions, lesion-wise Dice).
+        nsd_style: ``"subvoxel"`` (the published NSD, key ``"nsd"``) or ``"edge"`` (MONAI's default, key
+            ``"nsd_edge"``).
+        aggregation: ``"default"``: a structure empty in both masks scores Dice 1, NSD 1 and lesion-wise Dice 1
+            (MONAI ``ignore_empty=False``, Metrics Reloaded, BraTS 2023); ``"nnunet"``: NaN for all three
+            (nnU-Net's ``compute_metrics``), so means run over the other cases.
+        lesion_style, lesion_min_size, lesion_dilation: :func:`rankseg_monai.metrics.lesion_wise`'s ``style``,
+            ``min_size`` and ``dilation``.
+        ignore_label: nnU-Net's ignore label: voxels holding it in the truth count in no metric (both masks are
+            background there).
 
     Returns:
         a *case result* ``{"case", "classes", "methods", "true_voxels", "metrics": {method: {"dice": [...],
@@ -123,6 +156,14 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
     missing = [c for c in classes if c not in structures]
     if missing:
         raise ValueError(f"{missing} are not among the structures {list(structures)}")
+    stray = [c for c in lesion_structures if c not in classes]
+    if stray:
+        raise ClassesError(f"lesion-wise structures {stray} are not among the scored structures {classes}",
+                           "lesion_structures")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    nan_if_empty = aggregation == "nnunet"
+    empty_score = math.nan if nan_if_empty else 1.0
     spacing = [float(s) for s in spacing]
     if len(spacing) != label.ndim:
         raise ValueError(f"spacing {spacing} does not match the {label.ndim}D label map")
@@ -132,18 +173,26 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
     lesions = set(lesion_structures)
     dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)
     hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-    keys = ["dice", "hd95", "pred_voxels"] + (["nsd"] if nsd_tolerance is not None else []) + (
+    nsd_key = "nsd" if nsd_style == "subvoxel" else "nsd_edge"
+    keep = None if ignore_label is None else label != ignore_label
+    keys = ["dice", "hd95", "pred_voxels"] + ([nsd_key] if nsd_tolerance is not None else []) + (
         ["lesion_dice", "lesions_found", "lesions_missed", "lesions_fp"] if lesions else [])
     metrics: dict[str, dict[str, list]] = {m: {k: [] for k in keys} for m in predictions}
     true_voxels = []
     for c in classes:
         truth = np.isin(label, structures[c])
+        if keep is not None:
+            truth &= keep
         y = torch.from_numpy(truth)[None, None].to(torch.float32)
         true_voxels.append(int(truth.sum()))
         for method, pred in predictions.items():
             mask = np.isin(np.asarray(pred), structures[c])
+            if keep is not None:
+                mask &= keep
             p = torch.from_numpy(mask)[None, None].to(torch.float32)
             dice = float(dice_metric(y_pred=p, y=y)[0, 0])
+            if nan_if_empty and true_voxels[-1] == 0 and not mask.any():
+                dice = math.nan  # nnU-Net: tp + fp + fn == 0
             with warnings.catch_warnings():  # MONAI warns on every empty mask; the NaN it returns is counted
                 warnings.simplefilter("ignore")
                 hd = float(hd_metric(y_pred=p, y=y, spacing=spacing)[0, 0])
@@ -154,9 +203,10 @@ def evaluate_masks(predictions: Mapping[str, np.ndarray], label: np.ndarray, spa
             out["hd95"].append(hd)
             out["pred_voxels"].append(int(mask.sum()))
             if nsd_tolerance is not None:
-                out["nsd"].append(surface_dice(mask, truth, spacing, nsd_tolerance))
+                out[nsd_key].append(surface_dice(mask, truth, spacing, nsd_tolerance, nsd_style, empty_score))
             if lesions:
-                lw = lesion_wise(mask, truth) if c in lesions else None
+                lw = lesion_wise(mask, truth, lesion_min_size, style=lesion_style, spacing=spacing,
+                                 dilation=lesion_dilation, empty_score=empty_score) if c in lesions else None
                 out["lesion_dice"].append(lw["lesion_dice"] if lw else math.nan)
                 for key, field_ in (("lesions_found", "detected"), ("lesions_missed", "missed"),
                                     ("lesions_fp", "false_positive")):
@@ -169,7 +219,8 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
                  *, case: str = "", methods: Sequence[str] = METHODS, ignore_empty: bool = False,
                  return_predictions: bool = False, options: RankSEGOptions | None = None, label_dtype: Any = None,
                  nsd_tolerance: float | None = None, lesion_structures: Sequence[Any] | None = None,
-                 estimate: bool = True, **option_kwargs: Any) -> dict:
+                 estimate: bool = True, ignore_label: int | None = None, scoring: Mapping[str, Any] | None = None,
+                 **option_kwargs: Any) -> dict:
     """Decide with each method and score the decisions against ``label``.
 
     Args:
@@ -190,6 +241,8 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
             regions that lie inside another one (tumours, enhancing tumour).
         estimate: also the label-free expected Dice of each decision (``expected_dice`` per method:
             :func:`rankseg_monai.functional.expected_score`), to compare with the actual Dice.
+        ignore_label: nnU-Net's ignore label: allowed in ``label`` besides ``[0, C)``, its voxels count in no metric.
+        scoring: more keywords of :func:`evaluate_masks` (``nsd_style``, ``aggregation``, ``lesion_style``, ...).
 
     Returns:
         the case result of :func:`evaluate_masks`.
@@ -211,7 +264,7 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
     structures = None
     if tree is not None:
         top = tree.max_label + 1 if options.region_probs else max(num_classes, tree.max_label + 1)
-        check_label_values(label, top, case)
+        check_label_values(label, top, case, ignore_label)
         structures = {name: sorted(labels) for name, labels in zip(tree.names, tree.labels)}
         classes = list(tree.names) if classes is None else list(classes)
         if lesion_structures is None:
@@ -219,11 +272,11 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
         if label_dtype is None:
             label_dtype = smallest_label_dtype(*options.label_bounds(num_classes))
     else:
-        check_label_values(label, num_classes, case)
+        check_label_values(label, num_classes, case, ignore_label)
         classes = default_classes(num_classes) if classes is None else [int(c) for c in classes]
         for c in classes:
             if not 0 <= c < max(num_classes, 2):
-                raise ValueError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
+                raise ClassesError(f"class {c} is outside [0, {max(num_classes, 2)}) for {num_classes}-channel "
                                  "probabilities")
         if label_dtype is None:
             label_dtype = smallest_label_dtype(*label_range(max(num_classes, 2), options.unassigned_policy,
@@ -231,7 +284,7 @@ def compare_case(probs: np.ndarray, label: np.ndarray, spacing: Sequence[float],
     predictions = {m: decide(probs, m, options, label_dtype=label_dtype) for m in methods}
     result = evaluate_masks(predictions, label, spacing, classes, case=case, ignore_empty=ignore_empty,
                             structures=structures, nsd_tolerance=nsd_tolerance,
-                            lesion_structures=lesion_structures or ())
+                            lesion_structures=lesion_structures or (), ignore_label=ignore_label, **dict(scoring or {}))
     if estimate and options.metric in ("dice", "iou"):
         for m, pred in predictions.items():
             result["metrics"][m]["expected_dice"] = _estimates(probs, pred, options, classes)
@@ -275,7 +328,8 @@ def case_rows(result: Mapping[str, Any], baseline: str = "argmax", candidate: st
 
 
 #: per-structure metrics a case result may hold besides Dice, HD95 and the mask size
-OPTIONAL_METRICS = ("nsd", "expected_dice", "lesion_dice", "lesions_found", "lesions_missed", "lesions_fp")
+OPTIONAL_METRICS = ("nsd", "nsd_edge", "expected_dice", "lesion_dice", "lesions_found", "lesions_missed",
+                    "lesions_fp")
 
 
 def nan_stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -311,15 +365,22 @@ def paired_stats(base: Sequence[float], cand: Sequence[float], higher_is_better:
 
 
 def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", candidate: str = "rankseg",
-              tie_tol: float = 1e-9) -> list[dict]:
-    """One row per class, then a pooled ``"all"`` row, over case results.
+              tie_tol: float = 1e-9, aggregation: str = "default") -> list[dict]:
+    """One row per class, then an ``"all"`` row, over case results.
 
     Columns: ``cases``, ``empty_truth``; per method ``dice_mean_/dice_median_/hd95_mean_/hd95_median_<m>`` (NaN
-    skipped), ``dice_n_/hd95_n_<m>`` (defined values), ``empty_pred_<m>``, ``hd95_undefined_<m>``; paired over
+    skipped), ``dice_n_/hd95_n_<m>`` (defined values), ``empty_pred_<m>``, ``dice_undefined_<m>`` and
+    ``hd95_undefined_<m>`` (NaN values, left out of the means; also ``<key>_undefined_<m>`` for NSD and the
+    lesion-wise Dice); paired over
     the cases where both are defined (:func:`paired_stats`): ``dice_mean_diff`` and ``hd95_mean_diff_mm``
     (candidate minus baseline), ``<metric>_wins/losses/ties`` (the candidate is better / worse / equal) and
     ``<metric>_paired_n``.
+
+    The ``"all"`` row pools every (case, structure) value; with ``aggregation="nnunet"`` its means are the means of
+    the structure rows' means instead (nnU-Net's ``foreground_mean``).
     """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     if not results:
         return []
     methods = list(results[0]["methods"])
@@ -342,11 +403,18 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
             row[f"hd95_mean_{m}"], row[f"hd95_median_{m}"], row[f"hd95_n_{m}"] = nan_stats(hd)
             row[f"empty_pred_{m}"] = sum(r["metrics"][m]["pred_voxels"][i] == 0 for r, i in items)
             row[f"hd95_undefined_{m}"] = int(sum(not math.isfinite(v) for v in hd))
+            row[f"dice_undefined_{m}"] = int(sum(not math.isfinite(v) for v in dice))
             extra = items[0][0]["metrics"][m] if items else {}
-            if "nsd" in extra:
-                row[f"nsd_mean_{m}"] = nan_stats([r["metrics"][m]["nsd"][i] for r, i in items])[0]
+            for nsd in ("nsd", "nsd_edge"):
+                if nsd in extra:
+                    vals = [r["metrics"][m][nsd][i] for r, i in items]
+                    row[f"{nsd}_mean_{m}"] = nan_stats(vals)[0]
+                    row[f"{nsd}_undefined_{m}"] = int(sum(not math.isfinite(v) for v in vals))
             if "lesion_dice" in extra:
-                row[f"lesion_dice_mean_{m}"] = nan_stats([r["metrics"][m]["lesion_dice"][i] for r, i in items])[0]
+                scored = [r["metrics"][m]["lesion_dice"][i] for r, i in items
+                          if math.isfinite(r["metrics"][m]["lesions_found"][i])]  # structures scored lesion-wise
+                row[f"lesion_dice_mean_{m}"] = nan_stats(scored)[0]
+                row[f"lesion_dice_undefined_{m}"] = int(sum(not math.isfinite(v) for v in scored))
                 for key in ("lesions_found", "lesions_missed", "lesions_fp"):
                     vals = [r["metrics"][m][key][i] for r, i in items]
                     row[f"{key}_{m}"] = int(sum(v for v in vals if math.isfinite(v))) if any(
@@ -367,6 +435,11 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str = "argmax", ca
                 row[f"{metric}_wins"], row[f"{metric}_losses"] = st["wins"], st["losses"]
                 row[f"{metric}_ties"], row[f"{metric}_paired_n"] = st["ties"], st["n"]
         table.append(row)
+    if aggregation == "nnunet" and len(table) > 1:  # nnU-Net's foreground_mean: the mean of the class means
+        means = ("dice_mean_", "hd95_mean_", "nsd_mean_", "nsd_edge_mean_", "lesion_dice_mean_")
+        for key in table[-1]:
+            if key.startswith(means):
+                table[-1][key] = nan_stats([r[key] for r in table[:-1]])[0]
     return table
 
 
@@ -422,11 +495,11 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     if paired:
         header += [f"HD95 diff mm ({candidate}-{baseline})", "W/L/T"]
     header += [f"empty {m}" for m in methods] + [f"HD95 NaN {m}" for m in methods]
-    nsd = f"nsd_mean_{methods[0]}" in table[0]
+    nsd = next((k for k in ("nsd", "nsd_edge") if f"{k}_mean_{methods[0]}" in table[0]), None)
     lesions = f"lesions_found_{methods[0]}" in table[0]
     expected = f"expected_mae_{methods[0]}" in table[0]
     if nsd:
-        header += [f"NSD {m}" for m in methods]
+        header += [f"{'NSD' if nsd == 'nsd' else 'NSD-edge'} {m}" for m in methods]
     if lesions:
         header += [f"lesions found/missed/FP {m}" for m in methods]
     if expected:
@@ -447,7 +520,7 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
         cells += [str(row[f"empty_pred_{m}"]) for m in methods]
         cells += [str(row[f"hd95_undefined_{m}"]) for m in methods]
         if nsd:
-            cells += [_fmt(row[f"nsd_mean_{m}"]) for m in methods]
+            cells += [_fmt(row[f"{nsd}_mean_{m}"]) for m in methods]
         if lesions:
             cells += ["-" if not math.isfinite(row[f"lesions_found_{m}"]) else
                       f"{row[f'lesions_found_{m}']}/{row[f'lesions_missed_{m}']}/{row[f'lesions_fp_{m}']}"
@@ -464,6 +537,11 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     if paired:
         note += (f" Paired over cases where both are defined: diff = {candidate} - {baseline} (Dice: > 0 is better; "
                  f"HD95: < 0 is better); W/L/T count cases where {candidate} is better/worse/equal.")
+    if nsd:
+        note += (" NSD: normalised surface Dice, the published definition (DeepMind surface-distance; MONAI "
+                 "compute_surface_dice(use_subvoxels=True))." if nsd == "nsd" else
+                 " NSD-edge: normalised surface Dice over edge voxels (MONAI compute_surface_dice's default), not the "
+                 "published definition.")
     if expected:
         note += (" est. Dice: the label-free expected Dice of each decision (mean), its mean absolute error against "
                  "the actual Dice and their correlation over cases (r): how far the estimate can be trusted here.")

@@ -50,6 +50,7 @@ import numpy as np
 
 from .._arrays import numpy_dtype
 from .._files import VolumeError, atomic_write, check_target, commit, discard, stage
+from ..activation import looks_like_probabilities
 from ..options import smallest_label_dtype
 from ..solvers._stream import CLAMP_TOLERANCE
 
@@ -167,7 +168,9 @@ class Geometry:
     def describe(self) -> str:
         spacing = ", ".join(f"{s:.4g}" for s in self.spacing)
         origin = ", ".join(f"{o:.4g}" for o in self.affine[:3, 3])
-        return f"shape {self.shape}, spacing ({spacing}) mm, RAS origin ({origin})"
+        axes = self.affine[:3, :3] / np.where(np.array(self.spacing) > 0, np.array(self.spacing), 1.0)
+        direction = ", ".join(f"{d:.4g}" for d in (axes.ravel() + 0.0))  # + 0.0: no "-0"
+        return f"shape {self.shape}, spacing ({spacing}) mm, RAS origin ({origin}), RAS direction ({direction})"
 
 
 @dataclass
@@ -456,18 +459,6 @@ def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None, n
     return (np.moveaxis(arr, -1, 0) if last else arr), last
 
 
-def _empty_only(reconstruct: Any) -> Any:
-    """numpy's ``_reconstruct`` limited to what ``ndarray.__reduce__`` pickles: an empty array that the pickle
-    then fills from its own bytes.  Any other shape would allocate memory that the file does not hold."""
-
-    def build(cls: Any, shape: Any, dtype: Any) -> Any:
-        if cls is not np.ndarray or tuple(shape) != (0,):
-            raise pickle.UnpicklingError(f"refusing to build an array of shape {shape!r} that the file does not hold")
-        return reconstruct(cls, shape, dtype)
-
-    return build
-
-
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as protocol 0-2 pickles use it for ``bytes`` (latin-1 only: no codec can expand)."""
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
@@ -475,14 +466,87 @@ def _latin1(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Plain Python containers and numpy arrays/scalars only, built from the file's own bytes: a ``.pkl`` from
-    elsewhere can neither run code nor make the reader allocate more memory than about the file's size (no
-    ``range``, no ``bytearray(n)``, no array of a shape the file does not hold; files over
-    :data:`MAX_PROPERTIES_BYTES` are refused)."""
+class _ArrayClass:
+    """What the unpickler gives for ``numpy.ndarray``: usable only as the class argument of ``_reconstruct``; calling
+    it (``ndarray((4e8,), 'O')``, 51 bytes for 3.2 GB) is refused."""
 
-    _NUMPY_NAMES = {"scalar", "_frombuffer", "ndarray", "dtype"}
-    _BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "slice", "complex"}
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray: arrays are built from the file's own bytes only")
+
+
+_ARRAY_CLASS = _ArrayClass()
+
+
+class _SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Plain Python containers and numpy arrays/scalars only, built from the file's own bytes: a ``.pkl`` from
+    elsewhere can neither run code nor make the reader allocate much more memory than the file's size.
+
+    * Python's own unpickler (its memo is a dict: a memo index of 2**28 costs one entry, not a 2**28-slot table);
+      the file is read into memory first (at most :data:`MAX_PROPERTIES_BYTES`), so no length in it can make a
+      read allocate more than the file;
+    * containers built by calls (``list(L)``, ``dict(d)``, ``tuple``, ``set``, ...) copy at most as many elements,
+      all calls together, as the file has bytes;
+    * ``numpy.ndarray`` is only the class argument of ``_reconstruct``, which builds an empty array, and the
+      array's state (shape and data) must be held by the file: ``len(data)`` bytes for plain dtypes, one object per
+      element for object arrays.
+    """
+
+    _NUMPY_NAMES = {"scalar", "_frombuffer", "dtype"}
+    _COPYING = {"tuple", "list", "dict", "set", "frozenset"}
+    _BUILTINS = {"slice", "complex"}
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, data: bytes) -> None:
+        import io as _io
+
+        super().__init__(_io.BytesIO(data))
+        self._budget = max(len(data), 4096)  # elements that copying calls may still build
+
+    def _spend(self, count: int, what: str) -> None:
+        self._budget -= count
+        if self._budget < 0:
+            raise pickle.UnpicklingError(f"refusing to build more by {what}() than the file holds")
+
+    def _copying(self, fn: Any, name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._spend(sum(len(a) if hasattr(a, "__len__") else 1 for a in (*args, *kwargs.values())) + 1, name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    @staticmethod
+    def _reconstruct(reconstruct: Any) -> Any:
+        def build(cls: Any, shape: Any, dtype: Any) -> Any:
+            if cls is not _ARRAY_CLASS or tuple(shape) != (0,):
+                raise pickle.UnpicklingError(f"refusing to build an array of shape {shape!r} that the file does not "
+                                             "hold")
+            return reconstruct(np.ndarray, shape, dtype)
+
+        return build
+
+    def load_build(self) -> None:
+        """``BUILD``: an array's state must be held by the file before numpy allocates it."""
+        state = self.stack[-1]
+        inst = self.stack[-2]
+        if isinstance(inst, np.ndarray):
+            if not isinstance(state, tuple) or len(state) not in (4, 5):
+                raise pickle.UnpicklingError("refusing an array state that numpy does not write")
+            shape, dtype, data = state[-4], state[-3], state[-1]
+            try:
+                count = int(np.prod([int(v) for v in shape], dtype=object))
+                dtype = np.dtype(dtype)
+            except (TypeError, ValueError) as exc:
+                raise pickle.UnpicklingError(f"refusing an array state ({exc})") from None
+            if dtype.hasobject:
+                held = isinstance(data, list) and len(data) == count
+            else:
+                held = isinstance(data, bytes | bytearray) and len(data) == count * dtype.itemsize
+            if not held:
+                raise pickle.UnpicklingError(f"refusing an array of shape {tuple(shape)} whose data the file does not "
+                                             "hold")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module  # protocol 0-2 spelling
@@ -490,13 +554,19 @@ class _SafeUnpickler(pickle.Unpickler):
             return _latin1
         numpy_module = module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
                                   "numpy._core.numeric")
+        if numpy_module and name == "ndarray":
+            return _ARRAY_CLASS
         if numpy_module and name == "_reconstruct":
-            return _empty_only(super().find_class(module, name))
+            return self._reconstruct(super().find_class(module, name))
+        if module in ("builtins", "collections") and (name in self._COPYING or (module, name) == ("collections",
+                                                                                                 "OrderedDict")):
+            if module == "collections" and name != "OrderedDict":
+                raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            return self._copying(super().find_class(module, name), name)
         allowed = (
             (numpy_module and name in self._NUMPY_NAMES)
             or (module == "numpy.dtypes" and name.endswith("DType"))
             or (module == "builtins" and name in self._BUILTINS)
-            or (module == "collections" and name == "OrderedDict")
         )
         if not allowed:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
@@ -504,7 +574,8 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def load_nnunet_properties(path: str | os.PathLike) -> dict:
-    """The properties dict nnU-Net v2 pickles next to ``<case>.npz`` (allow-list unpickler, bounded memory)."""
+    """The properties dict nnU-Net v2 pickles next to ``<case>.npz`` (allow-list unpickler whose memory is bounded
+    by the file's size, see :class:`_SafeUnpickler`)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: file not found; nnU-Net writes <case>.pkl next to <case>.npz with "
@@ -515,7 +586,12 @@ def load_nnunet_properties(path: str | os.PathLike) -> dict:
                           f"{MAX_PROPERTIES_BYTES} bytes are read); is this the right file?")
     try:
         with open(path, "rb") as fh:
-            props = _SafeUnpickler(fh).load()
+            data = fh.read(size + 1)  # what stat said, plus one byte to see a file that grew since
+        if len(data) > MAX_PROPERTIES_BYTES:
+            raise VolumeError(f"{path}: more than {MAX_PROPERTIES_BYTES} bytes; is this the right file?")
+        props = _SafeUnpickler(data).load()
+    except VolumeError:
+        raise
     except pickle.UnpicklingError as exc:
         raise VolumeError(f"{path}: not an nnU-Net properties file ({exc}); only containers and numpy arrays are "
                           "loaded") from exc
@@ -526,23 +602,59 @@ def load_nnunet_properties(path: str | os.PathLike) -> dict:
     return props
 
 
+def _show(value: Any) -> str:
+    """A bounded ``repr`` of a value read from a ``.pkl`` (nested references can make a full ``repr`` huge)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, 80, 80, 40
+    return r.repr(value)
+
+
+def _keys(mapping: Any) -> str:
+    return _show(sorted(map(_show, mapping)))
+
+
+def _numbers(value: Any, limit: int) -> bool:
+    """Whether ``value`` is a numpy array or nested lists/tuples of at most ``limit`` leaves and depth 3 (what a
+    vector or an affine is), checked without expanding shared references."""
+    if isinstance(value, np.ndarray):
+        return value.size <= limit
+    todo, leaves = [(value, 0)], 0
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, list | tuple):
+            if depth >= 3 or len(item) > limit:
+                return False
+            todo.extend((v, depth + 1) for v in item)
+        else:
+            leaves += 1
+            if leaves > limit:
+                return False
+    return True
+
+
 def _finite_vector(pkl: Path, where: str, value: Any, size: int, positive: bool = False) -> tuple[float, ...]:
-    try:
-        arr = np.asarray(value, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        arr = None
+    arr = None
+    if _numbers(value, size):
+        try:
+            arr = np.asarray(value, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            arr = None
     if arr is None or arr.size != size or not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
         kind = "positive finite numbers" if positive else "finite numbers"
-        raise VolumeError(f"{pkl}: {where} is {value!r}; expected {size} {kind} (nnU-Net writes them for every "
+        raise VolumeError(f"{pkl}: {where} is {_show(value)}; expected {size} {kind} (nnU-Net writes them for every "
                           "case): export the case again")
     return tuple(float(v) for v in arr)
 
 
 def _affine(pkl: Path, where: str, value: Any) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = np.zeros(0)
+    arr = np.zeros(0)
+    if _numbers(value, 16):
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = np.zeros(0)
     if arr.shape != (4, 4) or not np.all(np.isfinite(arr)) or abs(np.linalg.det(arr[:3, :3])) < 1e-12:
         raise VolumeError(f"{pkl}: {where} is not a finite, invertible 4x4 affine ({np.array2string(arr)[:200]}); "
                           "export the case again")
@@ -558,8 +670,8 @@ def _nnunet_geometry(props: dict, pkl: Path, arr: np.ndarray) -> tuple[np.ndarra
         s = props["sitk_stuff"]
         for key in ("spacing", "origin", "direction"):
             if key not in s:
-                raise VolumeError(f"{pkl}: sitk_stuff has no {key!r} (keys: {sorted(map(str, s))}); is this nnU-Net "
-                                  "v2 output?")
+                raise VolumeError(f"{pkl}: sitk_stuff has no {key!r} (keys: {_keys(s)}); is this nnU-Net v2 "
+                                  "output?")
         spacing = _finite_vector(pkl, "sitk_stuff['spacing']", s["spacing"], 3, positive=True)
         origin = _finite_vector(pkl, "sitk_stuff['origin']", s["origin"], 3)
         direction = _finite_vector(pkl, "sitk_stuff['direction']", s["direction"], 9)
@@ -567,8 +679,8 @@ def _nnunet_geometry(props: dict, pkl: Path, arr: np.ndarray) -> tuple[np.ndarra
     if isinstance(props.get("nibabel_stuff"), dict):
         s = props["nibabel_stuff"]
         if "original_affine" not in s:
-            raise VolumeError(f"{pkl}: nibabel_stuff has no 'original_affine' (keys: {sorted(map(str, s))}); is this "
-                              "nnU-Net v2 output?")
+            raise VolumeError(f"{pkl}: nibabel_stuff has no 'original_affine' (keys: {_keys(s)}); is this nnU-Net "
+                              "v2 output?")
         original = _affine(pkl, "nibabel_stuff['original_affine']", s["original_affine"])
         if "reoriented_affine" in s:  # NibabelIOWithReorient: the array is in the RAS-reoriented frame
             from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
@@ -588,7 +700,7 @@ def _nnunet_geometry(props: dict, pkl: Path, arr: np.ndarray) -> tuple[np.ndarra
             raise VolumeError(f"{pkl}: {key} is a {type(props[key]).__name__}, expected a dict; export the case "
                               "again")
     raise VolumeError(f"{pkl}: neither 'sitk_stuff' nor 'nibabel_stuff' in the properties (keys: "
-                      f"{sorted(map(str, props))}); is this nnU-Net v2 output?")
+                      f"{_keys(props)}); is this nnU-Net v2 output?")
 
 
 def _load_npz(path: Path, num_classes: int | None) -> ProbabilityVolume:
@@ -800,11 +912,9 @@ def check_logits(values: np.ndarray, *, where: str, activation: str, sum_toleran
     probabilities (all within ``[0, 1]``, give or take a ``0.01`` overshoot): applying it again silently changes the
     decisions."""
     values = np.asarray(values)
-    if values.size == 0 or not np.all(np.isfinite(values)):
+    if not looks_like_probabilities(values):
         return
     lo, hi, lo_text, hi_text = _value_range(values)
-    if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
-        return
     near = "" if lo >= 0.0 and hi <= 1.0 else f" (give or take a {CLAMP_TOLERANCE:g} rounding overshoot)"
     what = f"every value lies in [0, 1]{near} (min {lo_text}, max {hi_text})"
     if values.shape[0] > 1:
@@ -963,15 +1073,19 @@ class DatasetJson:
     """What an nnU-Net v2 ``dataset.json`` says about the labels.
 
     Attributes:
-        class_names: label value -> name (the ``labels`` entries holding one label, background included).
+        class_names: label value -> name (the ``labels`` entries holding one label, background included; not the
+            ``ignore`` label).
         regions: ``{name: [labels]}`` when the dataset is region-based (some entry of ``labels`` is a list, as nnU-Net
             decides it), else ``None``.
         regions_class_order: nnU-Net's ``regions_class_order`` (the label painted for each region), or ``None``.
+        ignore_label: nnU-Net's ``"ignore"`` label (voxels not annotated; it must be the largest label), or
+            ``None``.  nnU-Net leaves it out of the classes and its voxels out of every metric.
     """
 
     class_names: dict[int, str]
     regions: dict[str, list[int]] | None
     regions_class_order: list[int] | None
+    ignore_label: int | None = None
 
     @property
     def region_based(self) -> bool:
@@ -980,7 +1094,9 @@ class DatasetJson:
 
 
 def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
-    """Read the ``labels`` (with region lists) and ``regions_class_order`` of an nnU-Net ``dataset.json``.
+    """Read the ``labels`` (with region lists and the ``ignore`` label) and ``regions_class_order`` of an nnU-Net
+    ``dataset.json`` (UTF-8, with or without a byte-order mark).  Labels follow one rule with ``--regions``
+    (:func:`rankseg_monai.solvers.regions.check_label`: integers in ``[0, 65535]``).
 
     Example:
         >>> import json, pathlib, tempfile
@@ -993,13 +1109,17 @@ def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
     """
     import json
 
+    from ..solvers.regions import check_label
+
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows editors write a byte-order mark
     except OSError as exc:
         raise VolumeError(f"{path}: cannot read the dataset.json ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VolumeError(f"{path}: not a JSON file ({exc}); pass nnU-Net's dataset.json") from None
+    except RecursionError:
+        raise VolumeError(f"{path}: nested too deeply to be a dataset.json; pass nnU-Net's dataset.json") from None
     labels = doc.get("labels") if isinstance(doc, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise VolumeError(f"{path}: no 'labels' mapping; nnU-Net v2's dataset.json has e.g. "
@@ -1007,17 +1127,33 @@ def read_dataset_json(path: str | os.PathLike) -> DatasetJson:
 
     def as_labels(name: str, value: Any) -> list[int]:
         items = value if isinstance(value, list | tuple) else [value]
-        if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        if not items:
             raise VolumeError(f"{path}: label {name!r} must be an integer or a list of integers, got {value!r}")
-        return [int(v) for v in items]
+        try:
+            return [check_label(v, f"label {name!r}") for v in items]
+        except ValueError as exc:
+            raise VolumeError(f"{path}: {exc}") from None
 
     parsed = {str(k): as_labels(str(k), v) for k, v in labels.items()}
-    region_based = any(isinstance(v, list | tuple) and len(v) > 1 for v in labels.values())
+    ignore = parsed.pop("ignore", None)
+    if ignore is not None:
+        if len(ignore) != 1:
+            raise VolumeError(f"{path}: the ignore label must be one integer, got {labels['ignore']!r}")
+        others = [v for vals in parsed.values() for v in vals]
+        if others and ignore[0] <= max(others):
+            raise VolumeError(f"{path}: the ignore label {ignore[0]} must be the largest label (nnU-Net requires it; "
+                              f"the largest other label is {max(others)})")
+    region_based = any(isinstance(v, list | tuple) and len(v) > 1 for k, v in labels.items() if k != "ignore")
     class_names = {v[0]: k for k, v in parsed.items() if len(v) == 1}
     regions = {k: v for k, v in parsed.items() if v != [0]} if region_based else None
     order = doc.get("regions_class_order")
-    if order is not None and (not isinstance(order, list) or not all(isinstance(v, int) for v in order)):
-        raise VolumeError(f"{path}: regions_class_order must be a list of integers, got {order!r}")
+    if order is not None:
+        if not isinstance(order, list):
+            raise VolumeError(f"{path}: regions_class_order must be a list of integers, got {order!r}")
+        try:
+            order = [check_label(v, "regions_class_order") for v in order]
+        except ValueError as exc:
+            raise VolumeError(f"{path}: {exc}") from None
     if region_based and order is None:
         raise VolumeError(f"{path}: a region-based dataset.json needs regions_class_order (nnU-Net requires it too)")
-    return DatasetJson(class_names, regions, order)
+    return DatasetJson(class_names, regions, order, ignore[0] if ignore else None)

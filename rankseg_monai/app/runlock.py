@@ -8,7 +8,8 @@ even by ``kill -9``, so a lock never outlives its run.
 * ``.rankseg-active.lock``: held *shared* by every run writing into the folder for its whole life; a run that gets
   it *exclusively* is alone, records its settings in ``.rankseg-active.json`` and keeps it shared from then on;
   a run that finds it held reads that file: same settings, it joins; other settings, it is refused;
-* ``.<case>.rankseg-claim``: held exclusively while one run decides and writes that case; a run that finds a case
+* ``.<name>.rankseg-claim``: held exclusively while one run decides and writes that case (``predict`` claims the
+  mask file's name, so runs writing two formats of a case do not leave it to each other); a run that finds a case
   claimed leaves it to the run that holds it.
 
 Network file systems: NFS (v3 with lockd, v4) supports ``flock`` across machines on Linux; Lustre only when
@@ -155,6 +156,10 @@ class FolderRuns:
                         raise RunConflict(self._conflict_message(other)) from None
                 fcntl.flock(active, fcntl.LOCK_SH | fcntl.LOCK_NB)  # downgrade, or join the runs holding it
             except BaseException:
+                if self.alone:  # refused (e.g. a full disk) while alone: leave no lock file behind
+                    self.alone = False
+                    for name in (ACTIVE_FILE, ACTIVE_LOCK, LOCK_FILE):  # LOCK_FILE while held, as close() does
+                        _unlink(self.folder / name)
                 os.close(active)
                 raise
             self._active = active

@@ -40,10 +40,12 @@ and about two band passes (over the voxels that can move, when step 4 applies); 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._stream import RowStats, row_statistics
@@ -51,8 +53,8 @@ from .multiclass import argmax_labels
 from .objectives import dinkelbach_threshold, increment_score, rma_score
 from .rma import rma_thresholds
 
-__all__ = ["RegionTree", "region_probabilities", "solve_regions", "region_objective", "region_sums",
-           "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
+__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "solve_regions", "region_objective",
+           "region_sums", "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
 
 #: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
 MAX_SWEEPS = 20
@@ -64,14 +66,34 @@ JOINT_FRACTIONS = (0.0, 0.5, 0.9)
 _CHUNK = 1 << 20
 
 
+#: the largest label a region, ``regions_class_order`` or a dataset.json may hold (label tables are built up to it)
+MAX_LABEL = 2**16 - 1
+
+
+def check_label(value: Any, where: str) -> int:
+    """One label: an integer (Python or numpy; not a bool, a float such as ``1.0`` or a string) in
+    ``[0, MAX_LABEL]``.  The one rule for regions, ``regions_class_order`` and nnU-Net's dataset.json.
+
+    >>> check_label(2, "x")
+    2
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where}: labels must be integers (e.g. 1, not 1.0, \"1\" or true), got {value!r}")
+    label = int(value)
+    if not 0 <= label <= MAX_LABEL:
+        raise ValueError(f"{where}: label {label} is outside [0, {MAX_LABEL}]; label maps hold small non-negative "
+                         "integers")
+    return label
+
+
 def _as_label_set(value: Any, where: str) -> frozenset[int]:
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    try:
-        labels = [int(v) for v in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: a region is a label or a list of labels (e.g. [1, 2]), got {value!r}") from None
-    if any(isinstance(v, bool) for v in items) or any(float(v) != int(v) for v in items):
-        raise ValueError(f"{where}: labels must be integers, got {value!r}")
+    if value is None or isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"{where}: a region is a label or a list of labels (e.g. [1, 2]), got {value!r}")
+    items = value if isinstance(value, Sequence) else [value]
+    if any(isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) for v in items):
+        raise ValueError(f"{where}: a region is a label or a list of labels, integers (e.g. [1, 2]; not 1.0, \"1\" "
+                         f"or true), got {value!r}")
+    labels = [check_label(v, where) for v in items]
     if not labels:
         raise ValueError(f"{where}: a region needs at least one label")
     if min(labels) < 1:
@@ -115,6 +137,9 @@ class RegionTree:
             if regions_class_order is not None:
                 return cls.parse(dict(zip(regions.names, (sorted(s) for s in regions.labels))), regions_class_order)
             return regions
+        if regions is None or isinstance(regions, str | bytes):
+            raise TypeError(f"regions must be a mapping {{name: labels}} or a list of label lists (nnU-Net's "
+                            f"dataset.json form, e.g. [[1, 2], [2]]), got {regions!r}")
         if isinstance(regions, Mapping):
             names = [str(k) for k in regions]
             sets = [_as_label_set(v, f"region {k!r}") for k, v in regions.items()]
@@ -161,7 +186,10 @@ class RegionTree:
             own.append(mine)
         paint = None
         if regions_class_order is not None:
-            order_labels = [int(v) for v in regions_class_order]
+            if isinstance(regions_class_order, str | bytes | Mapping) or not isinstance(regions_class_order,
+                                                                                      Sequence):
+                raise ValueError(f"regions_class_order must be a list of labels, got {regions_class_order!r}")
+            order_labels = [check_label(v, "regions_class_order") for v in regions_class_order]
             if len(order_labels) != len(sets):
                 raise ValueError(f"regions_class_order has {len(order_labels)} labels for {len(sets)} regions: give "
                                  "one label per region, in the order of the regions")
