@@ -27,6 +27,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from ._arrays import as_tensor, numpy_dtype
 from .activation import activate
+from .calibrator import apply_calibration, resolve_calibration
 from .functional import baseline_decision, decide, expected_score
 from .options import (
     DEFAULT_PRUNING_PROB,
@@ -155,6 +156,11 @@ class RankSEG(Transform):
             ``meta["argmax_expected_dice"]``, and in ``RankSEGd`` under the keys ``<key>_expected_dice`` and
             ``<key>_expected_dice_argmax``.  Two more passes over the probabilities.  See
             ``docs/expected_dice.md``.
+        calibration: a fitted calibration (``rankseg-monai calibrate``'s ``calibration.json``, its path, or a
+            :class:`rankseg_monai.calibrator.Calibration`): the probabilities (after ``softmax``/``sigmoid``) are
+            calibrated before RankSEG decides, the expected scores are those of the calibrated probabilities, and
+            the classes whose held-out report recommends argmax keep argmax.  Its classes/regions and kind must
+            match the input (a mismatch raises before any work).  See ``docs/calibration.md``.
 
     Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
     a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
@@ -202,12 +208,13 @@ class RankSEG(Transform):
         regions_class_order: Sequence[int] | None = None,
         region_probs: bool = False,
         expected_score: bool = False,
+        calibration: Any = None,
     ) -> None:
         self.options = RankSEGOptions(
             metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
             unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
             temperature=temperature, clamp=clamp, device=device, guard=guard, regions=regions,
-            regions_class_order=regions_class_order, region_probs=region_probs,
+            regions_class_order=regions_class_order, region_probs=region_probs, calibration=calibration,
         )
         self.to_onehot = _check_to_onehot(to_onehot, self.options.output_mode)
         self.dtype = _check_output_dtype(dtype)
@@ -299,6 +306,9 @@ class RankSEG(Transform):
             check_label_capacity(out_dtype, *opts.label_bounds(num_channels), name="dtype")
         if opts.activation is not None:
             x = activate(x, opts.activation, opts.temperature, dim=0)
+        if opts.calibration is not None:
+            opts.check_classes(num_channels)  # a mismatched calibration names the fix before any work
+            x = apply_calibration(x, opts.calibration, dim=0)
         out = decide(x.unsqueeze(0), opts)
         estimates = self._estimates(x, out, opts) if self.expected_score else None
         # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
@@ -402,6 +412,7 @@ class RankSEGd(MapTransform):
         regions_class_order: Sequence[int] | None = None,
         region_probs: bool = False,
         expected_score: bool = False,
+        calibration: Any = None,
         allow_missing_keys: bool = False,
     ) -> None:
         """
@@ -416,6 +427,7 @@ class RankSEGd(MapTransform):
                 (RankSEG's decision) and ``<key>_expected_<metric>_argmax`` (the decision it replaces), float64
                 ``(C,)`` tensors (one per region with ``regions``), next to the decision.
             temperature: see :py:class:`RankSEG` and the class docstring for per-key values.
+            calibration: see :py:class:`RankSEG` (one value for all keys, loaded once).
             allow_missing_keys: don't raise an exception if a key is missing.
         """
         super().__init__(keys, allow_missing_keys)
@@ -441,6 +453,7 @@ class RankSEGd(MapTransform):
             "regions_class_order": (regions_class_order,) * n,
             "region_probs": (region_probs,) * n,
             "expected_score": (expected_score,) * n,
+            "calibration": (resolve_calibration(calibration),) * n,
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 
