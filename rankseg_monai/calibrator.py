@@ -371,16 +371,14 @@ def apply_calibration(probs: Any, calibration: Any, dim: int = 0) -> torch.Tenso
     return out.reshape(x.shape)
 
 
-def case_fingerprint(probs: Any, expected_dice: Sequence[float], channels: Sequence[int],
+def case_fingerprint(structure_probs: Any, expected_dice: Sequence[float],
                      band: tuple[float, float] = (0.05, 0.95)) -> dict[str, list[float]]:
-    """Label-free statistics of one case, per channel in ``channels``: the expected volume ``sum(p)`` (voxels),
-    the share of uncertain voxels (``p`` strictly inside ``band``) and the expected Dice (given, one per channel
-    in ``channels``).  ``probs`` are the calibrated probabilities ``(C, *spatial)``."""
-    x, _ = as_tensor(probs, "probs")
+    """Label-free statistics of one case per structure: the expected volume ``sum(q)`` (voxels), the share of
+    uncertain voxels (``q`` strictly inside ``band``) and the expected Dice (given).  ``structure_probs``
+    ``(K, *spatial)`` holds the calibrated probability of each scored structure (a class, a region)."""
+    x, _ = as_tensor(structure_probs, "structure_probs")
     flat = x.reshape(x.shape[0], -1)
-    volume, uncertain = [], []
-    for c in channels:
-        row = flat[c]
-        volume.append(float(row.double().sum()))
-        uncertain.append(float(((row > band[0]) & (row < band[1])).double().mean()) if row.numel() else 0.0)
+    volume = [float(v) for v in flat.double().sum(1)]
+    inside = ((flat > band[0]) & (flat < band[1])).double()
+    uncertain = [float(v) for v in inside.mean(1)] if flat.shape[1] else [0.0] * flat.shape[0]
     return {"volume": volume, "uncertain": uncertain, "expected_dice": [float(v) for v in expected_dice]}
