@@ -248,7 +248,7 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
         keep = torch.zeros(batch, num_classes, dtype=torch.bool)
         keep[:, list(forced)] = True
         fallback_to_argmax(flat, out, keep, opts.output_mode if num_classes > 1 else "multilabel", device=device,
-                           chunk_size=chunk, clamp=clamp)
+                           chunk_size=chunk, clamp=clamp, keep_claims=True)
         info["calibration_argmax"] = keep
     return unflatten(out), info
 

@@ -161,6 +161,7 @@ def fallback_to_argmax(
     device: torch.device | None = None,
     chunk_size: int | None = None,
     clamp: bool = False,
+    keep_claims: bool = False,
 ) -> torch.Tensor:
     """Switch the classes where the bool ``fallback`` ``(B, C)`` is true back to argmax in RankSEG's decision
     ``out`` of ``flat`` ``(B, C, N)``, in place (one pass): the guard's rewrite, also used for the classes a
@@ -168,7 +169,9 @@ def fallback_to_argmax(
 
     Multilabel: a switched class gets ``p > 0.5``.  Multiclass: a switched class ``c`` takes argmax's labels on
     every voxel that RankSEG or argmax gives to ``c`` (other voxels keep RankSEG's labels), so its mask equals
-    argmax's; void labels never switch.
+    argmax's; void labels never switch.  With ``keep_claims`` (a calibration's recommendation) a voxel that RankSEG
+    gives to a foreground class (label ``> 0``) that is not switched keeps that label: switching the organ to argmax
+    then does not take back the voxels RankSEG gave to the lesion inside it.
     """
     device = flat.device if device is None else torch.device(device)
     fallback = fallback.to(device)
@@ -180,7 +183,10 @@ def fallback_to_argmax(
             valid = (d >= 0) & (d < num_classes)
             rs_switched = torch.gather(fallback, 1, d.long().clamp(0, num_classes - 1)) & valid
             am_switched = torch.gather(fallback, 1, a)
-            patched = torch.where(rs_switched | am_switched, a.to(d.dtype), d)
+            touched = rs_switched | am_switched
+            if keep_claims:
+                touched &= ~(valid & (d > 0) & ~rs_switched)
+            patched = torch.where(touched, a.to(d.dtype), d)
             out[:, start:stop] = patched.to(out.device)
         else:
             d = out[..., start:stop].to(device)

@@ -131,17 +131,25 @@ def test_mismatches_are_refused_before_any_work():
 
 
 def test_recommended_argmax_class_keeps_argmax_the_others_rankseg():
-    """A class whose held-out report recommends argmax gets argmax's mask; the others RankSEG's (guard rewrite)."""
+    """A class whose held-out report recommends argmax gets argmax's mask, less what RankSEG gives to the classes it
+    still decides (the guard's rewrite, keeping their claims)."""
     g = torch.Generator().manual_seed(4)
-    p = torch.softmax(0.7 * torch.randn(1, 3, 20, 20, generator=g), 1)
+    noise = torch.softmax(0.7 * torch.randn(3, 200, generator=g), 0)
+    p = torch.cat([noise, torch.tensor([[0.03, 0.95, 0.02]]).T.expand(3, 200),  # an organ (class 1)
+                   torch.tensor([[0.05, 0.05, 0.9]]).T.expand(3, 20),  # a lesion (class 2) in it
+                   torch.tensor([[0.05, 0.5, 0.45]]).T.expand(3, 20)], 1)[None]  # its rim: argmax says organ
     plain = decide(p, RankSEGOptions())
     assert not torch.equal(plain == 1, p.argmax(1) == 1)  # RankSEG changes class 1 here
     cal = _softmax_cal([1.0], recommendation=["rankseg", "argmax", "rankseg"])
     out, info = decide(p, RankSEGOptions(calibration=cal), return_info=True)
-    assert torch.equal(out == 1, p.argmax(1) == 1)
+    am = p.argmax(1)
+    # class 1 takes argmax's labels wherever RankSEG or argmax gives it class 1, except where RankSEG gives the voxel
+    # to class 2 (still decided by RankSEG): its claims are kept
+    touched = ((plain == 1) | (am == 1)) & (plain != 2)
+    assert torch.equal(out, torch.where(touched, am, plain))
+    assert bool(((am == 1) & (plain == 2)).any())  # the case the rule is about occurs here
+    assert torch.equal(out == 1, (am == 1) & (plain != 2))
     assert info["calibration_argmax"].tolist() == [[False, True, False]]
-    untouched = (plain != 1) & (p.argmax(1) != 1)
-    assert torch.equal(out[untouched], plain[untouched])
     ignored = RankSEGOptions(calibration=cal.without_recommendation())
     assert torch.equal(decide(p, ignored), plain)
 

@@ -253,13 +253,15 @@ def test_predict_follows_the_recommendation_unless_told_otherwise(small, tmp_pat
     p = rio.load_probabilities(probs / "case0.nii.gz").probabilities
     plain = decide(torch.from_numpy(p)[None], RankSEGOptions())[0].numpy()
     argmax = p.argmax(0)
-    for extra, want_class1 in (([], argmax == 1), (["--ignore-recommendation"], plain == 1)):
+    followed = np.where(((plain == 1) | (argmax == 1)) & (plain != 2), argmax, plain)
+    for extra, want in (([], followed), (["--ignore-recommendation"], plain)):
         out = tmp_path / f"pred{len(extra)}"
         assert main(["predict", str(probs), "-o", str(out), "--calibration", str(path), "--quiet", *extra]) == 0
         from volume_files import nib
 
         mask = np.asarray(nib.load(str(out / "case0.nii.gz")).dataobj)
-        assert np.array_equal(mask == 1, want_class1)
+        assert np.array_equal(mask, want)
+    assert not np.array_equal(followed, plain)
 
 
 def test_fingerprint_flags_shifted_cases(tmp_path, capsys):
