@@ -282,3 +282,66 @@ def test_fingerprint_flags_shifted_cases(tmp_path, capsys):
     record = json.loads((pred / "shifted0.nii.gz.rankseg.json").read_text())
     assert record["calibration"]["outside"] and "expected volume" in " ".join(record["calibration"]["outside"])
     assert "review (2 case(s)" in err and "shifted0, shifted1" in err
+
+
+def test_regions_from_class_and_from_region_probabilities(tmp_path, capsys):
+    """LiTS-like regions: calibrate and predict with --regions on class probabilities (a softmax calibration, the
+    report per region, no per-region recommendation) and on region probabilities (one sigmoid per region)."""
+    regions = '{"liver": [1, 2], "tumour": [2]}'
+    probs, labels = _nifti_folder(tmp_path / "cls", 0.5, n=4)
+    out = tmp_path / "cal_cls"
+    assert main(["calibrate", "--probs", str(probs), "--labels", str(labels), "-o", str(out), "--folds", "2",
+                 "--regions", regions, "--quiet"]) == 0
+    cal = load_calibration(out / "calibration.json")
+    assert cal.input_kind == "class-probabilities" and cal.recommendation is None
+    assert abs(cal.temperature[0] / 0.5 - 1) < 0.05
+    assert [r["structure"] for r in csv.DictReader((out / "report.csv").open())] == ["liver", "tumour"]
+    assert cal.fingerprint["structures"] == ["liver", "tumour"]
+    assert main(["predict", str(probs), "-o", str(tmp_path / "p_cls"), "--regions", regions, "--calibration",
+                 str(out / "calibration.json"), "--quiet"]) == 0
+
+    # region probabilities: q_liver = p1 + p2, q_tumour = p2 of the same cases
+    import nibabel as nib
+
+    rp = tmp_path / "reg" / "probs"
+    rp.mkdir(parents=True)
+    for f in sorted(probs.iterdir()):
+        img = nib.load(str(f))
+        p = np.asarray(img.dataobj)  # (X, Y, Z, C)
+        q = np.stack([p[..., 1] + p[..., 2], p[..., 2]], -1).clip(0, 1)
+        nib.save(nib.Nifti1Image(q.astype(np.float32), img.affine), str(rp / f.name))
+    out2 = tmp_path / "cal_reg"
+    assert main(["calibrate", "--probs", str(rp), "--labels", str(labels), "-o", str(out2), "--folds", "2",
+                 "--regions", regions, "--region-probs", "--per-class", "--quiet"]) == 0
+    cal2 = load_calibration(out2 / "calibration.json")
+    assert cal2.input_kind == "region-probabilities" and cal2.channels == ("liver", "tumour")
+    assert cal2.method == "per-class-temperature" and len(cal2.temperature) == 2
+    assert main(["predict", str(rp), "-o", str(tmp_path / "p_reg"), "--regions", regions, "--region-probs",
+                 "--calibration", str(out2 / "calibration.json"), "--quiet", "--channels-last"]) == 0
+    capsys.readouterr()
+    # the same file with class probabilities (no --region-probs): refused before any case, nothing written
+    assert main(["predict", str(probs), "-o", str(tmp_path / "p_bad"), "--regions", regions, "--calibration",
+                 str(out2 / "calibration.json")]) == 2
+    assert "fitted on region-probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "p_bad").exists()
+
+
+def test_bundle_overlay_and_handler_take_a_calibration_file(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from rankseg_monai import RankSEGd, RankSEGHandler
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"format": "rankseg-monai/calibration", "version": 1, "method": "temperature",
+                                "input_kind": "class-probabilities", "temperature": [0.5], "channels": [0, 1, 2]}))
+    overlay = Path(__file__).resolve().parents[2] / "bundle" / "rankseg_overlay.json"
+    config = ConfigParser.load_config_file(str(overlay))
+    config["decision"] = config.pop("postprocessing#transforms#2")  # the entry the overlay puts in
+    parser = ConfigParser(config)
+    parser.update({"rankseg_calibration": str(path)})  # = --rankseg_calibration path
+    rs = parser.get_parsed_content("decision")
+    assert isinstance(rs, RankSEGd) and rs.rankseg[0].calibration == load_calibration(path)
+    handler = RankSEGHandler(keys="pred", calibration=str(path))
+    p = torch.softmax(torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(0)), 0)
+    want = RankSEGd(keys="pred", calibration=path)({"pred": p})["pred"]
+    assert torch.equal(handler.transform({"pred": p})["pred"], want)
