@@ -100,7 +100,7 @@ if not torch.cuda.is_available():
 #: the options the MONAI transforms and the handler take (they have no eps / chunk_size / label_dtype)
 TRANSFORM_OPTIONS = {"metric", "solver", "output_mode", "smooth", "pruning_prob", "unassigned_policy", "void_index",
                      "softmax", "sigmoid", "temperature", "clamp", "device", "guard", "regions", "regions_class_order",
-                     "region_probs"}
+                     "region_probs", "calibration"}
 #: the options of rankseg() (the activation belongs to the transforms and the CLI)
 FUNCTIONAL_OPTIONS = set(inspect.signature(rankseg).parameters) - {"probs"}
 

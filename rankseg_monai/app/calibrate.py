@@ -70,7 +70,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
                    help="names of the label values 0, 1, 2, ... (background first), for the report")
-    p.add_argument("--flag-below", type=float, default=None, help=argparse.SUPPRESS)
     cli._add_decision_options(p)
 
 
