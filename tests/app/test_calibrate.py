@@ -345,3 +345,26 @@ def test_bundle_overlay_and_handler_take_a_calibration_file(tmp_path):
     p = torch.softmax(torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(0)), 0)
     want = RankSEGd(keys="pred", calibration=path)({"pred": p})["pred"]
     assert torch.equal(handler.transform({"pred": p})["pred"], want)
+
+
+def test_cases_are_streamed_one_at_a_time(tmp_path, monkeypatch):
+    """No case's probabilities outlive its turn: when a case is read, every earlier case's array is gone (what stays
+    is the bounded sample)."""
+    import gc
+    import weakref
+
+    probs, labels = _nifti_folder(tmp_path, 0.7, n=5, shape=(12, 12, 6), radius=(2.0, 3.0))
+    alive, reads = [], []
+    original = rcal._read_case
+
+    def tracked(*a, **kw):
+        gc.collect()
+        reads.append(sum(r() is not None for r in alive))
+        p, label = original(*a, **kw)
+        alive.append(weakref.ref(p))
+        return p, label
+
+    monkeypatch.setattr(rcal, "_read_case", tracked)
+    assert main(["calibrate", "--probs", str(probs), "--labels", str(labels), "-o", str(tmp_path / "out"),
+                 "--folds", "2", "--quiet"]) == 0
+    assert len(reads) == 10 and reads == [0] * 10  # two passes over 5 cases, never two cases in memory
