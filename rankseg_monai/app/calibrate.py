@@ -186,12 +186,19 @@ class _Case:
     fingerprint: dict[str, list[float]] = field(default_factory=dict)
 
 
+class CaseFailed(Exception):
+    """A case could not be read or checked: the run stops, nothing is written (exit code 1)."""
+
+
 def _read_case(case: _Case, args: argparse.Namespace, options: RankSEGOptions) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(C, *spatial)`` (activated, validated) and the label map of one case (as ``evaluate``)."""
-    label = rio.load_labels(case.label)
-    volume = cli._load(case.path, args, spatial_shape=label.labels.shape)
-    rio.check_same_grid(volume.geometry, label.geometry, case.name)
-    probs = cli._prepare(volume, args, options)
+    try:
+        label = rio.load_labels(case.label)
+        volume = cli._load(case.path, args, spatial_shape=label.labels.shape)
+        rio.check_same_grid(volume.geometry, label.geometry, case.name)
+        probs = cli._prepare(volume, args, options)
+    except (rio.VolumeError, ValueError, OSError) as exc:
+        raise CaseFailed(f"case {case.name!r}: {exc}") from None
     return probs, np.asarray(label.labels)
 
 
@@ -255,9 +262,19 @@ def _validate(args: argparse.Namespace) -> tuple[RankSEGOptions, list[_Case], Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    """``rankseg-monai calibrate``; returns the exit code (a :class:`cli.UsageError` for a refused run)."""
-    t0 = time.perf_counter()
+    """``rankseg-monai calibrate``; returns the exit code (a :class:`cli.UsageError` for a refused run; 1 when a
+    case cannot be read, with nothing written)."""
     options, cases, outdir = _validate(args)
+    try:
+        return _run(args, options, cases, outdir)
+    except CaseFailed as exc:
+        cli._err(f"{exc}; nothing written (every case takes part in the fit and the held-out folds: fix or remove "
+                 "it, then run the same command again)")
+        return 1
+
+
+def _run(args: argparse.Namespace, options: RankSEGOptions, cases: list[_Case], outdir: Path) -> int:
+    t0 = time.perf_counter()
     opts = _decision_options(options)
     n = len(cases)
     budget = max(1, args.max_voxels // n)

@@ -368,3 +368,13 @@ def test_cases_are_streamed_one_at_a_time(tmp_path, monkeypatch):
     assert main(["calibrate", "--probs", str(probs), "--labels", str(labels), "-o", str(tmp_path / "out"),
                  "--folds", "2", "--quiet"]) == 0
     assert len(reads) == 10 and reads == [0] * 10  # two passes over 5 cases, never two cases in memory
+
+
+def test_an_unreadable_case_stops_the_run_with_nothing_written(small, tmp_path, capsys):
+    probs, labels = small
+    (probs / "case1.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    assert main(["calibrate", "--probs", str(probs), "--labels", str(labels), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "case 'case1'" in err and "nothing written" in err
+    assert not (out / "calibration.json").exists() and files_in(out) == []
