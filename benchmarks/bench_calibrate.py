@@ -118,8 +118,8 @@ def shift_line(name: str, res: dict) -> str:
         gain = np.array(res["per_case"][c]["calibrated"]) - np.array(res["per_case"][c]["argmax"])
         f = f"{gain[flags].mean():+.4f}" if flags.any() else "-"
         u = f"{gain[~flags].mean():+.4f}" if (~flags).any() else "-"
-        parts.append(f"{cname}: argmax {res['rows'][c]['argmax']:.4f}, followed {res['rows'][c]['calibrated']:.4f} "
-                     f"(gain flagged {f}, not flagged {u})")
+        parts.append(f"{cname}: argmax {res['rows'][c]['argmax']:.4f}, RankSEG {res['rows'][c]['rankseg']:.4f}, "
+                     f"followed {res['rows'][c]['calibrated']:.4f} (gain flagged {f}, not flagged {u})")
     return f"|   | {name}: {int(flags.sum())} of {len(flags)} flagged | " + "; ".join(parts) + " |"
 
 
