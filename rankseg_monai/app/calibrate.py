@@ -400,13 +400,18 @@ def _name(structure: Any, class_names: Sequence[str] | None) -> str:
 def _verdict(row: Mapping[str, Any], name: str, followed: bool) -> str:
     g, wf, wc = row["gain_vs_argmax"], row["worst_fold_gain"], row["worst_case_gain"]
     spread = f"worst fold {row['worst_fold']}: {wf:+.4f}; worst case {row['worst_case']}: {wc:+.4f}"
+    note = ""
+    if row["dice_calibrated"] < row["dice_rankseg"] - 0.001:
+        note = (f" Note: RankSEG on the uncalibrated probabilities scored higher here ({row['dice_rankseg']:.4f} vs "
+                f"{row['dice_calibrated']:.4f}): the model may already be calibrated for this class, and a fit on "
+                "these cases does not improve it.")
     if row["recommend"] == "rankseg":
         return (f"{name}: calibrated RankSEG beats argmax on held-out cases by {g:+.4f} Dice ({spread}): use "
-                "RankSEG with this calibration.")
+                f"RankSEG with this calibration.{note}")
     how = ("predict --calibration does, unless --ignore-recommendation" if followed else
            "regions are not switched one by one: decide this dataset with argmax, or accept the loss")
     return (f"{name}: calibrated RankSEG does not beat argmax on held-out cases ({g:+.4f} Dice; {spread}): keep "
-            f"argmax for this class ({how}).")
+            f"argmax for this class ({how}).{note}")
 
 
 _COLUMNS = ("structure", "cases", "dice_argmax", "dice_rankseg", "dice_calibrated", "gain_vs_argmax", "worst_fold",
