@@ -33,7 +33,7 @@ torch.set_num_threads(1)
 
 from rankseg_monai.app.cli import main as cli_main  # noqa: E402
 from rankseg_monai.app.decide import decide, estimate  # noqa: E402
-from rankseg_monai.calibrator import apply_calibration, load_calibration  # noqa: E402
+from rankseg_monai.calibrator import apply_calibration, fingerprint_of, load_calibration  # noqa: E402
 from rankseg_monai.options import RankSEGOptions  # noqa: E402
 
 CLASSES = {1: "organ", 2: "lesion"}
@@ -91,12 +91,7 @@ def score(cases, k: float, cal, shifted_flags=None) -> dict:
         rc_only = decide(q, "rankseg", plain)
         e_r, e_rc = estimate(p, r, plain), estimate(q, rc, with_cal)
         if cal.fingerprint:
-            from rankseg_monai.app.decide import scored_structures, structure_names, structure_probabilities
-            from rankseg_monai.calibrator import case_fingerprint
-
-            fg = scored_structures(structure_names(3, plain), plain, 3)
-            stats = case_fingerprint(structure_probabilities(q, plain, fg), [e_rc[i] for i in fg])
-            flagged.append(bool(cal.outside(stats)))
+            flagged.append(bool(cal.outside(fingerprint_of(q, e_rc, plain))))
         for c in CLASSES:
             t = label == c
             d = {"argmax": dice(a == c, t), "rankseg": dice(r == c, t), "calibrated": dice(rc == c, t),

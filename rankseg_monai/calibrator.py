@@ -56,6 +56,9 @@ __all__ = [
     "calibration_inputs",
     "apply_calibration",
     "case_fingerprint",
+    "scored_structures",
+    "structure_probabilities",
+    "fingerprint_of",
 ]
 
 #: probabilities are clipped to ``[EPS, 1 - EPS]`` before log / logit (2**-24: the smallest positive float16)
@@ -382,3 +385,33 @@ def case_fingerprint(structure_probs: Any, expected_dice: Sequence[float],
     inside = ((flat > band[0]) & (flat < band[1])).double()
     uncertain = [float(v) for v in inside.mean(1)] if flat.shape[1] else [0.0] * flat.shape[0]
     return {"volume": volume, "uncertain": uncertain, "expected_dice": [float(v) for v in expected_dice]}
+
+
+def scored_structures(num_channels: int, options: Any) -> list[int]:
+    """Indices of the structures a report scores and a fingerprint keeps, among the decision's structures (the
+    regions of ``options.regions``, else the channels): every region, the single foreground channel, or the
+    classes but the background (channel 0)."""
+    tree = getattr(options, "regions", None)
+    if tree is not None:
+        return list(range(len(tree)))
+    return [0] if num_channels == 1 else list(range(1, num_channels))
+
+
+def structure_probabilities(probs: Any, options: Any, structures: Sequence[int]) -> torch.Tensor:
+    """``(K, *spatial)``: the probability of each structure in ``structures`` (indices as
+    :func:`scored_structures`): the channel itself, or for regions from class probabilities the sum of the region's
+    classes' (``probs`` channel-first)."""
+    x, _ = as_tensor(probs, "probs")
+    tree = getattr(options, "regions", None)
+    if tree is None or getattr(options, "region_probs", False):
+        return x[list(structures)]
+    return torch.stack([x[sorted(tree.labels[r])].sum(0) for r in structures])
+
+
+def fingerprint_of(probs: Any, expected: Sequence[float], options: Any) -> dict[str, list[float]]:
+    """:func:`case_fingerprint` of one case's calibrated probabilities ``(C, *spatial)`` under ``options``
+    (``expected``: the expected Dice of every structure of the decision, regions or channels; only the scored ones
+    are kept)."""
+    x, _ = as_tensor(probs, "probs")
+    fg = scored_structures(x.shape[0], options)
+    return case_fingerprint(structure_probabilities(x, options, fg), [float(expected[k]) for k in fg])

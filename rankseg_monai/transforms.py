@@ -27,7 +27,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from ._arrays import as_tensor, numpy_dtype
 from .activation import activate
-from .calibrator import apply_calibration, resolve_calibration
+from .calibrator import apply_calibration, fingerprint_of, resolve_calibration
 from .functional import baseline_decision, decide, expected_score
 from .options import (
     DEFAULT_PRUNING_PROB,
@@ -42,6 +42,8 @@ from .options import (
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
+#: estimates key (and ``MetaTensor`` meta key) of the reasons a case lies outside a calibration's fingerprint
+OUTSIDE_KEY = "outside_calibration"
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RankSEGOptions))
 
 
@@ -160,7 +162,10 @@ class RankSEG(Transform):
             :class:`rankseg_monai.calibrator.Calibration`): the probabilities (after ``softmax``/``sigmoid``) are
             calibrated before RankSEG decides, the expected scores are those of the calibrated probabilities, and
             the classes whose held-out report recommends argmax keep argmax.  Its classes/regions and kind must
-            match the input (a mismatch raises before any work).  See ``docs/calibration.md``.
+            match the input (a mismatch raises before any work).  With ``expected_score=True`` the estimates also
+            hold ``"outside_calibration"``: why the item lies outside the calibration cases' fingerprint (a list of
+            reasons, empty when inside; ``meta["outside_calibration"]``, ``RankSEGd``: ``<key>_outside_calibration``).
+            See ``docs/calibration.md``.
 
     Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
     a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
@@ -311,6 +316,9 @@ class RankSEG(Transform):
             x = apply_calibration(x, opts.calibration, dim=0)
         out = decide(x.unsqueeze(0), opts)
         estimates = self._estimates(x, out, opts) if self.expected_score else None
+        if estimates is not None and opts.calibration is not None and opts.calibration.fingerprint:
+            # why this case lies outside the calibration cases' fingerprint (empty: inside)
+            estimates[OUTSIDE_KEY] = opts.calibration.outside(fingerprint_of(x, estimates["rankseg"], opts))
         # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]
@@ -321,7 +329,7 @@ class RankSEG(Transform):
         result, *_ = convert_to_dst_type(out.contiguous(), img, dtype=self.dtype)
         if estimates is not None and isinstance(result, MetaTensor):
             for name, value in estimates.items():
-                result.meta[f"{name}_expected_{opts.metric}"] = value
+                result.meta[name if name == OUTSIDE_KEY else f"{name}_expected_{opts.metric}"] = value
         return result, estimates
 
     @staticmethod
@@ -479,6 +487,8 @@ class RankSEGd(MapTransform):
             if estimates is not None:
                 d[f"{key}_expected_{transform.metric}"] = estimates["rankseg"]
                 d[f"{key}_expected_{transform.metric}_argmax"] = estimates["argmax"]
+                if OUTSIDE_KEY in estimates:
+                    d[f"{key}_{OUTSIDE_KEY}"] = estimates[OUTSIDE_KEY]
         return d
 
 

@@ -166,3 +166,20 @@ def test_transforms_take_a_path_or_object_and_calibrate_first(tmp_path):
     assert torch.equal(d["pred"], want)
     exp = RankSEG(softmax=True, temperature=0.4, expected_score=True).decide_with_estimates(z)[1]
     assert torch.allclose(d["pred_expected_dice"], exp["rankseg"])
+
+
+def test_transforms_flag_an_item_outside_the_fingerprint():
+    fp = {"structures": [1, 2], "cases": 3, "volume": {"min": [10.0, 10.0], "max": [20.0, 20.0]},
+          "uncertain": {"min": [0.0, 0.0], "max": [0.05, 0.05]}, "expected_dice": {"min": [0.8, 0.8], "max": [1, 1]}}
+    cal = _softmax_cal([1.0], fingerprint=fp)
+    p = torch.zeros(3, 40, 40)
+    p[0] = 1.0
+    p[:, :4, :4] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # class 1: 16 voxels, inside 10-20
+    p[:, 10:14, :4] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]  # class 2: 16 voxels
+    d = RankSEGd(keys="pred", calibration=cal, expected_score=True)({"pred": p})
+    assert d["pred_outside_calibration"] == []
+    p[:, 20:40] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # class 1 now 816 voxels: far outside
+    d = RankSEGd(keys="pred", calibration=cal, expected_score=True)({"pred": p})
+    assert len(d["pred_outside_calibration"]) == 1 and d["pred_outside_calibration"][0].startswith(
+        "1: expected volume 816 voxels outside the calibration cases' 10-20")
+    assert "pred_outside_calibration" not in RankSEGd(keys="pred", calibration=cal)({"pred": p})

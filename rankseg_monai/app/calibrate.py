@@ -32,11 +32,11 @@ import torch
 
 from .. import __version__
 from .._files import atomic_write, sha256_file
-from ..calibrator import Calibration, apply_calibration, calibration_inputs, case_fingerprint
+from ..calibrator import Calibration, apply_calibration, calibration_inputs, fingerprint_of, scored_structures
 from ..options import RankSEGOptions
 from . import cli
 from . import io as rio
-from .decide import decide, estimate, scored_structures, structure_names, structure_probabilities
+from .decide import decide, estimate, structure_names
 
 __all__ = ["add_arguments", "run", "fold_assignment", "sample_indices", "fit_calibration", "CALIBRATION_FILE",
            "REPORT_FILES"]
@@ -318,7 +318,7 @@ def _run(args: argparse.Namespace, options: RankSEGOptions, cases: list[_Case], 
     fold_fits = {f: fit([c for c in cases if c.fold != f])[0] for f in fold_ids}
     full, info = fit(cases)
     # ---- pass 2: held-out calibrated RankSEG, and the fingerprint under the full fit
-    fg = scored_structures(names, opts, num_channels)
+    fg = scored_structures(num_channels, opts)
     for case in cli._progress(cases, args, "calibrate (2/2: held-out)"):
         probs, label = _read_case(case, args, options)
         truth = _truth(label, opts, num_channels, kind)
@@ -327,8 +327,7 @@ def _run(args: argparse.Namespace, options: RankSEGOptions, cases: list[_Case], 
         del held
         calibrated = apply_calibration(probs, full).numpy()
         _, exp_full = _score(calibrated, truth, opts, "rankseg")
-        case.fingerprint = case_fingerprint(structure_probabilities(calibrated, opts, fg),
-                                            [exp_full[k] for k in fg])
+        case.fingerprint = fingerprint_of(calibrated, exp_full, opts)
         del probs, label, truth, calibrated
     report = _held_out_report(cases, names, fg, fold_ids)
     recommendation = None  # regions: no per-region fallback in the decision (the report still says it)

@@ -36,14 +36,7 @@ from ..options import RankSEGOptions, parse_pruning_prob, smallest_label_dtype, 
 from ..solvers.pruning import AUTO_MODES
 from . import io as rio
 from . import provenance as prov
-from .decide import (
-    activate_case,
-    decide,
-    estimate,
-    scored_structures,
-    structure_names,
-    structure_probabilities,
-)
+from .decide import activate_case, decide, estimate, structure_names
 from .runlock import FolderRuns, RunConflict, is_claim
 
 __all__ = ["main", "build_parser", "decision_options", "run_settings", "select_part", "UsageError",
@@ -566,10 +559,9 @@ def _case_estimates(probs: np.ndarray, mask: np.ndarray, options: RankSEGOptions
                                           "argmax": [float(v) for v in estimate(probs, baseline, options)]}}
     cal = options.calibration
     if cal is not None:
-        from ..calibrator import case_fingerprint
+        from ..calibrator import fingerprint_of
 
-        fg = scored_structures(names, options, probs.shape[0])
-        stats = case_fingerprint(structure_probabilities(probs, options, fg), [expected[k] for k in fg])
+        stats = fingerprint_of(probs, expected, options)
         out[CALIBRATION_KEY] = {"sha256": cal.sha256, "argmax_channels": list(cal.argmax_channels),
                                 "fingerprint": stats, "outside": cal.outside(stats)}
     return out

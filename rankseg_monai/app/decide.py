@@ -4,7 +4,6 @@ and gives a 0/1 label map)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,7 @@ from ..functional import expected_score
 from ..options import RankSEGOptions, check_label_capacity, check_label_dtype
 from ..solvers.regions import labels_from_nodes, paint_nodes, region_masks
 
-__all__ = ["METHODS", "decide", "activate_case", "estimate", "structure_names", "scored_structures",
-           "structure_probabilities"]
+__all__ = ["METHODS", "decide", "activate_case", "estimate", "structure_names"]
 
 METHODS = ("argmax", "rankseg")
 
@@ -112,19 +110,3 @@ def estimate(probs: np.ndarray, decision: np.ndarray, options: RankSEGOptions) -
         return expected_score(probs[None], decision[None, None] != 0, metric, options.smooth)[0]
     return expected_score(probs[None], decision[None], metric, options.smooth, regions=options.regions,
                           region_probs=options.region_probs)[0]
-
-
-def structure_probabilities(probs: np.ndarray, options: RankSEGOptions, structures: Sequence[int]) -> np.ndarray:
-    """``(K, *spatial)``: the probability of each scored structure (index into :func:`structure_names`): the
-    channel itself, or for regions from class probabilities the sum of the region's classes'."""
-    tree = options.regions
-    if tree is None or options.region_probs:
-        return np.asarray(probs)[list(structures)]
-    return np.stack([np.asarray(probs)[sorted(tree.labels[r])].sum(0) for r in structures])
-
-
-def scored_structures(names: Sequence[Any], opts: RankSEGOptions, num_channels: int) -> list[int]:
-    """Indices of the structures the report scores: every region, the classes but the background."""
-    if opts.regions is not None or num_channels == 1:
-        return list(range(len(names)))
-    return list(range(1, len(names)))
