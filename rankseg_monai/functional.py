@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._arrays import as_tensor
-from .guard import apply_guard
+from .guard import apply_guard, fallback_to_argmax
 from .options import METRIC_ALIASES, METRICS, PARITY_PRUNING_PROB, RankSEGOptions
 from .solvers import multiclass as _multiclass
 from .solvers import objectives as _objectives
@@ -124,8 +124,10 @@ def decide(probs: torch.Tensor | np.ndarray, options: RankSEGOptions | None = No
     """:func:`rankseg` with its options already validated in a :class:`~rankseg_monai.options.RankSEGOptions`.
 
     The transforms, the handler, the CLI and the evaluation build the options once and call this for every case.
-    ``options.softmax``/``sigmoid``/``temperature`` are not applied here (the input holds probabilities): the
-    transforms and the CLI activate logits first with :func:`rankseg_monai.activation.activate`.
+    ``options.softmax``/``sigmoid``/``temperature``/``calibration`` are not applied here (the input holds the
+    probabilities to decide on): the transforms and the CLI activate logits first with
+    :func:`rankseg_monai.activation.activate` and calibrate with :func:`rankseg_monai.calibrator.apply_calibration`.
+    The classes ``options.calibration`` recommends argmax for are switched to argmax here.
 
     Args:
         probs: probabilities ``(B, C, *spatial)``, as for :func:`rankseg`.
@@ -241,6 +243,13 @@ def _decide(x: torch.Tensor, opts: RankSEGOptions) -> tuple[torch.Tensor, dict[s
         out, guard_info = apply_guard(flat, out, opts.guard, opts.output_mode, device=device, chunk_size=chunk,
                                       clamp=clamp)
         info.update(guard_info)
+    forced = opts.calibration.argmax_channels if opts.calibration is not None else ()
+    if forced:  # the calibration's held-out report: keep argmax for these classes
+        keep = torch.zeros(batch, num_classes, dtype=torch.bool)
+        keep[:, list(forced)] = True
+        fallback_to_argmax(flat, out, keep, opts.output_mode if num_classes > 1 else "multilabel", device=device,
+                           chunk_size=chunk, clamp=clamp, keep_claims=True)
+        info["calibration_argmax"] = keep
     return unflatten(out), info
 
 

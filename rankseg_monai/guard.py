@@ -22,7 +22,7 @@ import torch
 
 from .solvers._stream import iter_chunks
 
-__all__ = ["UNCERTAIN_BAND", "Guard", "resolve_guard", "apply_guard"]
+__all__ = ["UNCERTAIN_BAND", "Guard", "resolve_guard", "apply_guard", "fallback_to_argmax"]
 
 #: probabilities strictly inside this band count as "uncertain"
 UNCERTAIN_BAND: tuple[float, float] = (0.05, 0.95)
@@ -148,17 +148,47 @@ def apply_guard(
     fraction = unc.double() / n_vox
     fallback = (fraction > guard.max_uncertain) & (v_r > guard.max_growth * v_a)
     if bool(fallback.any()):
-        for start, stop, p in iter_chunks(flat, device, chunk_size, clamp):
-            if multiclass:
-                d = out[:, start:stop].to(device)
-                a = _argmax(p)
-                # a voxel is touched when RankSEG or argmax gives it to a switched class; void labels never switch
-                valid = (d >= 0) & (d < num_classes)
-                rs_switched = torch.gather(fallback, 1, d.long().clamp(0, num_classes - 1)) & valid
-                am_switched = torch.gather(fallback, 1, a)
-                patched = torch.where(rs_switched | am_switched, a.to(d.dtype), d)
-                out[:, start:stop] = patched.to(out.device)
-            else:
-                d = out[..., start:stop].to(device)
-                out[..., start:stop] = torch.where(fallback.unsqueeze(-1), p > 0.5, d).to(out.device)
+        fallback_to_argmax(flat, out, fallback, output_mode, device=device, chunk_size=chunk_size, clamp=clamp)
     return out, {"fallback": fallback, "rankseg_volume": v_r, "argmax_volume": v_a, "uncertain_fraction": fraction}
+
+
+@torch.no_grad()
+def fallback_to_argmax(
+    flat: torch.Tensor,
+    out: torch.Tensor,
+    fallback: torch.Tensor,
+    output_mode: str,
+    device: torch.device | None = None,
+    chunk_size: int | None = None,
+    clamp: bool = False,
+    keep_claims: bool = False,
+) -> torch.Tensor:
+    """Switch the classes where the bool ``fallback`` ``(B, C)`` is true back to argmax in RankSEG's decision
+    ``out`` of ``flat`` ``(B, C, N)``, in place (one pass): the guard's rewrite, also used for the classes a
+    calibration's held-out report recommends argmax for.
+
+    Multilabel: a switched class gets ``p > 0.5``.  Multiclass: a switched class ``c`` takes argmax's labels on
+    every voxel that RankSEG or argmax gives to ``c`` (other voxels keep RankSEG's labels), so its mask equals
+    argmax's; void labels never switch.  With ``keep_claims`` (a calibration's recommendation) a voxel that RankSEG
+    gives to a foreground class (label ``> 0``) that is not switched keeps that label: switching the organ to argmax
+    then does not take back the voxels RankSEG gave to the lesion inside it.
+    """
+    device = flat.device if device is None else torch.device(device)
+    fallback = fallback.to(device)
+    num_classes = flat.shape[1]
+    for start, stop, p in iter_chunks(flat, device, chunk_size, clamp):
+        if output_mode == "multiclass":
+            d = out[:, start:stop].to(device)
+            a = _argmax(p)
+            valid = (d >= 0) & (d < num_classes)
+            rs_switched = torch.gather(fallback, 1, d.long().clamp(0, num_classes - 1)) & valid
+            am_switched = torch.gather(fallback, 1, a)
+            touched = rs_switched | am_switched
+            if keep_claims:
+                touched &= ~(valid & (d > 0) & ~rs_switched)
+            patched = torch.where(touched, a.to(d.dtype), d)
+            out[:, start:stop] = patched.to(out.device)
+        else:
+            d = out[..., start:stop].to(device)
+            out[..., start:stop] = torch.where(fallback.unsqueeze(-1), p > 0.5, d).to(out.device)
+    return out

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .activation import check_temperature
+from .calibrator import Calibration, resolve_calibration
 from .guard import Guard, resolve_guard
 from .solvers.pruning import AUTO_MODES
 from .solvers.regions import RegionTree
@@ -231,6 +232,11 @@ class RankSEGOptions:
             ``regions``, as nnU-Net region models and MONAI's BraTS pipeline output) instead of class
             probabilities (softmax over the classes, background included: a region's probability is the sum of
             its classes').  Never guessed from the data.
+        calibration: a fitted :class:`~rankseg_monai.calibrator.Calibration` (or the path of its
+            ``calibration.json``, or its dict): the probabilities are calibrated (after any activation) with
+            :func:`~rankseg_monai.calibrator.apply_calibration` wherever the temperature is applied, and the
+            decision keeps argmax for the classes its recommendation says (``docs/calibration.md``).  Its input
+            kind must match these options (:meth:`calibration_kind`).
 
     Example:
         >>> from rankseg_monai.options import RankSEGOptions
@@ -262,6 +268,7 @@ class RankSEGOptions:
     regions: RegionTree | None = None
     regions_class_order: tuple[int, ...] | None = None
     region_probs: bool = False
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -294,6 +301,7 @@ class RankSEGOptions:
         elif self.regions_class_order is not None:
             raise ValueError("regions_class_order needs regions: give the regions it paints (nnU-Net's dataset.json "
                              "labels)")
+        set_(self, "calibration", resolve_calibration(self.calibration))
         self._check_combination()
 
     def _check_combination(self) -> None:
@@ -334,7 +342,26 @@ class RankSEGOptions:
                 "temperature, or drop temperature if the input already holds probabilities"
             )
 
+        if self.calibration is not None:
+            self.calibration.check_kind(self.calibration_kind(self.calibration.num_channels),
+                                        None if self.regions is None
+                                        else list(self.regions.names))
+            if self.metric == "acc":
+                raise ValueError("a calibration changes RankSEG's Dice/IoU decisions; metric='acc' is argmax "
+                                 "(drop calibration)")
+
     # ------------------------------------------------------------------------------------------ derived
+    def calibration_kind(self, num_channels: int | None = None) -> str:
+        """What the (activated) channels are, as a calibration names it: ``"region-probabilities"`` (one sigmoid
+        per region), ``"channel-probabilities"`` (independent channels: ``sigmoid``, multilabel decisions, or a
+        single foreground channel) or ``"class-probabilities"`` (a softmax over the classes)."""
+        if self.region_probs:
+            return "region-probabilities"
+        if self.regions is None and (self.sigmoid or num_channels == 1
+                                     or (self.output_mode == "multilabel" and not self.softmax)):
+            return "channel-probabilities"
+        return "class-probabilities"
+
     @property
     def activation(self) -> str | None:
         """``"softmax"``, ``"sigmoid"`` or ``None`` (the input holds probabilities)."""
@@ -355,6 +382,9 @@ class RankSEGOptions:
 
     def check_classes(self, num_classes: int) -> None:
         """The checks that need the number of classes ``C`` (run once per call, before any pass)."""
+        if self.calibration is not None:
+            self.calibration.check_kind(self.calibration_kind(num_classes))
+            self.calibration.check_channels(num_classes)
         if self.regions is not None:
             if self.region_probs:
                 self.regions.check_region_channels(num_classes, label_map=self.output_mode == "multiclass")
@@ -396,6 +426,9 @@ class RankSEGOptions:
             elif isinstance(v, Guard):
                 v = dataclasses.asdict(v)
                 v["band"] = list(v["band"])
+            elif isinstance(v, Calibration):
+                v = {"sha256": v.sha256, "method": v.method, "input_kind": v.input_kind,
+                     "argmax_channels": list(v.argmax_channels)}
             elif isinstance(v, RegionTree):
                 v = {name: sorted(labels) for name, labels in zip(v.names, v.labels)}
             elif isinstance(v, tuple):

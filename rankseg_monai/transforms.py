@@ -27,6 +27,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from ._arrays import as_tensor, numpy_dtype
 from .activation import activate, check_logits
+from .calibrator import apply_calibration, fingerprint_of, resolve_calibration
 from .functional import baseline_decision, decide, expected_score
 from .options import (
     DEFAULT_PRUNING_PROB,
@@ -41,6 +42,8 @@ from .options import (
 
 __all__ = ["RankSEG", "RankSEGd", "RankSEGD", "RankSEGDict"]
 
+#: estimates key (and ``MetaTensor`` meta key) of the reasons a case lies outside a calibration's fingerprint
+OUTSIDE_KEY = "outside_calibration"
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RankSEGOptions))
 
 
@@ -159,6 +162,14 @@ class RankSEG(Transform):
             ``meta["argmax_expected_dice"]``, and in ``RankSEGd`` under the keys ``<key>_expected_dice`` and
             ``<key>_expected_dice_argmax``.  Two more passes over the probabilities.  See
             ``docs/expected_dice.md``.
+        calibration: a fitted calibration (``rankseg-monai calibrate``'s ``calibration.json``, its path, or a
+            :class:`rankseg_monai.calibrator.Calibration`): the probabilities (after ``softmax``/``sigmoid``) are
+            calibrated before RankSEG decides, the expected scores are those of the calibrated probabilities, and
+            the classes whose held-out report recommends argmax keep argmax.  Its classes/regions and kind must
+            match the input (a mismatch raises before any work).  With ``expected_score=True`` the estimates also
+            hold ``"outside_calibration"``: why the item lies outside the calibration cases' fingerprint (a list of
+            reasons, empty when inside; ``meta["outside_calibration"]``, ``RankSEGd``: ``<key>_outside_calibration``).
+            See ``docs/calibration.md``.
 
     Every option is validated at construction (:class:`rankseg_monai.options.RankSEGOptions`), so a bad value in
     a bundle config fails when the config is parsed; only what depends on the number of channels (e.g.
@@ -207,13 +218,14 @@ class RankSEG(Transform):
         region_probs: bool = False,
         expected_score: bool = False,
         force_activation: bool = False,
+        calibration: Any = None,
     ) -> None:
         self.force_activation = check_bool("force_activation", force_activation)
         self.options = RankSEGOptions(
             metric=metric, solver=solver, output_mode=output_mode, smooth=smooth, pruning_prob=pruning_prob,
             unassigned_policy=unassigned_policy, void_index=void_index, softmax=softmax, sigmoid=sigmoid,
             temperature=temperature, clamp=clamp, device=device, guard=guard, regions=regions,
-            regions_class_order=regions_class_order, region_probs=region_probs,
+            regions_class_order=regions_class_order, region_probs=region_probs, calibration=calibration,
         )
         self.to_onehot = _check_to_onehot(to_onehot, self.options.output_mode)
         self.dtype = _check_output_dtype(dtype)
@@ -308,8 +320,14 @@ class RankSEG(Transform):
             if not self.force_activation:
                 check_logits(x, opts.activation)  # as the command line: no second activation over probabilities
             x = activated
+        if opts.calibration is not None:
+            opts.check_classes(num_channels)  # a mismatched calibration names the fix before any work
+            x = apply_calibration(x, opts.calibration, dim=0)
         out = decide(x.unsqueeze(0), opts)
         estimates = self._estimates(x, out, opts) if self.expected_score else None
+        if estimates is not None and opts.calibration is not None and opts.calibration.fingerprint:
+            # why this case lies outside the calibration cases' fingerprint (empty: inside)
+            estimates[OUTSIDE_KEY] = opts.calibration.outside(fingerprint_of(x, estimates["rankseg"], opts))
         # multiclass: (1, *spatial) labels -> the batch dim of one becomes the channel dim of the label map;
         # multilabel: (1, C, *spatial) bool -> (C, *spatial)
         out = out if out.ndim == x.ndim else out[0]
@@ -320,7 +338,7 @@ class RankSEG(Transform):
         result, *_ = convert_to_dst_type(out.contiguous(), img, dtype=self.dtype)
         if estimates is not None and isinstance(result, MetaTensor):
             for name, value in estimates.items():
-                result.meta[f"{name}_expected_{opts.metric}"] = value
+                result.meta[name if name == OUTSIDE_KEY else f"{name}_expected_{opts.metric}"] = value
         return result, estimates
 
     @staticmethod
@@ -411,6 +429,7 @@ class RankSEGd(MapTransform):
         regions_class_order: Sequence[int] | None = None,
         region_probs: bool = False,
         expected_score: bool = False,
+        calibration: Any = None,
         allow_missing_keys: bool = False,
         force_activation: bool = False,
     ) -> None:
@@ -427,6 +446,7 @@ class RankSEGd(MapTransform):
                 (RankSEG's decision) and ``<key>_expected_<metric>_argmax`` (the decision it replaces), float64
                 ``(C,)`` tensors (one per region with ``regions``), next to the decision.
             temperature: see :py:class:`RankSEG` and the class docstring for per-key values.
+            calibration: see :py:class:`RankSEG` (one value for all keys, loaded once).
             allow_missing_keys: don't raise an exception if a key is missing.
         """
         super().__init__(keys, allow_missing_keys)
@@ -453,6 +473,7 @@ class RankSEGd(MapTransform):
             "region_probs": (region_probs,) * n,
             "expected_score": (expected_score,) * n,
             "force_activation": ensure_tuple_rep(force_activation, n),
+            "calibration": (resolve_calibration(calibration),) * n,
         }
         self.rankseg = tuple(RankSEG(**{name: values[i] for name, values in per_key.items()}) for i in range(n))
 
@@ -478,6 +499,8 @@ class RankSEGd(MapTransform):
             if estimates is not None:
                 d[f"{key}_expected_{transform.metric}"] = estimates["rankseg"]
                 d[f"{key}_expected_{transform.metric}_argmax"] = estimates["argmax"]
+                if OUTSIDE_KEY in estimates:
+                    d[f"{key}_{OUTSIDE_KEY}"] = estimates[OUTSIDE_KEY]
         return d
 
 

@@ -16,7 +16,7 @@ PACKAGE = "rankseg_monai"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: the core: no MONAI adapter, no edge module below it
-CORE = ("options", "functional", "guard", "activation", "_arrays", "_files", "solvers")
+CORE = ("options", "functional", "guard", "activation", "calibrator", "_arrays", "_files", "solvers")
 #: the MONAI adapters and the edge
 ABOVE_CORE = ("transforms", "handlers", "metrics", "calibration", "app")
 
@@ -152,7 +152,7 @@ def test_the_core_loads_without_monai():
     code = (
         "import sys, importlib\n"
         "import rankseg_monai, rankseg_monai.functional, rankseg_monai.options, rankseg_monai.guard\n"
-        "import rankseg_monai.activation, rankseg_monai._arrays, rankseg_monai._files\n"
+        "import rankseg_monai.activation, rankseg_monai.calibrator, rankseg_monai._arrays, rankseg_monai._files\n"
         "for m in ('rma', 'ba', 'exact', 'multiclass', 'pruning', 'objectives', 'validation', '_stream', '_sorted'):\n"
         "    importlib.import_module('rankseg_monai.solvers.' + m)\n"
         "loaded = sorted(k for k in sys.modules if k.split('.')[0] in ('monai', 'ignite'))\n"

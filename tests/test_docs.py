@@ -153,6 +153,46 @@ def _write_nnunet_regions(folder: Path) -> None:
         "regions_class_order": [1, 2, 3]}, indent=1))
 
 
+def _write_nnunet_folds(folder: Path) -> None:
+    """nnU-Net's cross-validation layout: ``nnUNet_results/Dataset001_Demo/nnUNetTrainer__nnUNetPlans__3d_fullres/
+    fold_K/validation/<case>.npz + .pkl`` (``--npz``) for 5 folds of 2 cases of an under-confident model,
+    ``gt_segmentations/`` with their labels, and ``imagesTs_probs/`` (2 new cases to predict)."""
+    import pickle
+
+    import SimpleITK as sitk
+
+    train = folder / "nnUNet_results" / "Dataset001_Demo" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    gt = folder / "nnUNet_preprocessed" / "Dataset001_Demo" / "gt_segmentations"
+    gt.mkdir(parents=True, exist_ok=True)
+    shape = (12, 20, 20)  # nnU-Net's (z, y, x)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    rng = np.random.default_rng(7)
+
+    def case(out: Path, name: str, with_label: bool) -> None:
+        z = np.zeros((3, *shape))
+        for c in (1, 2):
+            centre = rng.uniform(3, np.array(shape) - 3)[:, None, None, None]
+            z[c] = 1.5 * (rng.uniform(3, 5) - np.sqrt(((grid - centre) ** 2).sum(0))) + rng.normal(0, 0.3, shape)
+        p = np.exp(z) / np.exp(z).sum(0)
+        label = (rng.random(shape)[None] > np.cumsum(p, 0)).sum(0).clip(0, 2).astype(np.uint8)
+        flat = np.exp(0.5 * z) / np.exp(0.5 * z).sum(0)  # the model: logits x 0.5
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out / f"{name}.npz", probabilities=flat.astype(np.float16))
+        props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)},
+                 "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape}
+        with open(out / f"{name}.pkl", "wb") as fh:
+            pickle.dump(props, fh)
+        if with_label:
+            sitk.WriteImage(sitk.GetImageFromArray(label), str(gt / f"{name}.nii.gz"))
+
+    for k in range(5):
+        for i in range(2):
+            case(train / f"fold_{k}" / "validation", f"case_{k}{i}", True)
+    for i in range(2):
+        case(folder / "imagesTs_probs", f"test_{i}", False)
+
+
 def _copy_benchmarks(folder: Path) -> None:
     """A copy of the repository's ``benchmarks/`` folder (blocks that run "from the repository root")."""
     import shutil
@@ -164,7 +204,7 @@ def _copy_benchmarks(folder: Path) -> None:
 
 #: named input files a block may ask for (``<!-- doc-test: files=NAME -->``)
 FILES = {"nifti-folders": _write_nifti_folders, "repo-bundle": _copy_bundle, "nnunet-regions": _write_nnunet_regions,
-         "repo-benchmarks": _copy_benchmarks}
+         "repo-benchmarks": _copy_benchmarks, "nnunet-folds": _write_nnunet_folds}
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -86,6 +86,12 @@ BAD = [
     (dict(regions_class_order=[1, 2]), ValueError, r"regions_class_order needs regions"),
     (dict(region_probs=True), ValueError, r"region_probs=True needs regions"),
     (dict(regions=[[1], [2]], region_probs="yes"), TypeError, r"region_probs must be True or False"),
+    (dict(calibration=3), TypeError, r"calibration must be None, a rankseg_monai.calibrator.Calibration, a path"),
+    (dict(calibration={"format": "x"}), ValueError, r"is not a calibration file .* rankseg-monai calibrate"),
+    (dict(calibration={"format": "rankseg-monai/calibration", "version": 1, "method": "temperature",
+                       "input_kind": "region-probabilities", "temperature": [0.5], "channels": ["a", "b"]}),
+     ValueError, r"fitted on region-probabilities \(sigmoid\) but these inputs are class-probabilities: calibrate "
+                 r"with the same"),
 ]
 if not torch.cuda.is_available():
     BAD.append((dict(device="cuda"), ValueError, r"torch sees no CUDA device: use device='cpu'"))
@@ -94,7 +100,7 @@ if not torch.cuda.is_available():
 #: the options the MONAI transforms and the handler take (they have no eps / chunk_size / label_dtype)
 TRANSFORM_OPTIONS = {"metric", "solver", "output_mode", "smooth", "pruning_prob", "unassigned_policy", "void_index",
                      "softmax", "sigmoid", "temperature", "clamp", "device", "guard", "regions", "regions_class_order",
-                     "region_probs"}
+                     "region_probs", "calibration"}
 #: the options of rankseg() (the activation belongs to the transforms and the CLI)
 FUNCTIONAL_OPTIONS = set(inspect.signature(rankseg).parameters) - {"probs"}
 
@@ -239,7 +245,8 @@ def test_to_dict_is_json_serialisable():
                  "clamp": False, "device": "cpu", "chunk_size": 1000,
                  "guard": {"max_uncertain": 0.25, "max_growth": 1.0, "band": [0.1, 0.9]},
                  "label_dtype": "torch.int16", "softmax": False, "sigmoid": True, "temperature": [1.5, 2.0],
-                 "regions": None, "regions_class_order": None, "region_probs": False}
+                 "regions": None, "regions_class_order": None, "region_probs": False,
+                 "calibration": None}
     assert RankSEGOptions(**d) == o  # a settings file reads back into the same options
     lits = RankSEGOptions(regions={"liver": [1, 2], "tumour": 2}).to_dict()
     assert lits["regions"] == {"liver": [1, 2], "tumour": [2]} and RankSEGOptions(**lits).regions.names == (

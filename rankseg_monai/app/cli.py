@@ -1,4 +1,4 @@
-"""Command line: ``rankseg-monai predict | evaluate | merge-reports | demo`` (see ``docs/cli.md``).
+"""Command line: ``rankseg-monai predict | evaluate | merge-reports | calibrate | demo`` (see ``docs/cli.md``).
 
 Exit codes: 0 success; 1 some case failed (the others were still done); 2 usage error or unusable output folder
 (nothing was done, or, when the final report cannot be written, nothing was kept); 130 interrupted.
@@ -118,6 +118,17 @@ def _add_decision_options(p: argparse.ArgumentParser) -> None:
                         "of the regions) rather than class probabilities")
 
 
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (rankseg-monai calibrate; docs/calibration.md)")
+    g.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration.json of rankseg-monai calibrate: calibrate the probabilities before RankSEG, keep "
+                        "argmax for the classes its held-out report recommends it for, and flag cases outside its "
+                        "fingerprint")
+    g.add_argument("--ignore-recommendation", action="store_true",
+                   help="with --calibration: decide every class with RankSEG, also those the report recommends "
+                        "argmax for")
+
+
 def _json_arg(text: str) -> Any:
     try:
         value = json.loads(text)
@@ -139,7 +150,7 @@ def _add_part_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts (default 1)")
 
 
-def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
+def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rankseg-monai",
         description="RankSEG decisions (Dice/IoU-optimal masks) from probability volumes on disk.")
@@ -164,6 +175,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                       help="list the cases whose expected Dice (the model's own label-free estimate, in "
                            "expected_dice.csv) of some class or region is below DICE: a review list")
     _add_decision_options(pred)
+    _add_calibration_options(pred)
     _add_part_options(pred)
 
     ev = sub.add_parser("evaluate", help="per-case Dice/HD95 of argmax vs RankSEG, summary, CSV and plot",
@@ -207,6 +219,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                     help="write the reports for the cases that worked even if others failed (exit code still 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_decision_options(ev)
+    _add_calibration_options(ev)
     _add_part_options(ev)
 
     merge = sub.add_parser("merge-reports", help="merge the parts of evaluate --part-id/--num-parts into one report",
@@ -217,6 +230,14 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     merge.add_argument("folder", metavar="DIR", help="the -o folder of the evaluate parts")
     merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="where to write the report (default: DIR)")
+
+    cal = sub.add_parser("calibrate", help="fit calibration.json on labelled validation folds, with a held-out report",
+                         description="Fit a temperature (or vector scaling) on validation probabilities and their "
+                                     "labels (nnU-Net's fold_K/validation folders and gt_segmentations), score "
+                                     "argmax, RankSEG and calibrated RankSEG on held-out folds, and write "
+                                     "calibration.json, report.md, report.csv and reliability plots into OUTDIR.")
+    if calibrate_module is not None:
+        calibrate_module.add_arguments(cal)
 
     demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
                           description="End-to-end demonstration on embedded data (no download): seeded CT-like "
@@ -279,13 +300,15 @@ def decision_options(args: argparse.Namespace) -> RankSEGOptions:
         if mode == "multilabel":
             raise UsageError("evaluate compares label maps: drop --output-mode multilabel (the regions of the label "
                              "map are scored)")
+    calibration = _calibration(args)
     try:
         options = RankSEGOptions(metric=args.metric, solver=args.solver, output_mode=mode, smooth=args.smooth,
                                  pruning_prob=args.pruning_prob, softmax=args.softmax, sigmoid=args.sigmoid,
                                  clamp=args.clamp, device=args.device, regions=regions, regions_class_order=order,
-                                 region_probs=region_probs)
+                                 region_probs=region_probs, calibration=calibration)
     except (TypeError, ValueError) as exc:
-        raise UsageError(_cli_spelling(_region_spelling(str(exc)))) from None
+        prefix = f"--calibration {args.calibration}: " if calibration is not None and "calibrat" in str(exc) else ""
+        raise UsageError(prefix + _cli_spelling(_region_spelling(str(exc)))) from None
     tree = options.regions
     if tree is not None and region_probs and mode == "multiclass" and any(v is None for v in tree.label_of_node()):
         several = [n for n, own in zip(tree.names, tree.own) if len(own) > 1]
@@ -298,6 +321,23 @@ def _region_spelling(message: str) -> str:
     """A region message in the command line's words."""
     return message.replace("regions_class_order", "--regions-class-order").replace("region_probs=True",
                                                                                  "--region-probs")
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    """The --calibration file, loaded and validated (``None`` without it); --ignore-recommendation drops its
+    per-class argmax recommendation."""
+    path = getattr(args, "calibration", None)
+    if path is None:
+        if getattr(args, "ignore_recommendation", False):
+            raise UsageError("--ignore-recommendation only applies with --calibration")
+        return None
+    from ..calibrator import load_calibration
+
+    try:
+        cal = load_calibration(path)
+    except ValueError as exc:
+        raise UsageError(f"--calibration {exc}") from None
+    return cal.without_recommendation() if args.ignore_recommendation else cal
 
 
 def _dataset(args: argparse.Namespace) -> rio.DatasetJson | None:
@@ -333,6 +373,9 @@ def run_settings(args: argparse.Namespace, options: RankSEGOptions | None) -> di
         settings["channels_last"] = args.channels_last
         if options.regions is not None:  # the channels map to the regions in this order (settings compare sorted)
             settings["region_order"] = list(options.regions.names)
+        if getattr(args, "calibration", None) is not None:
+            settings["calibration"] = {"sha256": sha256_file(args.calibration),
+                                       "ignore_recommendation": bool(args.ignore_recommendation)}
     if args.command == "evaluate":
         settings.update(source="probs" if args.probs else "pred", classes=args.classes,
                         ignore_empty=args.ignore_empty, class_names=args.class_names,
@@ -575,12 +618,46 @@ EXPECTED_KEY = "expected_score"
 
 def _case_estimates(probs: np.ndarray, mask: np.ndarray, options: RankSEGOptions) -> dict[str, Any]:
     """The record's label-free expected Dice (IoU for --metric iou) of RankSEG's mask and of argmax's, per class
-    or region."""
+    or region; with a calibration also whether the case lies outside its fingerprint (and why)."""
     names = structure_names(probs.shape[0], options)
     baseline = decide(probs, "argmax", options, label_dtype=_narrowest(probs.shape[0], options))
-    return {EXPECTED_KEY: {"metric": options.metric, "structures": names,
-                           "rankseg": [float(v) for v in estimate(probs, mask, options)],
-                           "argmax": [float(v) for v in estimate(probs, baseline, options)]}}
+    expected = [float(v) for v in estimate(probs, mask, options)]
+    out: dict[str, Any] = {EXPECTED_KEY: {"metric": options.metric, "structures": names, "rankseg": expected,
+                                          "argmax": [float(v) for v in estimate(probs, baseline, options)]}}
+    cal = options.calibration
+    if cal is not None:
+        from ..calibrator import fingerprint_of
+
+        stats = fingerprint_of(probs, expected, options)
+        out[CALIBRATION_KEY] = {"sha256": cal.sha256, "argmax_channels": list(cal.argmax_channels),
+                                "fingerprint": stats, "outside": cal.outside(stats)}
+    return out
+
+
+CALIBRATION_KEY = "calibration"
+
+
+def _calibrate_case(probs: np.ndarray, options: RankSEGOptions) -> np.ndarray:
+    """The probabilities calibrated with ``options.calibration`` (unchanged without one)."""
+    if options.calibration is None:
+        return probs
+    from ..calibrator import apply_calibration
+
+    return apply_calibration(probs, options.calibration).numpy()
+
+
+def _check_calibration(path: Path, args: argparse.Namespace, options: RankSEGOptions) -> None:
+    """With --calibration: the first case's channels must match the calibration's (a usage error before any case)."""
+    if options.calibration is None:
+        return
+    try:
+        volume = _load(path, args)
+    except rio.VolumeError:
+        return  # that case fails on its own, with its reason
+    try:
+        options.check_classes(volume.probabilities.shape[0])
+    except ValueError as exc:
+        raise UsageError(f"--calibration {args.calibration}: {exc}") from None
 
 
 def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | None, flag_below: float | None
@@ -596,7 +673,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
         est = (record or {}).get(EXPECTED_KEY)
         if not est:
             continue
-        low = False
+        outside = "; ".join(((record or {}).get(CALIBRATION_KEY) or {}).get("outside") or [])
+        low = bool(outside)
         for k, name in enumerate(est["structures"]):
             if isinstance(name, int) and name == 0 and len(est["structures"]) > 1:
                 continue  # the background of a label map
@@ -606,6 +684,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
             row[f"expected_{est['metric']}_rankseg"] = est["rankseg"][k]
             row[f"expected_{est['metric']}_argmax"] = est["argmax"][k]
             row["expected_gain"] = est["rankseg"][k] - est["argmax"][k]
+            if CALIBRATION_KEY in record:
+                row["outside_calibration"] = outside
             if flag_below is not None:
                 row["review"] = int(est["rankseg"][k] < flag_below)
                 low |= est["rankseg"][k] < flag_below
@@ -632,7 +712,7 @@ def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
             if status.state != prov.ABSENT:
                 _report(bar, f"redoing {case}: {status.detail}")
         volume = _load(path, run.args)
-        probs = _prepare(volume, run.args, run.options)
+        probs = _calibrate_case(_prepare(volume, run.args, run.options), run.options)
         # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
         # narrowest type anyway)
         mask = decide(probs, "rankseg", run.options, label_dtype=_narrowest(probs.shape[0], run.options))
@@ -654,6 +734,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_outdir(outdir, [Path(i) for i in args.inputs if Path(i).is_dir()], cases)
     cases = select_part(cases, args.part_id, args.num_parts)
     targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
+    if cases:
+        _check_calibration(cases[0], args, options)
     settings = run_settings(args, options)
     created = not outdir.exists()
     try:
@@ -703,12 +785,14 @@ def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
                          "same command again (finished masks are kept)") from None
     print(f"wrote {path} (label-free expected {run.options.metric} per case and structure)", file=sys.stderr)
-    if args.flag_below is not None:
+    why = [f"an expected {run.options.metric} below {args.flag_below:g}"] if args.flag_below is not None else []
+    if run.options.calibration is not None:
+        why.append("a fingerprint outside the calibration cases' (column outside_calibration)")
+    if why:
         if flagged:
-            print(f"review ({len(flagged)} case(s) with an expected {run.options.metric} below {args.flag_below:g}): "
-                  f"{', '.join(flagged)}", file=sys.stderr)
+            print(f"review ({len(flagged)} case(s) with {' or '.join(why)}): {', '.join(flagged)}", file=sys.stderr)
         else:
-            print(f"review: no case has an expected {run.options.metric} below {args.flag_below:g}", file=sys.stderr)
+            print(f"review: no case has {' or '.join(why)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -738,9 +822,18 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
         volume = _load(path, args, spatial_shape=label.labels.shape)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
-        return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
-                               ignore_empty=args.ignore_empty, options=options, nsd_tolerance=nsd,
-                               lesion_structures=lesions, ignore_label=ignore, scoring=scoring)
+        plain = options.replace(calibration=None)
+        result = ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
+                                 ignore_empty=args.ignore_empty, options=plain, nsd_tolerance=nsd,
+                                 lesion_structures=lesions, ignore_label=ignore, scoring=scoring)
+        if options.calibration is not None:  # calibrated RankSEG beside argmax and RankSEG
+            calibrated = ev.compare_case(_calibrate_case(probs, options), label.labels, volume.spacing, classes,
+                                         case=case, methods=("rankseg",), ignore_empty=args.ignore_empty,
+                                         options=options, nsd_tolerance=nsd, lesion_structures=lesions,
+                                         ignore_label=ignore, scoring=scoring)
+            result["methods"].append(CALIBRATED_METHOD)
+            result["metrics"][CALIBRATED_METHOD] = calibrated["metrics"]["rankseg"]
+        return result
     pred = rio.load_labels(path)
     rio.check_same_grid(pred.geometry, label.geometry, case)
     tree = options.regions
@@ -751,6 +844,9 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
                              classes if tree is None else (classes or list(tree.names)), case=case,
                              ignore_empty=args.ignore_empty, structures=structures, nsd_tolerance=nsd,
                              lesion_structures=lesions or (), ignore_label=ignore, **scoring)
+
+
+CALIBRATED_METHOD = "rankseg_calibrated"
 
 
 def _part_suffix(part: tuple[int, int] | None) -> str:
@@ -841,6 +937,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = _label_index(Path(args.labels))
     outdir = Path(args.output)
     _check_outdir(outdir, [source, Path(args.labels)], [*cases, *labels.values()])
+    if options.calibration is not None:
+        if args.pred:
+            raise UsageError("--calibration applies to probabilities: use --probs (masks are scored as they are)")
+        _check_calibration(sorted(cases, key=rio.case_name)[0], args, options)
     if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
         raise UsageError("--class-names holds a name twice; give one name per label value 0, 1, 2, ...")
     part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
@@ -1086,6 +1186,13 @@ def _load_demo() -> Any:
     return module
 
 
+def _load_calibrate() -> Any:
+    """``rankseg_monai.app.calibrate`` (it uses this module's helpers, so it is loaded here by name, as the demo)."""
+    import importlib
+
+    return importlib.import_module("rankseg_monai.app.calibrate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
@@ -1096,8 +1203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        demo = _load_demo() if _first_command(argv) == "demo" else None
-        parser = build_parser(demo)
+        first = _first_command(argv)
+        demo = _load_demo() if first == "demo" else None
+        calibrate = _load_calibrate() if first == "calibrate" else None
+        parser = build_parser(demo, calibrate)
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -1108,6 +1217,8 @@ def _main(argv: list[str]) -> int:
             return cmd_evaluate(args)
         if args.command == "merge-reports":
             return cmd_merge_reports(args)
+        if args.command == "calibrate":
+            return int(calibrate.run(args))
         return int(demo.run(args) or 0)
     except UsageError as exc:
         _err(str(exc))
