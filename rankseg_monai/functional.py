@@ -23,6 +23,7 @@ from .solvers import pruning as _pruning
 from .solvers import regions as _regions
 from .solvers import rma as _rma
 from .solvers._stream import flat_view, floor_to_dtype, mask_sums, row_statistics, threshold_masks
+from .solvers._threads import solver_threads
 from .solvers.validation import check_choice, check_probability_tensor
 
 __all__ = ["rankseg", "decide", "guarded_rankseg", "expected_score", "baseline_decision"]
@@ -154,7 +155,8 @@ def decide(probs: torch.Tensor | np.ndarray, options: RankSEGOptions | None = No
                          "torch.uint8, or pass a torch tensor")
     check_probability_tensor(x)
     opts.check_classes(x.shape[1])
-    out, info = _decide(x, opts)
+    with solver_threads(x, opts.device):  # fewer threads where other work holds cores (same decisions)
+        out, info = _decide(x, opts)
     out = out.numpy() if was_numpy else out
     return (out, info) if return_info else out
 
