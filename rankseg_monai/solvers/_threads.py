@@ -6,9 +6,11 @@ region wait for a scheduler slice, and with libgomp's default wait policy the wa
 a busy 2-core machine that made a solve 3-18x slower (docs/solvers.md), while a single op such as ``argmax`` pays
 it once.  One thread is immune to it and, for these memory-bound ops, loses little.
 
-:func:`solver_threads` runs a solve with as many threads as there are free cores: ``torch.get_num_threads()``
-when the machine is quiet, fewer (down to 1) when other threads are runnable, judged by the kernel's count of
-runnable threads (``/proc/loadavg``) minus this process's own.  The thread count never changes a decision (every
+:func:`solver_threads` runs a solve of at least :data:`MIN_PARALLEL_VALUES` values with as many threads as there
+are free cores: ``torch.get_num_threads()`` when the machine is quiet, fewer (down to 1) when other threads are
+runnable, judged by the kernel's count of runnable threads (``/proc/loadavg``) minus this process's own.  A smaller
+solve (a 64 x 64 x 32 volume with 3 classes: a few milliseconds) runs on one thread: its ops are too short to gain
+from a second thread, and each would wait for it on a busy machine.  The thread count never changes a decision (every
 float64 sum of the solvers is the same bits with 1 and 2 threads; tests/solvers/test_threads.py).  Where ``/proc``
 is missing the count is left alone.
 """
@@ -24,8 +26,7 @@ import torch
 
 __all__ = ["free_cores", "solver_threads", "MIN_PARALLEL_VALUES"]
 
-#: below this many input values a solve is not worth a look at the machine's load (ops this small run on one
-#: thread anyway: torch's grain size is 32768)
+#: below this many input values a solve runs on one thread; above, on the free cores
 MIN_PARALLEL_VALUES = 1 << 20
 
 _lock = threading.Lock()
@@ -68,7 +69,7 @@ def free_cores() -> int | None:
 @contextmanager
 def solver_threads(x: torch.Tensor, device: torch.device | str | None = None) -> Iterator[int]:
     """Run the block with at most :func:`free_cores` torch threads (CPU work of at least
-    :data:`MIN_PARALLEL_VALUES` values), restoring the count after; yields the count used.
+    :data:`MIN_PARALLEL_VALUES` values; one thread for less), restoring the count after; yields the count used.
 
     ``torch.set_num_threads`` is process-wide: nested or concurrent solves (several Python threads) share one
     setting, taken by the first and restored by the last.
@@ -77,9 +78,9 @@ def solver_threads(x: torch.Tensor, device: torch.device | str | None = None) ->
         >>> import torch
         >>> from rankseg_monai.solvers._threads import solver_threads
         >>> before = torch.get_num_threads()
-        >>> with solver_threads(torch.zeros(10)) as n:
-        ...     n == before
-        True
+        >>> with solver_threads(torch.zeros(10)) as n:  # a small solve: one thread
+        ...     n
+        1
         >>> torch.get_num_threads() == before
         True
     """
@@ -88,10 +89,13 @@ def solver_threads(x: torch.Tensor, device: torch.device | str | None = None) ->
     with _lock:
         current = torch.get_num_threads()
         want = current
-        if _depth == 0 and on_cpu and current > 1 and x.numel() >= MIN_PARALLEL_VALUES:
-            free = free_cores()
-            if free is not None:
-                want = min(current, free)
+        if _depth == 0 and on_cpu and current > 1:
+            if x.numel() < MIN_PARALLEL_VALUES:  # short ops: little to gain from threads, much to lose when busy
+                want = 1
+            else:
+                free = free_cores()
+                if free is not None:
+                    want = min(current, free)
         if _depth == 0:
             _saved = current
             if want != current:
