@@ -371,9 +371,11 @@ def _region_keep(opts: RankSEGOptions, device: torch.device) -> Any:
     """The pruning rule of the regions' independent solve (``solvers.regions.solve_regions``'s ``keep``)."""
     if opts.auto_pruning:
         absence = _pruning.AUTO_MODES[opts.pruning_prob]
-        return lambda q, stats, thr: _pruning.auto_active_from_thresholds(
-            q, thr, stats, opts.metric, opts.smooth, device=device, chunk_size=opts.chunk_size, absence=absence)
-    return lambda q, stats, thr: stats.vmax > opts.pruning_prob
+        # the independent solve's mask sums decide most regions without a pass (the same result: pruning.py)
+        return lambda q, stats, thr, sol: _pruning.auto_active_from_solution(
+            q, thr, stats, opts.metric, opts.smooth, sol.S, sol.n, sol.known, sol.band, device=device,
+            chunk_size=opts.chunk_size, absence=absence)
+    return lambda q, stats, thr, sol: stats.vmax > opts.pruning_prob
 
 
 def _decide_regions(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device
