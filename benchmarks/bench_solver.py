@@ -65,7 +65,7 @@ def _make_fn(method: str, x):
     if method.endswith("_all_threads"):  # the solver as before its thread choice: every torch thread, always
         from rankseg_monai.solvers import _threads
 
-        _threads.free_cores = lambda: None
+        _threads.free_cores, _threads.MIN_PARALLEL_VALUES = (lambda: None), 0
         method = method[: -len("_all_threads")]
     fn = baseline_method(method, x)
     if fn is not None:
