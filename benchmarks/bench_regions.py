@@ -24,6 +24,11 @@ from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import _stream, regions, rma
 from rankseg_monai.solvers.regions import RegionTree, nodes_from_labels, region_objective, solve_regions
 
+LITS, BRATS = {"liver": [1, 2], "tumour": [2]}, {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
+#: volume kind -> (regions, region probabilities?)
+KINDS = {"lits": (LITS, False), "brats": (BRATS, True), "lits-ct": (LITS, False), "brats-mri": (BRATS, True),
+         "tissue": ({"brain": [1, 2, 3], "tissue": [2, 3], "white_matter": [3]}, False)}
+
 
 def _ellipsoid_distance(shape, centre, radii) -> torch.Tensor:
     """Normalised distance to an ellipsoid's centre (1 on its surface)."""
@@ -47,6 +52,8 @@ def volume(kind: str, shape, seed: int = 0) -> torch.Tensor:
         z[:, 2] -= 2.0
         return torch.sigmoid(z)
     noise = z / 30 * 3 + 0.3 * torch.randn(z.shape, generator=g)  # smooth (std about 0.3) and voxel noise
+    if kind == "tissue":
+        return tissue_volume(shape, noise)
     if kind == "lits-ct":
         organ = 8.0 * (1.0 - _ellipsoid_distance(shape, (0.45, 0.5, 0.5), (0.28, 0.22, 0.3)))
         tumour = torch.full(shape, -1e4)
@@ -59,6 +66,21 @@ def volume(kind: str, shape, seed: int = 0) -> torch.Tensor:
     enhancing = 6.0 * (1.0 - _ellipsoid_distance(shape, (0.52, 0.47, 0.5), (0.08, 0.08, 0.08)))
     logits = torch.stack([whole, torch.minimum(whole, core), torch.minimum(core, enhancing)])[None] + noise
     return torch.sigmoid(logits)
+
+
+def tissue_volume(shape, noise: torch.Tensor) -> torch.Tensor:
+    """``(1, 4, *shape)`` softmax over background, CSF, grey and white matter: a brain over about 45% of the box,
+    its three nested regions (brain ``{1, 2, 3}``, tissue ``{2, 3}``, white matter ``{3}``) with soft boundaries
+    (a few voxels wide, wavy) and noise, the model of a brain-tissue network's output: dense regions."""
+    dist = _ellipsoid_distance(shape, (0.5, 0.5, 0.5), (0.47, 0.47, 0.47))
+    wave = noise[0, 0] / 12  # smooth, std about 0.03 of the radius: wavy tissue boundaries
+    steep = 60.0 / max(shape)  # logits per voxel across a boundary (about 2 voxels per logit unit at 128)
+    brain = steep * max(shape) * 0.47 * (1.0 - dist)
+    tissue = steep * max(shape) * 0.47 * (0.85 + wave - dist)
+    white = steep * max(shape) * 0.47 * (0.6 + 2 * wave - dist)
+    logits = torch.stack([torch.zeros(shape), brain, brain + tissue, brain + tissue + white])[None]
+    logits[:, 1:] += noise[:, :3]
+    return torch.softmax(logits, 1)
 
 
 class PassCounter:
@@ -139,6 +161,8 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 128, 64))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS), metavar="KIND",
+                    help="volumes (default: all): " + " ".join(KINDS))
     ap.add_argument("--brute-force", type=int, default=0, metavar="TRIALS",
                     help="instead: tiny cases against the best of every label map")
     args = ap.parse_args()
@@ -153,22 +177,22 @@ def main() -> None:
           f"machine; the ratio uses it)")
     print(f"{'case':>9} {'method':>24} {'wall s':>7} {'CPU s':>7} {'x argmax':>9} {'row reads / N':>14} "
           f"{'sweeps':>7} {'ascent on':>10} {'summed objective':>17}")
-    lits, brats = {"liver": [1, 2], "tumour": [2]}, {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
-    for kind, spec, region_probs in (("lits", lits, False), ("brats", brats, True), ("lits-ct", lits, False),
-                                     ("brats-mri", brats, True)):
+    for kind in args.kinds:
+        spec, region_probs = KINDS[kind]
         x = volume(kind, shape)
         tree = RegionTree.parse(spec)
-        flat = x.reshape(1, 3, -1)
+        num_classes = x.shape[1]
+        flat = x.reshape(1, num_classes, -1)
         q = flat if region_probs else regions.region_probabilities(flat, tree)
         mu = q.double().sum(-1)
         t_arg = median_time(lambda x=x: x.argmax(1), args.repeat)
         rows = [("argmax" if not region_probs else "threshold 0.5 painted", t_arg, None, None, None,
-                 nodes_from_labels(flat.argmax(1), tree, 3) if not region_probs
+                 nodes_from_labels(flat.argmax(1), tree, num_classes) if not region_probs
                  else regions.paint_nodes(q > 0.5, tree))]
         if not region_probs:
             t_mc = median_time(lambda x=x: rankseg(x, pruning_prob="auto"), args.repeat)
             labels = rankseg(x, pruning_prob="auto").reshape(1, -1)
-            rows.append(("multiclass RankSEG", t_mc, None, None, None, nodes_from_labels(labels, tree, 3)))
+            rows.append(("multiclass RankSEG", t_mc, None, None, None, nodes_from_labels(labels, tree, num_classes)))
         kw = dict(regions=spec, region_probs=region_probs, pruning_prob="auto")
         t_reg = median_time(lambda x=x, kw=kw: rankseg(x, **kw), args.repeat)
         with PassCounter() as counter:

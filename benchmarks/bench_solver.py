@@ -20,6 +20,12 @@ Usage::
     python benchmarks/bench_solver.py --threads 1       # steadier on a shared machine
     python benchmarks/bench_solver.py --device cuda     # GPU (also checks CUDA result == CPU result)
     python benchmarks/bench_solver.py --shapes 1,3,64,64,32 --methods argmax functional --repeat 5
+    python benchmarks/bench_solver.py --busy 0 2 8 --shapes 1,14,128,128,128   # beside 0, 2, 8 busy processes
+
+``--busy N [N ...]`` runs the comparison once per count with N busy-loop processes beside it (started before,
+killed after), and prints each method's wall and CPU time relative to its own time with no busy process.  The
+``*_all_threads`` methods are the solver without its thread choice (``solvers/_threads.py``: every torch thread
+even when other processes hold the cores), the code before it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from _bench_util import baseline_method, peak_rss_mb, reset_peak_rss, rss_mb, ru
 
 DEFAULT_SHAPES = ["1,3,256,256,128", "1,14,128,128,128", "1,105,96,96,96"]
 METHODS = ["argmax", "asdiscrete", "functional", "transform", "functional_multilabel", "rankseg008",
-           "rankseg008_screening"]
+           "rankseg008_screening", "functional_all_threads", "transform_all_threads"]
+#: the default methods of ``--busy``: the baselines, and the solver with and without its thread choice
+BUSY_METHODS = ["argmax", "asdiscrete", "functional", "transform", "functional_all_threads", "transform_all_threads"]
 #: issue 15's targets per class count: (functional / argmax, transform / AsDiscrete)
 TARGETS = {3: (1.0, None), 14: (1.2, 1.5), 105: (2.0, 2.5)}
 
@@ -54,6 +62,11 @@ def make_volume(shape: tuple[int, ...], kind: str, seed: int = 0):
 
 
 def _make_fn(method: str, x):
+    if method.endswith("_all_threads"):  # the solver as before its thread choice: every torch thread, always
+        from rankseg_monai.solvers import _threads
+
+        _threads.free_cores, _threads.MIN_PARALLEL_VALUES = (lambda: None), 0
+        method = method[: -len("_all_threads")]
     fn = baseline_method(method, x)
     if fn is not None:
         return fn
@@ -127,6 +140,9 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None,
                     help="set OMP_WAIT_POLICY in the children (default: inherit). PASSIVE keeps several threads fast "
                     "on a machine shared with other jobs (docs/solvers.md)")
+    ap.add_argument("--busy", type=int, nargs="*", default=None, metavar="N",
+                    help="run the comparison beside N busy-loop processes, once per N (e.g. 0 2 8); default methods "
+                    + " ".join(BUSY_METHODS))
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -134,6 +150,55 @@ def main() -> None:
         _child(args.child[0], args.child[1], args.device, args.repeat, args.threads)
         return
 
+    if args.busy is not None:
+        if args.methods == METHODS:
+            args.methods = BUSY_METHODS
+        _busy_main(args)
+        return
+    _run_all(args)
+
+
+def _busy_loops(n: int) -> list:
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _busy_main(args) -> None:
+    """The comparison beside 0, 2, ... busy processes; each method's times relative to its quiet ones."""
+    runs = {}
+    for n in args.busy:
+        procs = _busy_loops(n)
+        try:
+            time.sleep(0.5 if n else 0.0)
+            print(f"\n===== {n} busy processes =====")
+            runs[n] = _run_all(args, quiet_summary=True)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    ref = 0 if 0 in runs else args.busy[0]
+    print(f"\nSlow-down beside N busy processes (each method's time / its time with {ref} busy: wall, CPU; the "
+          "load average while each ran):")
+    for spec, _, res0 in runs[ref]["rows"]:
+        print(f"  shape ({spec})")
+        heads = [f"{n} busy (load {runs[n]['load']:.1f})" for n in runs]
+        print(f"    {'method':24} " + " ".join(f"{h:>26}" for h in heads))
+        for method in res0:
+            cells = []
+            for n in runs:
+                res = {sp: r for sp, _, r in runs[n]["rows"]}[spec]
+                if method not in res:
+                    cells.append(f"{'-':>26}")
+                    continue
+                r = res[method]
+                cell = (f"{r['median']:.3f} s {r['median'] / res0[method]['median']:.2f}x, "
+                        f"{r['cpu'] / res0[method]['cpu']:.2f}x")
+                cells.append(f"{cell:>26}")
+            print(f"    {method:24} " + " ".join(cells))
+
+
+def _run_all(args, quiet_summary: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -163,13 +228,16 @@ def main() -> None:
                 res[method] = r
             rows.append((spec, shape, res))
             _print_shape(spec, res, args.device)
-    _print_summary(rows)
-    if args.device == "cpu":
-        _print_summary(rows, "cpu")
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if not quiet_summary:
+        _print_summary(rows)
+        if args.device == "cpu":
+            _print_summary(rows, "cpu")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "volume_kind": args.volume_kind, "device": args.device,
                        "rows": [{"shape": spec, "results": res} for spec, _, res in rows]}, f, indent=1)
+    return {"rows": rows, "load": (load[0] + end_load) / 2}
 
 
 def _print_shape(spec, res, device):

@@ -121,11 +121,14 @@ def region_cases(level: str) -> list[tuple[str, torch.Tensor, Callable[..., Any]
         cases.append((f"brats region probs|{kw}", brats, lambda t, device=None, kw=kw: rankseg(
             t, device=device, regions=brats_regions, region_probs=True, pruning_prob=kw.get("pruning_prob", "auto"),
             **{k: v for k, v in kw.items() if k != "pruning_prob"})))
+    from bench_regions import KINDS as REGION_KINDS
     from bench_regions import volume as region_volume
 
-    for kind in ("lits-ct", "brats-mri"):  # scan-like: the ascent on the voxels that can move (compacted)
+    # scan-like (the ascent on the voxels that can move, compacted) and tissue-like (dense: three nested regions over
+    # about half the box)
+    for kind in ("lits-ct", "brats-mri", "tissue"):
         x = region_volume(kind, (24, 20, 16) if level == "tiny" else shape, seed=3)  # smooth noise needs >= 9^3
-        spec, probs_kind = (lits_regions, False) if kind == "lits-ct" else (brats_regions, True)
+        spec, probs_kind = REGION_KINDS[kind]
         for metric in ("dice", "iou"):
             cases.append((f"{kind} regions|{metric}", x, lambda t, device=None, spec=spec, rp=probs_kind, m=metric:
                           rankseg(t, device=device, regions=spec, region_probs=rp, metric=m)))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .functional import rankseg
-
 __version__ = "0.1.0"
 
-# name -> submodule; imported on first use so that ``import rankseg_monai`` stays light (no MONAI import
-# for solver-only users) while ``rankseg_monai.RankSEGd`` still resolves for MONAI bundle configs.
+# name -> submodule; imported on first use so that ``import rankseg_monai`` stays light (no torch or MONAI import:
+# the command line sets OpenMP's wait policy before torch loads, see ``rankseg_monai.app``) while
+# ``rankseg_monai.rankseg`` and ``rankseg_monai.RankSEGd`` still resolve (MONAI bundle configs name the latter).
 _LAZY = {
+    "rankseg": "functional",
     "RankSEG": "transforms",
     "RankSEGd": "transforms",
     "RankSEGD": "transforms",

@@ -23,6 +23,7 @@ from .solvers import pruning as _pruning
 from .solvers import regions as _regions
 from .solvers import rma as _rma
 from .solvers._stream import flat_view, floor_to_dtype, mask_sums, row_statistics, threshold_masks
+from .solvers._threads import solver_threads
 from .solvers.validation import check_choice, check_probability_tensor
 
 __all__ = ["rankseg", "decide", "guarded_rankseg", "expected_score", "baseline_decision"]
@@ -156,7 +157,8 @@ def decide(probs: torch.Tensor | np.ndarray, options: RankSEGOptions | None = No
                          "torch.uint8, or pass a torch tensor")
     check_probability_tensor(x)
     opts.check_classes(x.shape[1])
-    out, info = _decide(x, opts)
+    with solver_threads(x, opts.device):  # fewer threads where other work holds cores (same decisions)
+        out, info = _decide(x, opts)
     out = out.numpy() if was_numpy else out
     return (out, info) if return_info else out
 
@@ -383,9 +385,11 @@ def _region_keep(opts: RankSEGOptions, device: torch.device) -> Any:
     """The pruning rule of the regions' independent solve (``solvers.regions.solve_regions``'s ``keep``)."""
     if opts.auto_pruning:
         absence = _pruning.AUTO_MODES[opts.pruning_prob]
-        return lambda q, stats, thr: _pruning.auto_active_from_thresholds(
-            q, thr, stats, opts.metric, opts.smooth, device=device, chunk_size=opts.chunk_size, absence=absence)
-    return lambda q, stats, thr: stats.vmax > opts.pruning_prob
+        # the independent solve's mask sums decide most regions without a pass (the same result: pruning.py)
+        return lambda q, stats, thr, sol: _pruning.auto_active_from_solution(
+            q, thr, stats, opts.metric, opts.smooth, sol.S, sol.n, sol.known, sol.band, device=device,
+            chunk_size=opts.chunk_size, absence=absence)
+    return lambda q, stats, thr, sol: stats.vmax > opts.pruning_prob
 
 
 def _decide_regions(flat: torch.Tensor, opts: RankSEGOptions, device: torch.device

@@ -5,8 +5,15 @@ CUDA too when ``torch.cuda.is_available()``, as MONAI's tests do.  On a machine 
 the CUDA parameter simply does not exist there.  ``benchmarks/gpu_check.py`` is the one-command GPU check.
 """
 
-import pytest
-import torch
+import os
+
+# Before torch loads (libgomp reads it once): idle OpenMP threads sleep instead of spinning, so the suite and the
+# subprocesses it starts (CLI, tutorials) do not slow down by several times on a machine busy with other work
+# (the command line does the same: rankseg_monai/app/__init__.py).  A value set by the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # pytest-xdist runs 2 workers on 2 cores: one torch thread each avoids oversubscription (OpenMP barriers in
 # many medium-sized ops slow down by 10x or more when threads outnumber cores).

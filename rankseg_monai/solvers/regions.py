@@ -51,7 +51,7 @@ import torch
 from ._stream import RowStats, row_statistics
 from .multiclass import argmax_labels
 from .objectives import dinkelbach_threshold, increment_score, rma_score
-from .rma import rma_thresholds
+from .rma import rma_solve, rma_thresholds
 
 __all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "solve_regions", "region_objective",
            "region_sums", "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
@@ -345,7 +345,7 @@ def region_sums(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree) -> tuple
     node_n = torch.zeros((batch, num_regions + 1), dtype=torch.float64, device=q.device)
     for a, b in _chunks(n_vox):
         for i in range(batch):
-            idx = nodes[i, a:b].long()
+            idx = nodes[i, a:b]  # uint8/int16: bincount reads them as they are (no int64 copy), same sums
             node_n[i] += torch.bincount(idx, minlength=num_regions + 1).double()
             for r in range(num_regions):
                 node_s[i, r] += torch.bincount(idx, weights=q[i, r, a:b].double(), minlength=num_regions + 1)
@@ -620,7 +620,7 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
         if keep is not None:
             idx = torch.nonzero(keep).squeeze(1)
             try:
-                sub, n_sw, val = _ascend(qi.index_select(2, idx), si.index_select(1, idx), tree, mu[sl], active[sl],
+                sub, n_sw, val = _ascend(_gather_voxels(qi, idx), si.index_select(1, idx), tree, mu[sl], active[sl],
                                          metric, smooth, device, chunk_size, outside_max=outside_max)
                 full = si.clone()
                 full[0, idx] = sub[0]
@@ -635,6 +635,15 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
         values.append(result[2])
         compacted.append(result[3])
     return nodes, sweeps, torch.cat(values), compacted
+
+
+def _gather_voxels(q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``q.index_select(2, idx)`` for one item ``(1, R, N)``, row by row: a 1-D ``index_select`` per row is about 4x
+    faster than selecting along the last dimension of the 3-D tensor (the same values)."""
+    out = torch.empty((1, q.shape[1], idx.numel()), dtype=q.dtype, device=q.device)
+    for r in range(q.shape[1]):
+        torch.index_select(q[0, r], 0, idx, out=out[0, r])
+    return out
 
 
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -666,8 +675,10 @@ def solve_regions(
         tree: the regions.
         metric, smooth: the metric (``"dice"``/``"iou"``) and its smoothing.
         keep: ``None`` (every region with a positive probability may be non-empty) or a callable
-            ``(q, stats, thresholds) -> bool (B, R)``: the regions pruning keeps, from the independent solve.  A
-            region is kept only when the region above it is kept; a pruned region's mask is empty.
+            ``(q, stats, thresholds, solution) -> bool (B, R)``: the regions pruning keeps, from the independent
+            solve (``solution``: its :class:`~rankseg_monai.solvers.rma.RMASolution`, band summary included, for
+            ``pruning.auto_active_from_solution``).  A region is kept only when the region above it is kept; a
+            pruned region's mask is empty.
         region_probs: the channels are region probabilities (one per region, e.g. sigmoids), not classes.
         device, chunk_size: as for the other solvers (the threshold solves stream through ``device``).
         return_details: also return a dict: ``q`` (region probabilities), ``mu``, ``active``, ``candidates``
@@ -679,8 +690,10 @@ def solve_regions(
     stats = row_statistics(q, device=device, chunk_size=chunk_size)
     on = stats.vmax.device
     mu = stats.mu.to(q.device)
-    thr = rma_thresholds(q, stats, metric, smooth, stats.vmax > 0, device=device, chunk_size=chunk_size)
-    active = (stats.vmax > 0) if keep is None else keep(q, stats, thr).to(on)
+    independent = rma_solve(q, stats, metric, smooth, stats.vmax > 0, device=device, chunk_size=chunk_size,
+                            band_summary=keep is not None)
+    thr = independent.thr
+    active = (stats.vmax > 0) if keep is None else keep(q, stats, thr, independent).to(on)
     active = active.to(q.device).clone()
     for r in tree.order:  # a region is kept only when the region above it is kept
         if tree.parent[r] >= 0:
