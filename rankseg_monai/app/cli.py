@@ -1,4 +1,5 @@
-"""Command line: ``rankseg-monai predict | evaluate | merge-reports | demo`` (see ``docs/cli.md``).
+"""Command line: ``rankseg-monai predict | evaluate | merge-reports | nnunet-predict | demo`` (see ``docs/cli.md``;
+``nnunet-predict`` lives in :mod:`rankseg_monai.app.nnunet`, ``docs/nnunet.md``).
 
 Exit codes: 0 success; 1 some case failed (the others were still done); 2 usage error or unusable output folder
 (nothing was done, or, when the final report cannot be written, nothing was kept); 130 interrupted.
@@ -189,6 +190,10 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     merge.add_argument("folder", metavar="DIR", help="the -o folder of the evaluate parts")
     merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="where to write the report (default: DIR)")
+
+    from .nnunet import add_arguments as add_nnunet_arguments  # nnunetv2 itself is imported only when run
+
+    add_nnunet_arguments(sub, _add_decision_options, _add_part_options)
 
     demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
                           description="End-to-end demonstration on embedded data (no download): seeded CT-like "
@@ -917,6 +922,10 @@ def _main(argv: list[str]) -> int:
             return cmd_evaluate(args)
         if args.command == "merge-reports":
             return cmd_merge_reports(args)
+        if args.command == "nnunet-predict":
+            from .nnunet import cmd_nnunet_predict
+
+            return cmd_nnunet_predict(args)
         return int(demo.run(args) or 0)
     except UsageError as exc:
         _err(str(exc))
