@@ -133,6 +133,42 @@ def build_model(root: Path, *, regions: bool = False, dataset_id: int = 901, num
         return out.parent
 
 
+def region_model(model: Path, out: Path, seed: int = 1, head_scale: float = 40.0) -> Path:
+    """A region-trained twin of ``model`` at ``out``: its plans, a dataset.json whose labels are nested regions
+    (``whole = {1, 2}``, ``core = {2}``, ``regions_class_order = [1, 2]``) and a network with one output per region
+    built by nnU-Net's trainer class, saved as nnU-Net saves checkpoints (planning depends on the images, not on
+    the labels, so nothing else changes)."""
+    import shutil
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    shutil.copytree(model, out)
+    dataset = json.loads((out / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+    dataset["regions_class_order"] = [1, 2]
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    plans = PlansManager(str(out / "plans.json"))
+    ckpt_path = out / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = plans.get_configuration(checkpoint["init_args"]["configuration"])
+    heads = plans.get_label_manager(dataset).num_segmentation_heads
+    torch.manual_seed(seed)
+    network = nnUNetTrainer.build_network_architecture(plans, config, determine_num_input_channels(plans, config,
+                                                       dataset), heads, enable_deep_supervision=False)
+    with torch.no_grad():
+        head = network.decoder.seg_layers[-1]
+        head.weight.mul_(head_scale)
+        head.bias.copy_(torch.linspace(0.5, -0.5, heads))
+    checkpoint["network_weights"] = network.state_dict()
+    torch.save(checkpoint, ckpt_path)
+    return out
+
+
 if __name__ == "__main__":
-    folder = build_model(Path(sys.argv[1]), regions="--regions" in sys.argv)
+    folder = build_model(Path(sys.argv[1]))
     print(folder)
+    if "--regions" in sys.argv:
+        print(region_model(folder, Path(sys.argv[1]) / "regions_model"))

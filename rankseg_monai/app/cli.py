@@ -939,4 +939,7 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    # run the package's module, not this __main__ copy: modules it imports (nnunet) raise its UsageError
+    from rankseg_monai.app.cli import main as _package_main
+
+    raise SystemExit(_package_main())
