@@ -11,11 +11,13 @@ manager whose conversion step is :func:`decide_probabilities`, then writes with 
 temporary, read back, then put in place with its record).  Everything else is nnU-Net's.
 
 Cropping.  nnU-Net decides on the non-zero box of the image; outside it the probability of background is 1 (of
-every region 0), and ``--save_probabilities`` stores the uncropped volume.  RankSEG never selects a voxel whose
-probability is 0 (it lowers the expected Dice), so the decision on the box, padded with background, is the one on
-the whole volume; the box is also decided in the array order that ``rankseg-monai predict`` reads the ``.npz`` in,
-so even ties fall the same way (tested against ``--save_probabilities`` + ``predict``).  The label-free expected
-Dice of background (label 0) in the records is that of the box; foreground classes and regions are exact.
+every region 0), and ``--save_probabilities`` stores the uncropped volume.  Region probabilities are 0 outside the
+box and never selected there, so regions are decided on the box.  Class probabilities are not: background is a
+class of the multiclass decision, and its selection (threshold, expected-Dice increments) counts the certain
+voxels outside the box, so a voxel inside can change label (seen on a test case).  They are decided on the
+uncropped volume, in memory (as nnU-Net's own ``--save_probabilities`` path holds it, without writing it).  The
+volume is also decided in the array order that ``rankseg-monai predict`` reads the ``.npz`` in, so even ties fall
+the same way (tested against ``--save_probabilities`` + ``predict``).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _layout(transpose_backward: Sequence[int] | None, ndim: int) -> list[int]:
 
 
 def decide_probabilities(probs: Any, options: RankSEGOptions, *, transpose_backward: Sequence[int] | None = None,
-                         estimates: bool = True) -> tuple[np.ndarray, dict[str, Any] | None]:
+                         estimates: bool = True, crop: tuple[Sequence[Sequence[int]], Sequence[int]] | None = None
+                         ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The RankSEG decision of one nnU-Net case: the one place ``nnunet-predict`` decides (a calibration plugs in
     through ``options``).
 
@@ -90,6 +93,10 @@ def decide_probabilities(probs: Any, options: RankSEGOptions, *, transpose_backw
         transpose_backward: nnU-Net's plans ``transpose_backward``; the decision is taken in ``predict``'s array
             order so that ties fall as there.
         estimates: also return the record's label-free expected Dice (of RankSEG's and argmax's masks).
+        crop: nnU-Net's ``(bbox_used_for_cropping, shape_before_cropping)`` when ``probs`` is the crop box of a
+            larger volume.  Class probabilities are then decided on the whole volume, background certain outside
+            the box (the background class's own RankSEG selection counts every voxel of the volume), and the box
+            of the decision is returned; region probabilities (0 outside) are decided on the box directly.
 
     Returns:
         the label map ``(*spatial)`` in nnU-Net's order (the narrowest unsigned dtype), and the estimates or
@@ -108,18 +115,38 @@ def decide_probabilities(probs: Any, options: RankSEGOptions, *, transpose_backw
 
     arr = probs.numpy() if hasattr(probs, "numpy") else np.asarray(probs)
     ndim = arr.ndim - 1
+    box = None
+    if crop is not None and not options.region_probs:
+        bbox, shape = crop
+        box = tuple(slice(int(lo), int(hi)) for lo, hi in bbox)
+        if tuple(int(n) for n in shape) != tuple(arr.shape[1:]):
+            full = np.zeros((arr.shape[0], *(int(n) for n in shape)), dtype=np.float32)
+            full[0] = 1.0
+            full[(slice(None), *box)] = arr
+            arr = full
+        else:
+            box = None
     order = _layout(transpose_backward, ndim)
     view = np.ascontiguousarray(arr.transpose(0, *[a + 1 for a in order]), dtype=np.float32)
     mask = decide(view, "rankseg", options, label_dtype=_narrowest(view.shape[0], options))
     extra = _case_estimates(view, mask, options) if estimates and options.metric in ("dice", "iou") else None
-    return np.ascontiguousarray(mask.transpose(np.argsort(order))), extra
+    mask = mask.transpose(np.argsort(order))
+    if box is not None:
+        inside = mask[box]
+        if np.count_nonzero(mask) != np.count_nonzero(inside):  # a voxel of probability 0 selected: never
+            raise VolumeError("RankSEG labelled a voxel outside nnU-Net's crop box (background probability 1 "
+                              "there); please report this with the case")
+        mask = inside
+    return np.ascontiguousarray(mask), extra
 
 
 class _RankSEGLabels:
     """nnU-Net's ``LabelManager`` with RankSEG as its conversion step (every other attribute is the manager's)."""
 
-    def __init__(self, manager: Any, options: RankSEGOptions, transpose_backward: Sequence[int], estimates: bool):
+    def __init__(self, manager: Any, options: RankSEGOptions, transpose_backward: Sequence[int], estimates: bool,
+                 crop: tuple[Any, Any] | None = None):
         self._manager = manager
+        self._crop = crop
         self._options = options
         self._transpose_backward = transpose_backward
         self._estimates = estimates
@@ -130,7 +157,7 @@ class _RankSEGLabels:
 
     def convert_probabilities_to_segmentation(self, probabilities: Any) -> np.ndarray:
         mask, self.extra = decide_probabilities(probabilities, self._options, estimates=self._estimates,
-                                                transpose_backward=self._transpose_backward)
+                                                transpose_backward=self._transpose_backward, crop=self._crop)
         return mask
 
     def convert_logits_to_segmentation(self, logits: Any) -> np.ndarray:
@@ -167,7 +194,8 @@ def _convert(job: ExportJob, logits: Any, plans_manager: Any, configuration_mana
     threads = default_num_processes if num_threads_torch is None else num_threads_torch
     labels = label_manager
     if job.options is not None:
-        labels = _RankSEGLabels(label_manager, job.options, plans_manager.transpose_backward, job.estimates)
+        crop = (properties["bbox_used_for_cropping"], properties["shape_before_cropping"])
+        labels = _RankSEGLabels(label_manager, job.options, plans_manager.transpose_backward, job.estimates, crop)
     out = ep.convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, plans_manager, configuration_manager, labels, properties, return_probabilities=return_probabilities,
         num_threads_torch=threads)
@@ -491,8 +519,8 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
     outdir = Path(args.output)
     all_inputs = [p for files in cases.values() for p in files]
     cli._check_outdir(outdir, [images, model], all_inputs)
-    names = cli.select_part([Path(c) for c in cases], args.part_id, args.num_parts)
-    selected = [str(n) for n in names]
+    first = {files[0]: case for case, files in cases.items()}  # <case>_0000: sorted as the cases (nnU-Net's split)
+    selected = [first[p] for p in cli.select_part(list(first), args.part_id, args.num_parts)]
     targets = [outdir / f"{c}{file_ending}" for c in selected]
     settings = cli.run_settings(args, options)
     settings.update(decision="argmax" if args.argmax else "rankseg", model=model_settings,
