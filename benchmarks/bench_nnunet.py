@@ -10,9 +10,10 @@ fixture's (two 20x36x30 cases, one cropped by nnU-Net) and a larger stand-in (``
 cases = 1.6 Mvox each, a zero border so nnU-Net crops; CPU inference of a CT-sized volume takes too long on a shared
 two-core machine).  Each pipeline runs in a fresh process (nnU-Net's predictor in-process, as its console script
 does, without the start-up of ``nnUNetv2_predict``), ``-npp 1 -nps 1``, ``--disable_tta`` for the stand-in.
-Peak memory: the largest total resident set of the run's process tree (the run and its preprocessing/export
-workers, summed, sampled from /proc every 50 ms); CPU: user + system seconds of the whole tree (less sensitive than
-wall time to other work on a shared machine); disk: bytes the run left in its output folders.
+Peak memory: the largest total proportional set size (PSS) of the run's process tree (the run and its
+preprocessing/export workers, summed, sampled from /proc every 50 ms; PSS divides the pages forked workers share);
+CPU: user + system seconds of the whole tree (less sensitive than wall time to other work on a shared machine);
+disk: bytes the run left in its output folders.
 
 Run:  python benchmarks/bench_nnunet.py [--size 64 160 160] [--repeats 1]
 """
@@ -67,20 +68,30 @@ def child(pipeline: str, model: str, images: str, out: str, tta: bool) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "disk_bytes": disk}))
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Summed resident set of ``root`` and its descendants (Linux /proc)."""
+def _pss_mb(pid: str) -> float:
+    """Proportional set size of a process (shared pages divided among the processes sharing them, so the sum over a
+    tree of forked workers is not counted once per worker)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree_pss_mb(root: int) -> float:
+    """Summed proportional set size (PSS) of ``root`` and its descendants (Linux /proc)."""
     parents: dict[int, int] = {}
-    rss: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/status") as fh:
-                fields = dict(line.split(":", 1) for line in fh if ":" in line)
-        except OSError:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        parents[int(entry)] = int(fields.get("PPid", "0").strip() or 0)
-        rss[int(entry)] = float(fields.get("VmRSS", "0 kB").split()[0]) / 1024
     tree, frontier = {root}, [root]
     while frontier:
         pid = frontier.pop()
@@ -88,7 +99,7 @@ def _tree_rss_mb(root: int) -> float:
             if parent == pid and child_pid not in tree:
                 tree.add(child_pid)
                 frontier.append(child_pid)
-    return sum(rss.get(pid, 0.0) for pid in tree)
+    return sum(_pss_mb(str(pid)) for pid in tree)
 
 
 def measure(pipeline: str, model: Path, images: Path, work: Path, tta: bool) -> dict:
@@ -102,7 +113,7 @@ def measure(pipeline: str, model: Path, images: Path, work: Path, tta: bool) -> 
                                  str(int(tta))], stdout=stdout, stderr=stderr, text=True, env=env, cwd=ROOT)
         peak = 0.0
         while proc.poll() is None:
-            peak = max(peak, _tree_rss_mb(proc.pid))
+            peak = max(peak, _tree_pss_mb(proc.pid))
             time.sleep(0.05)
         stdout.seek(0)
         stderr.seek(0)
@@ -113,7 +124,7 @@ def measure(pipeline: str, model: Path, images: Path, work: Path, tta: bool) -> 
         raise RuntimeError(f"{pipeline} failed:\n{text[-2000:]}\n{errors[-4000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     result["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result["peak_rss_mb"] = peak
+    result["peak_pss_mb"] = peak
     return result
 
 
@@ -135,22 +146,22 @@ def main() -> None:
                     (fx.write_images(work / "large", {"big1": (0, 8), "big2": (1, 8)}, shape=tuple(args.size)),
                      work / "large", False)}
         print(f"nnunetv2 pipelines, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, "
-              f"{args.repeats} repeat(s), best wall and CPU time; peak RSS of the process tree (summed)")
+              f"{args.repeats} repeat(s), best wall and CPU time; peak PSS of the process tree (summed)")
         for name, (_, images, tta) in sets.items():
             print(f"\n{name}{'' if tta else ', --disable_tta'}")
             print(f"{'pipeline':<16} {'wall s':>7} {'x nnunet':>9} {'CPU s':>7} {'x nnunet':>9} "
-                  f"{'peak RSS MiB':>13} {'disk KiB':>10}")
+                  f"{'peak PSS MiB':>13} {'disk KiB':>10}")
             results = {}
             for pipeline in PIPELINES:
                 runs = [measure(pipeline, model, images, work / "runs", tta) for _ in range(args.repeats)]
                 results[pipeline] = {"seconds": min(r["seconds"] for r in runs),
                                      "cpu_seconds": min(r["cpu_seconds"] for r in runs),
-                                     "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                                     "peak_pss_mb": max(r["peak_pss_mb"] for r in runs),
                                      "disk_bytes": runs[-1]["disk_bytes"]}
             base, base_cpu = results["nnunet"]["seconds"], results["nnunet"]["cpu_seconds"]
             for pipeline, r in results.items():
                 print(f"{pipeline:<16} {r['seconds']:7.1f} {r['seconds'] / base:9.2f} {r['cpu_seconds']:7.1f} "
-                      f"{r['cpu_seconds'] / base_cpu:9.2f} {r['peak_rss_mb']:13.0f} {r['disk_bytes'] / 1024:10.1f}")
+                      f"{r['cpu_seconds'] / base_cpu:9.2f} {r['peak_pss_mb']:13.0f} {r['disk_bytes'] / 1024:10.1f}")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -337,12 +337,7 @@ def _predictor_class() -> type:
                 return super().predict_from_data_iterator(*args, **kwargs)
 
         def predict_single_npy_array(self, *args: Any, **kwargs: Any):
-            from nnunetv2.inference import predict_from_raw_data as prd
-
-            with rankseg_export(self.rankseg_job):
-                # this one converts in-process through a module-level name of predict_from_raw_data
-                prd.convert_predicted_logits_to_segmentation_with_correct_shape = functools.partial(
-                    _convert_in_memory, self.rankseg_job)
+            with rankseg_export(self.rankseg_job):  # converts in-process, through predict_from_raw_data's names
                 return super().predict_single_npy_array(*args, **kwargs)
 
     RankSEGPredictor.__module__ = __name__
@@ -555,7 +550,7 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
                 inputs[str(outdir / case)] = hashed
             if todo:
                 job = ExportJob(None if args.argmax else options, settings, inputs, estimates=not args.argmax)
-                _run_nnunet(args, model, folds, images, outdir, todo, cases, job, run)
+                _run_nnunet(args, model, folds, outdir, file_ending, todo, cases, job, run)
     cli._remove_if_empty(outdir, created)
     cli._write_expected(run, targets)
     c = run.counts
@@ -570,7 +565,7 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
     return 1 if run.failed else 0
 
 
-def _run_nnunet(args: argparse.Namespace, model: Path, folds: Sequence[str], images: Path, outdir: Path,
+def _run_nnunet(args: argparse.Namespace, model: Path, folds: Sequence[str], outdir: Path, file_ending: str,
                 todo: Sequence[str], cases: Mapping[str, Sequence[Path]], job: ExportJob, run: Any) -> None:
     import torch
 
@@ -583,13 +578,29 @@ def _run_nnunet(args: argparse.Namespace, model: Path, folds: Sequence[str], ima
                                   use_mirroring=not args.disable_tta,
                                   perform_everything_on_device=device.type == "cuda",
                                   device=device, verbose=False, allow_tqdm=not args.quiet, rankseg_job=job)
-        predictor.initialize_from_trained_model_folder(str(model), use_folds=tuple(folds),
-                                                       checkpoint_name=args.checkpoint)
-        results = predictor.predict_from_files([[str(p) for p in cases[c]] for c in todo],
-                                               [str(outdir / c) for c in todo],
-                                               save_probabilities=args.save_probabilities, overwrite=True,
-                                               num_processes_preprocessing=args.npp,
-                                               num_processes_segmentation_export=args.nps)
+        try:
+            predictor.initialize_from_trained_model_folder(str(model), use_folds=tuple(folds),
+                                                           checkpoint_name=args.checkpoint)
+        except Exception as exc:
+            from .cli import UsageError
+
+            raise UsageError(f"-m {model}: nnU-Net cannot load the model ({type(exc).__name__}: {exc})") from None
+        try:
+            results = predictor.predict_from_files([[str(p) for p in cases[c]] for c in todo],
+                                                   [str(outdir / c) for c in todo],
+                                                   save_probabilities=args.save_probabilities, overwrite=True,
+                                                   num_processes_preprocessing=args.npp,
+                                                   num_processes_segmentation_export=args.nps)
+        except Exception as exc:  # nnU-Net's preprocessing or inference stopped: which cases made it to disk?
+            from . import provenance as prov
+
+            print(f"nnU-Net stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            results = []
+            for c in todo:
+                target = outdir / f"{c}{file_ending}"
+                ok = prov.case_status(target, job.settings or {}, job.inputs.get(str(outdir / c), [])).state
+                results.append({"case": c, "status": WRITTEN} if ok == prov.DONE else
+                               {"case": c, "status": FAILED, "error": "not exported before nnU-Net stopped"})
     for res in results or []:
         if res.get("status") == WRITTEN:
             run.counts["written"] += 1

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rankseg_monai._files import is_temporary
 from rankseg_monai.app import cli
 from rankseg_monai.app import provenance as prov
 from rankseg_monai.app.nnunet import INSTALL_HINT, decide_probabilities
@@ -145,6 +146,38 @@ def test_resume_damage_and_other_settings(nnunet_runs, tmp_path, capsys):
     assert (out / "plain.nii.gz").read_bytes() == (reference / "plain.nii.gz").read_bytes()
     assert cli.main([*args, "--metric", "iou"]) == 2  # a folder never mixes settings
     assert "other settings" in capsys.readouterr().err
+
+
+@needs_nnunet
+def test_save_probabilities_as_nnunet(nnunet_runs, tmp_path):
+    """--save_probabilities: nnU-Net's .npz/.pkl as nnUNetv2_predict --save_probabilities writes them, beside the
+    RankSEG masks."""
+    out = tmp_path / "out"
+    model, ref = nnunet_runs["models"]["labels"], nnunet_runs["runs"]["labels"]
+    assert cli.main(["nnunet-predict", "-i", str(nnunet_runs["images"]), "-o", str(out), "-m", str(model), *COMMON,
+                     "--save_probabilities"]) == 0
+    for case in CASES:
+        with np.load(out / f"{case}.npz") as ours, np.load(ref / "nnunet_probs" / f"{case}.npz") as theirs:
+            np.testing.assert_array_equal(ours["probabilities"], theirs["probabilities"])
+        assert (out / f"{case}.nii.gz").read_bytes() == (ref / "ours" / f"{case}.nii.gz").read_bytes()
+
+
+@needs_nnunet
+def test_unreadable_image_fails_without_partial_files(nnunet_runs, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "plain_0000.nii.gz").write_bytes((nnunet_runs["images"] / "plain_0000.nii.gz").read_bytes())
+    (images / "zbroken_0000.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    argv = ["nnunet-predict", "-i", str(images), "-o", str(out), "-m", str(nnunet_runs["models"]["labels"]), *COMMON]
+    assert cli.main(argv) == 1
+    assert "zbroken" in capsys.readouterr().err.splitlines()[-1]
+    assert not (out / "zbroken.nii.gz").exists()
+    assert not [p for p in out.iterdir() if is_temporary(p.name)]
+    if (out / "plain.nii.gz").exists():  # exported before nnU-Net stopped (timing): then complete, with its record
+        ref = nnunet_runs["runs"]["labels"] / "ours" / "plain.nii.gz"
+        assert (out / "plain.nii.gz").read_bytes() == ref.read_bytes()
+        assert prov.read_record(out / "plain.nii.gz")["mask_sha256"]
 
 
 @needs_nnunet
