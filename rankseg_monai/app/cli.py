@@ -602,10 +602,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 run.failed.append(rio.case_name(path))
                 _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
     _remove_if_empty(outdir, created)
+    return _finish_predict(run, targets)
+
+
+def _finish_predict(run: _PredictRun, targets: Sequence[Path]) -> int:
+    """``expected_dice.csv``, the summary line and the exit code of a predict run (also ``nnunet-predict``)."""
     _write_expected(run, targets)
-    c = run.counts
+    c, args = run.counts, run.args
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
-    line = f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
+    line = f"masks in {run.outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
            f"{len(run.failed)} failed"
     if c["elsewhere"]:
         line += f", {c['elsewhere']} left to another run writing them now"

@@ -552,17 +552,7 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
                 job = ExportJob(None if args.argmax else options, settings, inputs, estimates=not args.argmax)
                 _run_nnunet(args, model, folds, outdir, file_ending, todo, cases, job, run)
     cli._remove_if_empty(outdir, created)
-    cli._write_expected(run, targets)
-    c = run.counts
-    part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
-    line = (f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), "
-            f"{len(run.failed)} failed")
-    if c["elsewhere"]:
-        line += f", {c['elsewhere']} left to another run writing them now"
-    print(line, file=sys.stderr)
-    if run.failed:
-        print(f"failed (reasons above): {', '.join(run.failed)}", file=sys.stderr)
-    return 1 if run.failed else 0
+    return cli._finish_predict(run, targets)
 
 
 def _run_nnunet(args: argparse.Namespace, model: Path, folds: Sequence[str], outdir: Path, file_ending: str,
