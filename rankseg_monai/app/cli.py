@@ -191,9 +191,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="where to write the report (default: DIR)")
 
-    from .nnunet import add_arguments as add_nnunet_arguments  # nnunetv2 itself is imported only when run
-
-    add_nnunet_arguments(sub, _add_decision_options, _add_part_options)
+    _load_nnunet().add_arguments(sub, _add_decision_options, _add_part_options)
 
     demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
                           description="End-to-end demonstration on embedded data (no download): seeded CT-like "
@@ -905,6 +903,14 @@ def _load_demo() -> Any:
     return module
 
 
+def _load_nnunet() -> Any:
+    """``rankseg_monai.app.nnunet``, loaded by name as the demo is: a command built on this module's parts (it imports
+    this module; nnunetv2 itself only when the command runs)."""
+    import importlib
+
+    return importlib.import_module("rankseg_monai.app.nnunet")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
@@ -928,9 +934,7 @@ def _main(argv: list[str]) -> int:
         if args.command == "merge-reports":
             return cmd_merge_reports(args)
         if args.command == "nnunet-predict":
-            from .nnunet import cmd_nnunet_predict
-
-            return cmd_nnunet_predict(args)
+            return int(_load_nnunet().cmd_nnunet_predict(args))
         return int(demo.run(args) or 0)
     except UsageError as exc:
         _err(str(exc))
