@@ -144,6 +144,11 @@ def test_resume_damage_and_other_settings(nnunet_runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "redoing plain" in err and "1 written, 1 skipped" in err
     assert (out / "plain.nii.gz").read_bytes() == (reference / "plain.nii.gz").read_bytes()
+    assert cli.main([*args, "--flag-below", "1"]) == 0  # nothing redone; the review list from the records
+    err = capsys.readouterr().err
+    assert "2 skipped" in err and "review (2 case(s) with an expected dice below 1): cropped, plain" in err
+    rows = list(csv.DictReader(open(out / "expected_dice.csv")))
+    assert len(rows) == 4 and {r["review"] for r in rows} == {"1"} and {r["name"] for r in rows} == {"outer", "inner"}
     assert cli.main([*args, "--metric", "iou"]) == 2  # a folder never mixes settings
     assert "other settings" in capsys.readouterr().err
 
