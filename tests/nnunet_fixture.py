@@ -8,7 +8,8 @@ trainer's own ``save_checkpoint`` as ``fold_0/checkpoint_final.pth``: the folder
 weights are nnU-Net's initialisation, with the segmentation head scaled so the probabilities are spread (argmax and
 RankSEG then differ).  :func:`write_images` writes test images (one with a zero border, which nnU-Net crops away).
 
-Run as a script to build one: ``python tests/nnunet_fixture.py OUTDIR [--regions]``.
+:func:`region_model` derives a region-trained twin.  Run as a script to build one: ``python tests/nnunet_fixture.py
+OUTDIR [--regions]``.
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ def nnunet_paths(root: Path):
                 os.environ[n] = v
 
 
-def build_model(root: Path, *, regions: bool = False, dataset_id: int = 901, num_cases: int = 4,
+def build_model(root: Path, *, dataset_id: int = 901, num_cases: int = 4,
                 shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0, head_scale: float = 40.0) -> Path:
     """Build the model folder under ``root`` (nnU-Net's raw/preprocessed/results folders) and return it
     (``.../nnUNetTrainer__nnUNetPlans__3d_fullres``)."""
     import torch
 
-    name = f"Dataset{dataset_id:03d}_{'Regions' if regions else 'Blobs'}"
+    name = f"Dataset{dataset_id:03d}_Blobs"
     with nnunet_paths(root):
         raw = root / "nnUNet_raw" / name
         (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -99,12 +100,8 @@ def build_model(root: Path, *, regions: bool = False, dataset_id: int = 901, num
             image, labels = _image(rng, shape)
             _write(image, raw / "imagesTr" / f"case{i:02d}_0000.nii.gz")
             _write(labels, raw / "labelsTr" / f"case{i:02d}.nii.gz")
-        labels_json = ({"background": 0, "whole": [1, 2], "core": 2} if regions
-                       else {"background": 0, "outer": 1, "inner": 2})
-        dataset = {"channel_names": {"0": "CT"}, "labels": labels_json, "numTraining": num_cases,
-                   "file_ending": ".nii.gz"}
-        if regions:
-            dataset["regions_class_order"] = [1, 2]
+        dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "outer": 1, "inner": 2},
+                   "numTraining": num_cases, "file_ending": ".nii.gz"}
         (raw / "dataset.json").write_text(json.dumps(dataset, indent=1))
 
         from nnunetv2.experiment_planning.plan_and_preprocess_api import (

@@ -487,6 +487,9 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
         nnunet_version = require_nnunet()
     except NnUNetMissing as exc:
         raise UsageError(str(exc)) from None
+    if not nnunet_version.startswith("2.8."):
+        print(f"rankseg-monai: warning: nnunetv2 {nnunet_version} is not a tested version "
+              f"({','.join(TESTED_VERSIONS)}); the masks are checked against nnU-Net's own only there", file=sys.stderr)
     from . import io as rio
 
     try:
