@@ -10,6 +10,7 @@ VENV="${VENV:-.venv}"
 python -m pip install -q --upgrade pip
 # CPU build of PyTorch (a plain `pip install torch` may pull a multi-GB CUDA build); see README for GPU.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+# nnunetv2 (the nnunet extra) pulls timm -> torchvision; the constraint keeps the CPU torch installed above
+python -m pip install -q -c tools/constraints.txt -e ".[test,nnunet]"
 ruff check .
 python -m pytest -n 2 -q "$@"

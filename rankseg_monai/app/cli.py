@@ -1,4 +1,5 @@
-"""Command line: ``rankseg-monai predict | evaluate | merge-reports | calibrate | demo`` (see ``docs/cli.md``).
+"""Command line: ``rankseg-monai predict | evaluate | merge-reports | calibrate | nnunet-predict | demo`` (see
+``docs/cli.md``; ``nnunet-predict`` lives in :mod:`rankseg_monai.app.nnunet`, ``docs/nnunet.md``).
 
 Exit codes: 0 success; 1 some case failed (the others were still done); 2 usage error or unusable output folder
 (nothing was done, or, when the final report cannot be written, nothing was kept); 130 interrupted.
@@ -238,6 +239,8 @@ def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argpa
                                      "calibration.json, report.md, report.csv and reliability plots into OUTDIR.")
     if calibrate_module is not None:
         calibrate_module.add_arguments(cal)
+
+    _add_calibration_options(_load_nnunet().add_arguments(sub, _add_decision_options, _add_part_options))
 
     demo = sub.add_parser("demo", help="argmax vs RankSEG on synthetic CT phantoms with the shipped model",
                           description="End-to-end demonstration on embedded data (no download): seeded CT-like "
@@ -754,10 +757,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 run.failed.append(rio.case_name(path))
                 _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
     _remove_if_empty(outdir, created)
+    return _finish_predict(run, targets)
+
+
+def _finish_predict(run: _PredictRun, targets: Sequence[Path]) -> int:
+    """``expected_dice.csv``, the summary line and the exit code of a predict run (also ``nnunet-predict``)."""
     _write_expected(run, targets)
-    c = run.counts
+    c, args = run.counts, run.args
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
-    line = f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
+    line = f"masks in {run.outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
            f"{len(run.failed)} failed"
     if c["elsewhere"]:
         line += f", {c['elsewhere']} left to another run writing them now"
@@ -1193,6 +1201,14 @@ def _load_calibrate() -> Any:
     return importlib.import_module("rankseg_monai.app.calibrate")
 
 
+def _load_nnunet() -> Any:
+    """``rankseg_monai.app.nnunet``, loaded by name as the demo is: a command built on this module's parts (it imports
+    this module; nnunetv2 itself only when the command runs)."""
+    import importlib
+
+    return importlib.import_module("rankseg_monai.app.nnunet")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
@@ -1219,6 +1235,8 @@ def _main(argv: list[str]) -> int:
             return cmd_merge_reports(args)
         if args.command == "calibrate":
             return int(calibrate.run(args))
+        if args.command == "nnunet-predict":
+            return int(_load_nnunet().cmd_nnunet_predict(args))
         return int(demo.run(args) or 0)
     except UsageError as exc:
         _err(str(exc))
@@ -1232,4 +1250,7 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    # run the package's module, not this __main__ copy: modules it imports (nnunet) raise its UsageError
+    from rankseg_monai.app.cli import main as _package_main
+
+    raise SystemExit(_package_main())

@@ -44,7 +44,7 @@ from .._files import VolumeError, commit, discard, sha256_file, stage
 from . import io as rio
 
 __all__ = ["RECORD_SUFFIX", "RECORD_KIND", "RECORD_VERSION", "CaseStatus", "record_path", "is_record",
-           "read_record", "hash_inputs", "settings_difference", "case_status", "write_mask"]
+           "read_record", "hash_inputs", "settings_difference", "case_status", "write_mask", "commit_mask"]
 
 RECORD_SUFFIX = ".rankseg.json"
 RECORD_KIND = "rankseg-monai mask record"
@@ -186,8 +186,20 @@ def write_mask(mask: np.ndarray, geometry: rio.Geometry, target: str | os.PathLi
     ``extra`` adds fields to the record (per-case results).  Returns the record.
     """
     target = Path(target)
-    rec_path = record_path(target)
     tmp_mask = rio.stage_mask(mask, geometry, target, overwrite=True, protected=protected)
+    return commit_mask(tmp_mask, target, np.shape(mask), case=case, inputs=inputs, settings=settings, extra=extra)
+
+
+def commit_mask(tmp_mask: str | os.PathLike, target: str | os.PathLike, mask_shape: Sequence[int], *, case: str,
+                inputs: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                extra: Mapping[str, Any] | None = None,
+                verified: str = "read back before it was put in place: same values, dtype, shape and grid"
+                ) -> dict[str, Any]:
+    """Put a mask already written to ``tmp_mask`` and verified (:func:`rankseg_monai._files.stage`) in place at
+    ``target`` with its record (the second half of :func:`write_mask`, also for masks written by another writer,
+    e.g. nnU-Net's).  The temporary is removed on failure.  Returns the record."""
+    target = Path(target)
+    rec_path = record_path(target)
     tmp_rec = None
     try:
         record = {
@@ -197,8 +209,8 @@ def write_mask(mask: np.ndarray, geometry: rio.Geometry, target: str | os.PathLi
             "mask": target.name,
             "mask_sha256": sha256_file(tmp_mask),
             "mask_bytes": os.path.getsize(tmp_mask),
-            "mask_shape": [int(s) for s in np.shape(mask)],
-            "verified": "read back before it was put in place: same values, dtype, shape and grid",
+            "mask_shape": [int(s) for s in mask_shape],
+            "verified": verified,
             "inputs": [dict(e) for e in inputs],
             "settings": dict(settings),
             "version": __version__,
