@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> installed project -> the demo (synthetic CT-like volumes, shipped model, no download).
+# Each set-up step is announced (tools/_setup.sh: which PyTorch build it installs and from where).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e .
+EXTRAS="" . tools/_setup.sh
+echo "==> 4/4 rankseg-monai demo $*" >&2
 rankseg-monai demo "$@"
