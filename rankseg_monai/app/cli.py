@@ -127,10 +127,19 @@ def _add_part_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts (default 1)")
 
 
+def _add_postfix_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--postfix", default=rio.SAVEIMAGE_POSTFIX, metavar="POSTFIX",
+                   help="MONAI SaveImage's output_postfix, dropped from case names: case_000_POSTFIX.nii.gz is case "
+                        f"case_000 (default: '{rio.SAVEIMAGE_POSTFIX}', SaveImage's default; '' keeps every name). "
+                        "Case folders as SaveImage writes them (case_000/case_000_prob.nii.gz) are found and "
+                        "named after the folder whatever the postfix")
+
+
 def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rankseg-monai",
         description="RankSEG decisions (Dice/IoU-optimal masks) from probability volumes on disk.")
+    parser.add_argument("--version", action="version", version=f"rankseg-monai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -151,6 +160,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     pred.add_argument("--flag-below", type=float, default=None, metavar="DICE",
                       help="list the cases whose expected Dice (the model's own label-free estimate, in "
                            "expected_dice.csv) of some class or region is below DICE: a review list")
+    _add_postfix_option(pred)
     _add_decision_options(pred)
     _add_part_options(pred)
 
@@ -178,6 +188,7 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     ev.add_argument("--skip-failed", action="store_true",
                     help="write the reports for the cases that worked even if others failed (exit code still 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_postfix_option(ev)
     _add_decision_options(ev)
     _add_part_options(ev)
 
@@ -306,7 +317,8 @@ def _class_names(names: Sequence[str] | None) -> dict[int, str] | None:
     return {i: n for i, n in enumerate(names)} if names else None
 
 
-def select_part(cases: Sequence[Path], part_id: int, num_parts: int) -> list[Path]:
+def select_part(cases: Sequence[Path], part_id: int, num_parts: int, names: Mapping[Path, str] | None = None
+                ) -> list[Path]:
     """Part ``part_id`` of ``num_parts`` of the cases sorted by case name: cases ``K, K+N, K+2N, ...`` (as
     ``nnUNetv2_predict -part_id K -num_parts N``), the same split on every machine.
 
@@ -319,7 +331,7 @@ def select_part(cases: Sequence[Path], part_id: int, num_parts: int) -> list[Pat
         raise UsageError(f"--part-id must lie in [0, {num_parts}) for --num-parts {num_parts}, got {part_id}")
     if num_parts == 1:
         return list(cases)
-    return sorted(cases, key=rio.case_name)[part_id::num_parts]
+    return sorted(cases, key=names.__getitem__ if names else rio.case_name)[part_id::num_parts]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -438,9 +450,19 @@ def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: R
     return probs
 
 
-def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None) -> rio.ProbabilityVolume:
-    return rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
-                                  sum_tolerance=args.sum_tolerance)
+def _find(inputs: Sequence[str | Path], args: argparse.Namespace, extensions: Sequence[str]) -> dict[Path, str]:
+    """The input files and their case names (MONAI SaveImage's case folders and --postfix read,
+    :func:`rankseg_monai.app.io.case_names`), in the order found."""
+    return rio.case_names(rio.find_cases(inputs, extensions, postfix=args.postfix), args.postfix)
+
+
+def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None,
+          case: str | None = None) -> rio.ProbabilityVolume:
+    volume = rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
+                                    sum_tolerance=args.sum_tolerance)
+    if case is not None:
+        volume.case = case
+    return volume
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -545,9 +567,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
     return rows, flagged
 
 
-def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
+def _predict_case(run: _PredictRun, path: Path, case: str, target: Path, bar: Any) -> str:
     """Decide and write one case, or skip it; returns ``"written"``, ``"skipped"`` or ``"elsewhere"``."""
-    case = rio.case_name(path)
     with run.runs.claim(case) as mine:
         if not mine:
             return "elsewhere"
@@ -560,7 +581,7 @@ def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
                 raise rio.VolumeError(f"{target}: {status.detail or status.state}; pass --overwrite to replace it")
             if status.state != prov.ABSENT:
                 _report(bar, f"redoing {case}: {status.detail}")
-        volume = _load(path, run.args)
+        volume = _load(path, run.args, case=case)
         probs = _prepare(volume, run.args, run.options)
         # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
         # narrowest type anyway)
@@ -575,14 +596,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _names_from_dataset(args)
     if args.flag_below is not None and not (math.isfinite(args.flag_below) and 0 <= args.flag_below <= 1):
         raise UsageError(f"--flag-below must be a Dice between 0 and 1, got {args.flag_below}")
-    cases = rio.find_cases(args.inputs)
+    names = _find(args.inputs, args, rio.PROBABILITY_EXTENSIONS)
+    cases = list(names)
     if not cases:
         raise UsageError(f"no probability files found in {', '.join(args.inputs)} (looked for "
                          f"{', '.join(rio.PROBABILITY_EXTENSIONS)})")
     outdir = Path(args.output)
     _check_outdir(outdir, [Path(i) for i in args.inputs if Path(i).is_dir()], cases)
-    cases = select_part(cases, args.part_id, args.num_parts)
-    targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
+    cases = select_part(cases, args.part_id, args.num_parts, names)
+    targets = [rio.mask_path(outdir, names[p], args.format or _default_format(p)) for p in cases]
     settings = run_settings(args, options)
     created = not outdir.exists()
     runs = _open_outdir(outdir, settings, "predict")
@@ -592,10 +614,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         bar = _progress(list(zip(cases, targets)), args, "rankseg")
         for path, target in bar:
             try:
-                run.counts[_predict_case(run, path, target, bar)] += 1
+                run.counts[_predict_case(run, path, names[path], target, bar)] += 1
             except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
-                run.failed.append(rio.case_name(path))
-                _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
+                run.failed.append(names[path])
+                _report(bar, f"FAILED {names[path]}: {type(exc).__name__}: {exc}")
     _remove_if_empty(outdir, created)
     _write_expected(run, targets)
     c = run.counts
@@ -639,17 +661,16 @@ def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def _label_index(labels_dir: Path) -> dict[str, Path]:
+def _label_index(labels_dir: Path, args: argparse.Namespace) -> dict[str, Path]:
     if not labels_dir.is_dir():
         raise UsageError(f"--labels {labels_dir}: not a folder")
-    return {rio.case_name(p): p for p in rio.find_cases([labels_dir], rio.LABEL_EXTENSIONS)}
+    return {case: p for p, case in _find([labels_dir], args, rio.LABEL_EXTENSIONS).items()}
 
 
-def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namespace, options: RankSEGOptions,
-                   classes: Sequence[int] | None) -> dict:
+def _evaluate_case(path: Path, case: str, labels: Mapping[str, Path], args: argparse.Namespace,
+                   options: RankSEGOptions, classes: Sequence[int] | None) -> dict:
     from . import evaluation as ev
 
-    case = rio.case_name(path)
     if case not in labels:
         raise rio.VolumeError(f"case {case!r}: no label file in {args.labels} (expected {case}.nii.gz, .nii, .mha, "
                               ".mhd or .nrrd)")
@@ -657,7 +678,7 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
     nsd = args.nsd_tolerance or None
     lesions = None if args.lesion_wise is None else [int(v) if v.isdigit() else v for v in args.lesion_wise]
     if args.probs:
-        volume = _load(path, args, spatial_shape=label.labels.shape)
+        volume = _load(path, args, spatial_shape=label.labels.shape, case=case)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
         return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
@@ -729,10 +750,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
-    cases = rio.find_cases([source], rio.PROBABILITY_EXTENSIONS if args.probs else rio.LABEL_EXTENSIONS)
+    names = _find([source], args, rio.PROBABILITY_EXTENSIONS if args.probs else rio.LABEL_EXTENSIONS)
+    cases = list(names)
     if not cases:
         raise UsageError(f"no files found in {source}")
-    labels = _label_index(Path(args.labels))
+    labels = _label_index(Path(args.labels), args)
     outdir = Path(args.output)
     _check_outdir(outdir, [source, Path(args.labels)], [*cases, *labels.values()])
     if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
@@ -741,36 +763,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if part and args.pred and args.classes is None:
         raise UsageError("--pred with --num-parts needs --classes (each part would otherwise score the classes found "
                          "in its own cases, and the parts could not be merged)")
-    all_cases = cases = sorted(cases, key=rio.case_name)  # the order of the rows, also of merged parts
-    cases = select_part(cases, args.part_id, args.num_parts)
+    all_cases = cases = sorted(cases, key=names.__getitem__)  # the order of the rows, also of merged parts
+    cases = select_part(cases, args.part_id, args.num_parts, names)
     protected = _protected(all_cases) + list(labels.values())
     settings = run_settings(args, options)
     created = not outdir.exists()
     try:
-        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected)
+        return _evaluate_into(outdir, args, options, settings, {p: names[p] for p in cases}, labels, part,
+                              protected)
     finally:
         _remove_if_empty(outdir, created)
 
 
 def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
-                   cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
+                   cases: Mapping[Path, str], labels: Mapping[str, Path], part: tuple[int, int] | None,
                    protected: Sequence[Path]) -> int:
     with _open_outdir(outdir, settings, "evaluate"):
         classes = args.classes
         if args.pred and classes is None:  # one class list for every case: the values present anywhere
             found: set[int] = set()
-            for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
+            for path in [*cases, *(labels[c] for c in cases.values() if c in labels)]:
                 try:
                     found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0}
                 except Exception:
                     pass  # reported with its case below
             classes = sorted(found) or [1]
         results, failed = [], {}
-        bar = _progress(cases, args, "evaluate")
+        bar = _progress(list(cases), args, "evaluate")
         for path in bar:
-            case = rio.case_name(path)
+            case = cases[path]
             try:
-                results.append(_evaluate_case(path, labels, args, options, classes))
+                results.append(_evaluate_case(path, case, labels, args, options, classes))
             except Exception as exc:  # one bad case never stops the others
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")

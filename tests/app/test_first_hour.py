@@ -1,0 +1,83 @@
+"""Issue 23 (a new user's first hour): the folders MONAI writes, whole-run mistakes, option checks and the output
+a user reads (``--version``, the evaluate table, the expected-Dice parts)."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from generators import make_case
+from monai.data import MetaTensor
+from monai.transforms import SaveImage
+from volume_files import nifti_affine, write_nifti_labels, write_nifti_probs
+
+import rankseg_monai
+from rankseg_monai.app import io as rio
+from rankseg_monai.app.cli import main
+from rankseg_monai.functional import rankseg
+
+AFFINE = nifti_affine(spacing=(0.9, 1.1, 2.0), angles=(0.0, 0.0, 0.0))
+
+
+def _monai_outputs(tmp_path, **saver_kwargs):
+    """Probabilities written by MONAI's own ``SaveImage`` (its layout and naming) and labels ``<case>.nii.gz``."""
+    saver = SaveImage(output_dir=str(tmp_path / "saved"), print_log=False, **saver_kwargs)
+    (tmp_path / "labels").mkdir()
+    cases = {}
+    for i in range(3):
+        probs, label, _ = make_case(seed=300 + i, shape=(12, 11, 10))
+        saver(MetaTensor(torch.from_numpy(probs), affine=torch.from_numpy(AFFINE),
+                         meta={"filename_or_obj": f"/data/images/case_{i:03d}.nii.gz"}))
+        write_nifti_labels(tmp_path / "labels" / f"case_{i:03d}.nii.gz", label, AFFINE)
+        cases[f"case_{i:03d}"] = probs
+    return tmp_path / "saved", cases
+
+
+def _mask(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.parametrize("saver_kwargs, options", [
+    ({"output_postfix": "prob"}, []),                                 # case_000/case_000_prob.nii.gz
+    ({}, []),                                                         # case_000/case_000_trans.nii.gz (defaults)
+    ({"separate_folder": False}, []),                                 # case_000_trans.nii.gz
+    ({"separate_folder": False, "output_postfix": "prob"}, ["--postfix", "prob"]),  # case_000_prob.nii.gz
+])
+def test_monai_saveimage_layout_is_read(tmp_path, capsys, saver_kwargs, options):
+    saved, cases = _monai_outputs(tmp_path, **saver_kwargs)
+    assert not any(p.name == "case_000.nii.gz" for p in saved.rglob("*"))  # MONAI added its postfix
+    assert main(["predict", str(saved), "-o", str(tmp_path / "masks"), "--quiet", *options]) == 0
+    assert "3 written" in capsys.readouterr().err
+    for case, probs in cases.items():
+        np.testing.assert_array_equal(_mask(tmp_path / "masks" / f"{case}.nii.gz"),
+                                      rankseg(torch.from_numpy(probs)[None])[0].numpy())
+    assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o",
+                 str(tmp_path / "report"), "--quiet", *options]) == 0
+    with open(tmp_path / "report" / "per_case.csv") as fh:
+        assert sorted({row["case"] for row in csv.DictReader(fh)}) == sorted(cases)
+
+
+def test_postfix_is_kept_when_asked_and_names_collisions(tmp_path, capsys):
+    saved, _ = _monai_outputs(tmp_path, separate_folder=False)
+    assert main(["predict", str(saved), "-o", str(tmp_path / "m"), "--quiet", "--postfix", ""]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.nii.gz")) == [f"case_00{i}_trans.nii.gz" for i in range(3)]
+    # a file named like a case without the postfix is the same case: refused before any work
+    write_nifti_probs(saved / "case_000.nii.gz", make_case(seed=1, shape=(12, 11, 10))[0], AFFINE)
+    capsys.readouterr()
+    assert main(["predict", str(saved), "-o", str(tmp_path / "m2"), "--quiet"]) == 2
+    assert "two inputs have the case name 'case_000'" in capsys.readouterr().err
+
+
+def test_case_names_follow_monai_folder_layout():
+    names = rio.case_names(["o/a/a_seg.nii.gz", "o/b/b_seg.nii.gz"])
+    assert list(names.values()) == ["a", "b"]
+    # a flat folder whose files start with its own name is not MONAI's case-folder layout
+    assert list(rio.case_names(["case/case_1.nii.gz", "case/case_2.nii.gz"]).values()) == ["case_1", "case_2"]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"rankseg-monai {rankseg_monai.__version__}"
