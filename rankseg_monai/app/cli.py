@@ -456,6 +456,15 @@ def _find(inputs: Sequence[str | Path], args: argparse.Namespace, extensions: Se
     return rio.case_names(rio.find_cases(inputs, extensions, postfix=args.postfix), args.postfix)
 
 
+def _stop_if_settings(exc: Exception, done: int) -> None:
+    """A mistake in the command's settings (:class:`rankseg_monai.app.io.SettingsError`: logits without --softmax,
+    --softmax on probabilities, the class axis not named) found on the first case becomes one usage error (exit 2)
+    instead of one identical failure per case; on a later case it is that case's failure (its file differs)."""
+    if done == 0 and isinstance(exc, rio.SettingsError):
+        raise UsageError(f"{exc} (stopped at the first case: these settings would fail every case; nothing was "
+                         "written)") from None
+
+
 def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None,
           case: str | None = None) -> rio.ProbabilityVolume:
     volume = rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
@@ -608,17 +617,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     settings = run_settings(args, options)
     created = not outdir.exists()
     runs = _open_outdir(outdir, settings, "predict")
-    with runs:
-        run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
-        _survey(run, targets)
-        bar = _progress(list(zip(cases, targets)), args, "rankseg")
-        for path, target in bar:
-            try:
-                run.counts[_predict_case(run, path, names[path], target, bar)] += 1
-            except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
-                run.failed.append(names[path])
-                _report(bar, f"FAILED {names[path]}: {type(exc).__name__}: {exc}")
-    _remove_if_empty(outdir, created)
+    try:
+        with runs:
+            run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
+            _survey(run, targets)
+            bar = _progress(list(zip(cases, targets)), args, "rankseg")
+            for path, target in bar:
+                try:
+                    run.counts[_predict_case(run, path, names[path], target, bar)] += 1
+                except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
+                    _stop_if_settings(exc, done=sum(run.counts.values()) + len(run.failed))
+                    run.failed.append(names[path])
+                    _report(bar, f"FAILED {names[path]}: {type(exc).__name__}: {exc}")
+    finally:
+        _remove_if_empty(outdir, created)
     _write_expected(run, targets)
     c = run.counts
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
@@ -795,6 +807,7 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             try:
                 results.append(_evaluate_case(path, case, labels, args, options, classes))
             except Exception as exc:  # one bad case never stops the others
+                _stop_if_settings(exc, done=len(results) + len(failed))
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")
         if failed and not args.skip_failed:

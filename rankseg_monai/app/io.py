@@ -58,6 +58,7 @@ __all__ = [
     "LABEL_EXTENSIONS",
     "OUTPUT_FORMATS",
     "VolumeError",
+    "SettingsError",
     "Geometry",
     "ProbabilityVolume",
     "LabelVolume",
@@ -89,6 +90,12 @@ IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 PROBABILITY_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npz")
 LABEL_EXTENSIONS = IMAGE_EXTENSIONS
 OUTPUT_FORMATS = ("nii.gz", "nii", "mha", "nrrd")
+class SettingsError(VolumeError):
+    """A file disagrees with the command's settings rather than being broken (logits without ``--softmax``,
+    ``--softmax`` on probabilities, the class axis not named): every case would fail the same way, so the command
+    line stops at the first case with a usage error instead of failing each case."""
+
+
 #: ``monai.transforms.SaveImage(output_postfix=...)``'s default: ``case_000_trans.nii.gz``
 SAVEIMAGE_POSTFIX = "trans"
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -465,8 +472,8 @@ def _pick_channel_axis(path: Path, arr: np.ndarray, channels_last: bool | None, 
         other = not channels_last
         if (not _sums_to_one(arr, -1 if channels_last else 0, sum_tolerance)
                 and _sums_to_one(arr, -1 if other else 0, sum_tolerance) and fits(other)):
-            raise VolumeError(f"{path}: the values sum to one over the {names[other]} axis of shape {shape}, not over "
-                              f"the {names[channels_last]}: the classes are there; pass {flag[other]}")
+            raise SettingsError(f"{path}: the values sum to one over the {names[other]} axis of shape {shape}, not "
+                                f"over the {names[channels_last]}: the classes are there; pass {flag[other]}")
         return channels_last
     candidates = [last for last in (True, False) if fits(last)]
     if not candidates:
@@ -485,8 +492,8 @@ def _pick_channel_axis(path: Path, arr: np.ndarray, channels_last: bool | None, 
         why = "the values lie outside [0, 1], logits whose sums cannot tell (apply them with --softmax or --sigmoid)"
     else:
         why = "the values do not sum to one over either end axis (independent probabilities?)"
-    raise VolumeError(f"{path}: cannot tell which axis of shape {shape} holds the classes ({why}); pass "
-                      f"{flag[True]} or {flag[False]}")
+    raise SettingsError(f"{path}: cannot tell which axis of shape {shape} holds the classes ({why}); pass "
+                        f"{flag[True]} or {flag[False]}")
 
 
 def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None, num_classes: int | None,
@@ -822,8 +829,8 @@ def validate_probabilities(probs: np.ndarray, *, where: str, output_mode: str = 
             raise VolumeError(f"{where}: values slightly outside [0, 1] (min {lo_text}, max {hi_text}): a rounding "
                               "or interpolation overshoot of probabilities, not logits; pass --clamp to clip them "
                               f"to [0, 1] (overshoots up to {CLAMP_TOLERANCE:g} are clipped)")
-        raise VolumeError(f"{where}: values outside [0, 1] (min {lo_text}, max {hi_text}): these look like logits; "
-                          "pass --softmax (multiclass) or --sigmoid (multilabel)")
+        raise SettingsError(f"{where}: values outside [0, 1] (min {lo_text}, max {hi_text}): these look like logits; "
+                            "pass --softmax (multiclass) or --sigmoid (multilabel)")
     if output_mode == "multiclass" and probs.shape[0] > 1:
         total = probs.sum(axis=0, dtype=np.float64)
         err = float(np.max(np.abs(total - 1.0)))
@@ -840,9 +847,9 @@ def clip_overshoot(probs: np.ndarray, *, where: str) -> np.ndarray:
     if probs.size and np.all(np.isfinite(probs)):
         lo, hi, lo_text, hi_text = _value_range(probs)
         if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
-            raise VolumeError(f"{where}: values reach min {lo_text}, max {hi_text}, more than {CLAMP_TOLERANCE:g} "
-                              "outside [0, 1]: --clamp only clips small overshoots; these look like logits: pass "
-                              "--softmax or --sigmoid instead")
+            raise SettingsError(f"{where}: values reach min {lo_text}, max {hi_text}, more than {CLAMP_TOLERANCE:g} "
+                                "outside [0, 1]: --clamp only clips small overshoots; these look like logits: pass "
+                                "--softmax or --sigmoid instead")
         if lo < 0.0 or hi > 1.0:
             return np.clip(probs, 0.0, 1.0)
     return probs
@@ -864,9 +871,9 @@ def check_logits(values: np.ndarray, *, where: str, activation: str, sum_toleran
         err = float(np.max(np.abs(values.sum(axis=0, dtype=np.float64) - 1.0)))
         if err <= _check_tolerance(sum_tolerance):
             what += " and the classes sum to 1"
-    raise VolumeError(f"{where}: --{activation} was given, but {what}: these look like probabilities already, and "
-                      f"a {activation} over probabilities changes the masks; drop --{activation}, or pass "
-                      "--force-activation if these really are logits")
+    raise SettingsError(f"{where}: --{activation} was given, but {what}: these look like probabilities already, and "
+                        f"a {activation} over probabilities changes the masks; drop --{activation}, or pass "
+                        "--force-activation if these really are logits")
 
 
 # ------------------------------------------------------------------------------------------------ writers

@@ -297,7 +297,7 @@ def test_a_run_where_every_case_fails_records_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     wrong = ["predict", str(folder), "-o", str(out), "--channels-last", "--quiet"]
     right = wrong + ["--softmax"]
-    assert main(wrong) == 1 and not out.exists()  # no settings file, no folder: nothing was done
+    assert main(wrong) == 2 and not out.exists()  # a usage error at the first case, no folder: nothing was done
     assert main(right) == 0
     assert "2 written" in capsys.readouterr().err
     assert main(wrong) == 2  # the wrong command is refused now ...
@@ -407,7 +407,7 @@ def test_a_rounding_overshoot_suggests_clamp_not_softmax(overshoot, tmp_path, ca
     err = capsys.readouterr().err
     assert "max 1.0000001" in err and "--clamp" in err and "pass --softmax" not in err
     # the old advice (--softmax) would apply softmax to probabilities: refused now
-    assert main(["predict", str(path), "-o", str(tmp_path / "o"), "--softmax", "--quiet"]) == 1
+    assert main(["predict", str(path), "-o", str(tmp_path / "o"), "--softmax", "--quiet"]) == 2
     assert "look like probabilities already" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["predict", str(path), "-o", str(tmp_path / "o"), "--clamp", "--quiet"]) == 0
@@ -419,7 +419,7 @@ def test_a_rounding_overshoot_suggests_clamp_not_softmax(overshoot, tmp_path, ca
 def test_activation_over_probabilities_is_refused(cases, tmp_path, capsys, activation, extra):
     folder, data = cases
     out = tmp_path / "o"
-    assert main(["predict", str(folder / "c0.nii.gz"), "-o", str(out), activation, *extra, "--quiet"]) == 1
+    assert main(["predict", str(folder / "c0.nii.gz"), "-o", str(out), activation, *extra, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{activation} was given" in err and "--force-activation" in err and not out.exists()
     assert main(["predict", str(folder / "c0.nii.gz"), "-o", str(out), activation, *extra, "--force-activation",

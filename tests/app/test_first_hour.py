@@ -81,3 +81,45 @@ def test_case_names_follow_monai_folder_layout():
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"rankseg-monai {rankseg_monai.__version__}"
+
+
+@pytest.fixture
+def logits_folder(tmp_path):
+    folder = tmp_path / "logits"
+    folder.mkdir()
+    for i in range(3):
+        _, label, logits = make_case(seed=400 + i, shape=(12, 11, 10))
+        write_nifti_probs(folder / f"l{i}.nii.gz", logits, AFFINE)
+    return folder
+
+
+@pytest.mark.parametrize("options, fix", [
+    (["--channels-last"], "pass --softmax"),                      # logits taken for probabilities
+    ([], "--channels-last"),                                      # logits: the class axis cannot be guessed
+])
+def test_a_mistake_of_the_whole_run_is_one_usage_error(logits_folder, tmp_path, capsys, options, fix):
+    out = tmp_path / "out"
+    assert main(["predict", str(logits_folder), "-o", str(out), "--quiet", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "FAILED" not in err and fix in err and "first case" in err, err
+    assert not out.exists()  # nothing was done
+
+
+def test_softmax_on_probabilities_stops_evaluate_at_the_first_case(tmp_path, capsys):
+    saved, _ = _monai_outputs(tmp_path, output_postfix="prob")
+    assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o",
+                 str(tmp_path / "report"), "--softmax", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "FAILED" not in err and "drop --softmax" in err, err
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_later_case_at_odds_with_the_settings_fails_alone(logits_folder, tmp_path, capsys):
+    """Once a case worked, a file that disagrees with the settings is that file's problem: it fails, the others
+    are done (exit 1)."""
+    probs, _, _ = make_case(seed=9, shape=(12, 11, 10))
+    write_nifti_probs(logits_folder / "l9.nii.gz", probs, AFFINE)  # probabilities among logits, sorted last
+    assert main(["predict", str(logits_folder), "-o", str(tmp_path / "o"), "--softmax", "--channels-last",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED l9" in err and "3 written" in err, err
