@@ -313,6 +313,17 @@ def _names_from_dataset(args: argparse.Namespace) -> None:
     args.class_names = [dataset.class_names.get(v, str(v)) for v in range(top + 1)]
 
 
+def _check_class_names(args: argparse.Namespace, options: RankSEGOptions, num_classes: int, path: Path) -> None:
+    """--class-names names every label value 0..C-1 of class probabilities, no more, no fewer (a settings mistake:
+    the first case stops the run with a usage error)."""
+    names = getattr(args, "class_names", None)
+    if names is None or options.region_probs or len(names) == num_classes:
+        return
+    raise rio.SettingsError(f"{path}: --class-names gives {len(names)} names ({' '.join(names)}) for "
+                            f"{num_classes} classes (label values 0..{num_classes - 1}, background first); give "
+                            "one name per class")
+
+
 def _class_names(names: Sequence[str] | None) -> dict[int, str] | None:
     return {i: n for i, n in enumerate(names)} if names else None
 
@@ -693,6 +704,7 @@ def _evaluate_case(path: Path, case: str, labels: Mapping[str, Path], args: argp
         volume = _load(path, args, spatial_shape=label.labels.shape, case=case)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
+        _check_class_names(args, options, probs.shape[0], path)
         return ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
                                ignore_empty=args.ignore_empty, options=options, nsd_tolerance=nsd,
                                lesion_structures=lesions)
@@ -771,6 +783,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_outdir(outdir, [source, Path(args.labels)], [*cases, *labels.values()])
     if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
         raise UsageError("--class-names holds a name twice; give one name per label value 0, 1, 2, ...")
+    if args.class_names is not None and not all(n.strip() for n in args.class_names):
+        empty = [n.strip() for n in args.class_names].index("")
+        raise UsageError(f"--class-names holds an empty name (label value {empty}); give one name per label value "
+                         "0, 1, 2, ...")
     part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
     if part and args.pred and args.classes is None:
         raise UsageError("--pred with --num-parts needs --classes (each part would otherwise score the classes found "
@@ -800,6 +816,11 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
                 except Exception:
                     pass  # reported with its case below
             classes = sorted(found) or [1]
+        if args.pred and args.class_names is not None and options.regions is None:
+            if max(classes) >= len(args.class_names):
+                raise UsageError(f"--class-names gives {len(args.class_names)} names (label values 0.."
+                                 f"{len(args.class_names) - 1}), but label value {max(classes)} is scored; give one "
+                                 "name per label value 0, 1, 2, ...")
         results, failed = [], {}
         bar = _progress(list(cases), args, "evaluate")
         for path in bar:

@@ -123,3 +123,20 @@ def test_a_later_case_at_odds_with_the_settings_fails_alone(logits_folder, tmp_p
                  "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "FAILED l9" in err and "3 written" in err, err
+
+
+@pytest.mark.parametrize("names, message", [
+    (["background", "organ"], "gives 2 names"),                  # too few for 3 classes
+    (["background", "organ", "lesion", "extra"], "gives 4 names"),  # too many
+    (["background", "organ", ""], "empty name (label value 2)"),
+])
+def test_class_names_must_name_every_class(tmp_path, capsys, names, message):
+    saved, _ = _monai_outputs(tmp_path, output_postfix="prob")
+    assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o",
+                 str(tmp_path / "report"), "--quiet", "--class-names", *names]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err, err
+    assert not (tmp_path / "report").exists()
+    names_ok = ["background", "organ", "lesion"]
+    assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o",
+                 str(tmp_path / "report"), "--quiet", "--class-names", *names_ok]) == 0
