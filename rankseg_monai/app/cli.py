@@ -982,8 +982,19 @@ def _main(argv: list[str]) -> int:
         _err(str(exc))
         return 2
     except KeyboardInterrupt:
-        _err("interrupted; finished masks are complete (writes are atomic): run the same command again to resume")
+        _err(INTERRUPTED.get(_first_command(argv) or "", "interrupted"))
         return 130
+
+
+#: what is true after Ctrl-C, per command
+INTERRUPTED = {
+    "predict": "interrupted; finished masks are complete (writes are atomic): run the same command again to do the "
+               "rest (finished cases are skipped)",
+    "evaluate": "interrupted before the report was complete; evaluate does not resume: run the same command again "
+                "to evaluate every case anew (split long evaluations with --part-id/--num-parts: finished parts stay)",
+    "merge-reports": "interrupted; nothing was merged (the parts are unchanged): run the same command again",
+    "demo": "interrupted",
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

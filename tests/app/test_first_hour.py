@@ -140,3 +140,19 @@ def test_class_names_must_name_every_class(tmp_path, capsys, names, message):
     names_ok = ["background", "organ", "lesion"]
     assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o",
                  str(tmp_path / "report"), "--quiet", "--class-names", *names_ok]) == 0
+
+
+@pytest.mark.parametrize("command, said", [("predict", "finished cases are skipped"),
+                                           ("evaluate", "evaluate does not resume")])
+def test_ctrl_c_says_what_is_true(tmp_path, capsys, monkeypatch, command, said):
+    saved, _ = _monai_outputs(tmp_path, output_postfix="prob")
+    from rankseg_monai.app import cli
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupt)
+    argv = (["predict", str(saved), "-o", str(tmp_path / "o")] if command == "predict" else
+            ["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o", str(tmp_path / "o")])
+    assert main([*argv, "--quiet"]) == 130
+    assert said in capsys.readouterr().err
