@@ -623,6 +623,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          f"{', '.join(rio.PROBABILITY_EXTENSIONS)})")
     outdir = Path(args.output)
     _check_outdir(outdir, [Path(i) for i in args.inputs if Path(i).is_dir()], cases)
+    all_targets = [rio.mask_path(outdir, names[p], args.format or _default_format(p)) for p in cases]
     cases = select_part(cases, args.part_id, args.num_parts, names)
     targets = [rio.mask_path(outdir, names[p], args.format or _default_format(p)) for p in cases]
     settings = run_settings(args, options)
@@ -643,6 +644,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     finally:
         _remove_if_empty(outdir, created)
     _write_expected(run, targets)
+    if args.num_parts > 1 and _all_done(all_targets, settings):  # the last part to finish writes the whole CSV
+        _write_expected(run, all_targets, whole=True)
     c = run.counts
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
     line = f"masks in {outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
@@ -655,9 +658,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if run.failed else 0
 
 
-def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
+def _all_done(targets: Sequence[Path], settings: Mapping[str, Any]) -> bool:
+    """Every mask is there with a record of these settings (the parts of a split run have all finished)."""
+    for target in targets:
+        try:
+            record = prov.read_record(target)
+        except prov.RecordError:
+            return False
+        if record is None or not target.is_file() or prov.settings_difference(record, settings):
+            return False
+    return True
+
+
+def _write_expected(run: _PredictRun, targets: Sequence[Path], whole: bool = False) -> None:
     """``expected_dice[.part-K-of-N].csv`` beside the masks, rebuilt from their records (so resumed cases are
-    in it too), and the review list of --flag-below."""
+    in it too), and the review list of --flag-below; ``whole``: ``expected_dice.csv`` of every part's cases."""
     from .evaluation import write_rows
 
     args = run.args
@@ -665,14 +680,15 @@ def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
     rows, flagged = _expected_rows(targets, names, args.flag_below)
     if not rows:
         return
-    part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
+    part = (args.part_id, args.num_parts) if args.num_parts > 1 and not whole else None
     path = run.outdir / f"expected_{run.options.metric}{_part_suffix(part)}.csv"
     try:
         write_rows(rows, path, protected=run.protected)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
                          "same command again (finished masks are kept)") from None
-    print(f"wrote {path} (label-free expected {run.options.metric} per case and structure)", file=sys.stderr)
+    what = f"every part is done: all {len(targets)} cases" if whole else "per case and structure"
+    print(f"wrote {path} (label-free expected {run.options.metric}, {what})", file=sys.stderr)
     if args.flag_below is not None:
         if flagged:
             print(f"review ({len(flagged)} case(s) with an expected {run.options.metric} below {args.flag_below:g}): "
@@ -882,10 +898,11 @@ def cmd_merge_reports(args: argparse.Namespace) -> int:
     n = totals[0]
     missing = [k for k in range(n) if (k, n) not in found]
     if missing:
-        k = missing[0]
-        raise UsageError(f"part {k} of {n} is missing in {folder} (evaluation.part-{k}-of-{n}.json"
-                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run evaluate --part-id {k} "
-                         f"--num-parts {n} -o {folder}, then merge again")
+        ks = " and ".join(", ".join(map(str, missing)).rsplit(", ", 1))
+        files = ", ".join(f"evaluation.part-{k}-of-{n}.json" for k in missing)
+        raise UsageError(f"{'part' if len(missing) == 1 else 'parts'} {ks} of {n} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing in {folder} ({files}): run evaluate "
+                         f"--part-id K --num-parts {n} -o {folder} for K = {ks}, then merge again")
     records = [_read_json(found[(k, n)]) for k in range(n)]
     first = records[0]
     for k, rec in enumerate(records):

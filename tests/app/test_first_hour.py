@@ -156,3 +156,38 @@ def test_ctrl_c_says_what_is_true(tmp_path, capsys, monkeypatch, command, said):
             ["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o", str(tmp_path / "o")])
     assert main([*argv, "--quiet"]) == 130
     assert said in capsys.readouterr().err
+
+
+def test_merge_names_every_missing_part(tmp_path, capsys):
+    saved, _ = _monai_outputs(tmp_path, output_postfix="prob")
+    out = tmp_path / "parts"
+    assert main(["evaluate", "--probs", str(saved), "--labels", str(tmp_path / "labels"), "-o", str(out), "--quiet",
+                 "--part-id", "1", "--num-parts", "3"]) == 0
+    capsys.readouterr()
+    assert main(["merge-reports", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "parts 0 and 2 of 3 are missing" in err and "evaluation.part-0-of-3.json" in err, err
+    assert "evaluation.part-2-of-3.json" in err and "more" not in err
+
+
+def test_predict_parts_end_with_one_expected_dice_csv(tmp_path, capsys):
+    saved, cases = _monai_outputs(tmp_path, output_postfix="prob")
+    out = tmp_path / "masks"
+    for k in (0, 1):
+        assert main(["predict", str(saved), "-o", str(out), "--quiet", "--part-id", str(k), "--num-parts", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("every part is done") == 1  # written once, by the last part to finish
+    with open(out / "expected_dice.csv") as fh:
+        whole = list(csv.DictReader(fh))
+    parts = []
+    for k in (0, 1):
+        with open(out / f"expected_dice.part-{k}-of-2.csv") as fh:
+            parts += list(csv.DictReader(fh))
+    assert sorted({r["case"] for r in whole}) == sorted(cases)
+    assert sorted(whole, key=lambda r: (r["case"], r["structure"])) == sorted(parts, key=lambda r: (r["case"],
+                                                                                                  r["structure"]))
+    # a single-part run writes the same file
+    (out / "expected_dice.csv").unlink()
+    assert main(["predict", str(saved), "-o", str(out), "--quiet"]) == 0
+    with open(out / "expected_dice.csv") as fh:
+        assert list(csv.DictReader(fh)) == whole
