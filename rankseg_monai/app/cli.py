@@ -167,7 +167,8 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="per-case Dice/HD95 of argmax vs RankSEG, summary, CSV and plot",
                         description="Compare argmax and RankSEG decisions (--probs) or score existing masks "
                                     "(--pred) against labels; writes per_case.csv, summary.csv, differences.png "
-                                    "(differences are RankSEG minus argmax) and evaluation.json.")
+                                    "(differences are RankSEG minus argmax), expected.png (the label-free expected "
+                                    "Dice against the actual one) and evaluation.json, and prints a summary table.")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", metavar="DIR", help="folder of probability volumes (argmax vs RankSEG)")
     src.add_argument("--pred", metavar="DIR", help="folder of label-map masks to score as they are")
@@ -196,7 +197,8 @@ def build_parser(demo_module: Any = None) -> argparse.ArgumentParser:
                            description="Read the part reports that evaluate --part-id K --num-parts N wrote into DIR "
                                        "(per_case.part-K-of-N.csv + evaluation.part-K-of-N.json), check that every "
                                        "part is there, made with the same settings and unchanged, and write "
-                                       "per_case.csv, summary.csv, differences.png and evaluation.json.")
+                                       "per_case.csv, summary.csv, differences.png, expected.png and evaluation.json "
+                                       "(the files one evaluate run over every case writes).")
     merge.add_argument("folder", metavar="DIR", help="the -o folder of the evaluate parts")
     merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="where to write the report (default: DIR)")
@@ -736,6 +738,15 @@ def _evaluate_case(path: Path, case: str, labels: Mapping[str, Path], args: argp
                              lesion_structures=lesions or ())
 
 
+def method_labels(settings: Mapping[str, Any]) -> dict[str, str]:
+    """How the report shows its methods: the baseline ``argmax`` is ``p > 0.5`` per channel for independent (sigmoid,
+    multilabel) or region probabilities (:func:`rankseg_monai.app.decide.decide`), shown as ``threshold 0.5``."""
+    opts = settings.get("options") or {}
+    if opts.get("region_probs") or opts.get("sigmoid") or opts.get("output_mode") == "multilabel":
+        return {"argmax": "threshold 0.5"}
+    return {}
+
+
 def _part_suffix(part: tuple[int, int] | None) -> str:
     return "" if part is None else f".part-{part[0]}-of-{part[1]}"
 
@@ -750,6 +761,7 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
     from . import evaluation as ev
 
     names = _class_names(settings.get("class_names"))
+    labels = method_labels(settings)
     suffix = _part_suffix(part)
     written: list[Path] = []
     current = outdir / f"per_case{suffix}.csv"
@@ -757,15 +769,17 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
         written.append(ev.write_csv(results, current, protected=protected, class_names=names))
         if part is None:
             table = ev.summarize(results)
-            print(ev.format_table(table, class_names=names))
+            print(ev.format_table(table, class_names=names, method_labels=labels))
             current = outdir / "summary.csv"
             written.append(ev.write_summary_csv(table, current, protected=protected, class_names=names))
             if "argmax" in methods and "rankseg" in methods:
                 current = outdir / "differences.png"
-                written.append(ev.plot_differences(results, current, protected=protected, class_names=names))
+                written.append(ev.plot_differences(results, current, protected=protected, class_names=names,
+                                                   method_labels=labels))
             if "expected_dice" in results[0]["metrics"][methods[0]]:
                 current = outdir / "expected.png"
-                written.append(ev.plot_expected(results, current, protected=protected, class_names=names))
+                written.append(ev.plot_expected(results, current, protected=protected, class_names=names,
+                                                method_labels=labels))
         record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
                   "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
                   "failed": dict(failed), "merged_from": list(parts),

@@ -116,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="quick smoke run: no window overlap and a low-resolution figure")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bar (as for the other commands; --no-progress is the older spelling)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     timing = dict.fromkeys(("inference", *METHODS, "metrics"), 0.0)
     examples: list[_Example] = []
-    for case in tqdm(range(args.cases), desc="cases", unit="case", disable=args.no_progress, file=sys.stderr):
+    for case in tqdm(range(args.cases), desc="cases", unit="case", disable=args.quiet, file=sys.stderr):
         seed = args.seed + case
         ph = make_phantom(seed)
         t = time.perf_counter()

@@ -241,7 +241,9 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert files_in(out) == ["differences.png", "evaluation.json", "expected.png", "per_case.csv", "summary.csv"]
-    assert "Dice argmax" in captured.out and "HD95 NaN rankseg" in captured.out
+    head = captured.out.splitlines()[0].split()
+    assert head[:5] == ["class", "n", "metric", "argmax", "rankseg"] and "rankseg-argmax" in head, captured.out
+    assert "HD95 NaN" in captured.out and max(map(len, captured.out.splitlines())) <= 120
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["case"], r["class"]) for r in rows] == [(c, k) for c in "abc" for k in ("1", "2")]

@@ -88,7 +88,7 @@ def test_shipped_checkpoint_matches_its_recorded_architecture():
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
-    code = demo.main(["--cases", "2", "--fast", "--no-progress", "--output-dir", str(out)])
+    code = demo.main(["--cases", "2", "--fast", "--quiet", "--output-dir", str(out)])
     return code, out, time.perf_counter() - t0
 
 

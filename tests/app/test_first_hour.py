@@ -191,3 +191,33 @@ def test_predict_parts_end_with_one_expected_dice_csv(tmp_path, capsys):
     assert main(["predict", str(saved), "-o", str(out), "--quiet"]) == 0
     with open(out / "expected_dice.csv") as fh:
         assert list(csv.DictReader(fh)) == whole
+
+
+def test_region_probabilities_report_names_the_threshold_baseline(tmp_path, capsys):
+    """With sigmoid region probabilities the baseline is thresholding at 0.5, and the table says so."""
+    import json
+    import pickle
+
+    folder, labels = tmp_path / "nn", tmp_path / "labels"
+    folder.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(5)
+    shape = (10, 12, 14)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    for i in range(2):
+        r = np.sqrt((grid ** 2).sum(0))
+        q = np.stack([1 / (1 + np.exp(-12 * (rad - r) + rng.normal(0, 1, shape))) for rad in (0.6, 0.3)])
+        np.savez_compressed(folder / f"c{i}.npz", probabilities=q.astype(np.float32))
+        with open(folder / f"c{i}.pkl", "wb") as fh:
+            pickle.dump({"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                        "direction": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)}}, fh)
+        label = (r < 0.6).astype(np.uint8) + (r < 0.3)
+        import SimpleITK as sitk
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(labels / f"c{i}.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2], "core": 2},
+                                                     "regions_class_order": [1, 2]}))
+    assert main(["evaluate", "--probs", str(folder), "--labels", str(labels), "-o", str(tmp_path / "r"), "--quiet",
+                 "--dataset-json", str(folder / "dataset.json")]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.5" in out.splitlines()[0] and "rankseg-threshold 0.5" in out
+    assert "'argmax' columns hold threshold 0.5" in out.replace("\n", " ")
