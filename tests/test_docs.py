@@ -37,6 +37,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "dev").glob("*.md")),
              "bundle/README.md", "tutorials/README.md", "bundle/rankseg_demo/docs/README.md"]
 _FENCE = re.compile(r"((?:^[ \t]*<!--\s*doc-test:[^\n]*-->\s*\n)*)^([ \t]*)```([\w+-]*)[^\n]*\n(.*?)^\2```[ \t]*$",
                     re.S | re.M)
