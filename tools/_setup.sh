@@ -4,7 +4,9 @@
 #   EXTRAS   pip extras of rankseg-monai to install ("" or "[test]")
 #   VENV     the virtual environment (default .venv)
 #   TORCH    the PyTorch release to install when the environment has none (default 2.13.0)
-#   TORCH_INDEX  where the CPU build comes from (default https://download.pytorch.org/whl/cpu)
+#   TORCH_INDEX  where PyTorch comes from: PyTorch's CPU wheel index (the default), another wheel index (e.g.
+#            https://download.pytorch.org/whl/cu126 for a CUDA build), or "default": the default package index
+#            (on Linux x86_64 PyPI's torch is the CUDA build)
 #
 # PyTorch: a torch already in the environment is kept (e.g. the CUDA build a GPU user installed first, see
 # README). Otherwise the CPU build comes from PyTorch's own CPU wheel index (a stock `pip install torch` on Linux
@@ -33,15 +35,19 @@ EOF
 }
 
 _step "2/4 PyTorch"
+build=""
 if build="$(_torch_build 2>/dev/null)"; then
     echo "keeping the $build already in $VENV" >&2
-else
-    echo "installing torch==$TORCH, CPU build, from $TORCH_INDEX (a few hundred MB) ..." >&2
-    if ! python -m pip install --index-url "$TORCH_INDEX" --timeout 10 --retries 0 "torch==$TORCH"; then
-        echo "$TORCH_INDEX did not answer (or has no such torch); installing torch==$TORCH from the default package index instead" \
-             "(on Linux x86_64 that can be the CUDA build, several GB)" >&2
-        python -m pip install "torch==$TORCH"
-    fi
+elif [ "$TORCH_INDEX" = "default" ]; then
+    echo "installing torch==$TORCH from the default package index (TORCH_INDEX=default) ..." >&2
+    python -m pip install "torch==$TORCH"
+elif echo "installing torch==$TORCH from $TORCH_INDEX ..." >&2 &&
+     ! python -m pip install --index-url "$TORCH_INDEX" --timeout 10 --retries 0 "torch==$TORCH"; then
+    echo "$TORCH_INDEX did not answer (or has no such torch); installing torch==$TORCH from the default package" \
+         "index instead (on Linux x86_64 that can be the CUDA build, several GB)" >&2
+    python -m pip install "torch==$TORCH"
+fi
+if [ -z "${build:-}" ]; then
     build="$(_torch_build)"
     echo "installed $build" >&2
 fi

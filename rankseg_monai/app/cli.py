@@ -738,7 +738,7 @@ def _evaluate_case(path: Path, case: str, labels: Mapping[str, Path], args: argp
                              lesion_structures=lesions or ())
 
 
-def method_labels(settings: Mapping[str, Any]) -> dict[str, str]:
+def _method_labels(settings: Mapping[str, Any]) -> dict[str, str]:
     """How the report shows its methods: the baseline ``argmax`` is ``p > 0.5`` per channel for independent (sigmoid,
     multilabel) or region probabilities (:func:`rankseg_monai.app.decide.decide`), shown as ``threshold 0.5``."""
     opts = settings.get("options") or {}
@@ -761,7 +761,7 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
     from . import evaluation as ev
 
     names = _class_names(settings.get("class_names"))
-    labels = method_labels(settings)
+    labels = _method_labels(settings)
     suffix = _part_suffix(part)
     written: list[Path] = []
     current = outdir / f"per_case{suffix}.csv"
