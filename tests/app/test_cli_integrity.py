@@ -43,6 +43,9 @@ from rankseg_monai.functional import rankseg
 
 ROOT = Path(rankseg_monai.__file__).resolve().parents[1]
 NAMES = [f"c{i}" for i in range(6)]
+#: how long a subprocess may take before the test calls it hung (a guard against hangs, not a timing assumption:
+#: under `nice -n 10` beside busy loops one run of the command line took minutes)
+HANG = 3600
 
 #: runs the command line with RankSEG's decision (or the NIfTI writer) slowed down by $DELAY seconds per case, so
 #: that a test can catch the run in the middle; with $GATE, the decision call number $GATE_AT (0-based; a case
@@ -60,7 +63,7 @@ def hold():
         open(gate + ".waiting", "w").close()
         start = time.time()
         while not os.path.exists(gate):
-            if time.time() - start > 900:
+            if time.time() - start > 3600:
                 sys.exit("the test never opened the gate")
             time.sleep(0.02)
     calls[0] += 1
@@ -139,13 +142,13 @@ def run_cli(*args: str, delay: float = 0.0, where: str = "decide", wait: bool = 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     if not wait:
         return proc
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=HANG)
     return proc.returncode, out, err
 
 
 def held(gate: Path, proc: subprocess.Popen) -> None:
     """Wait until the run ``proc`` started with ``gate`` is held at its gate (or fail if it ended first)."""
-    wait_for(lambda: Path(f"{gate}.waiting").exists() or proc.poll() is not None, timeout=600, what="the gate")
+    wait_for(lambda: Path(f"{gate}.waiting").exists() or proc.poll() is not None, timeout=HANG, what="the gate")
     assert proc.poll() is None, f"the run ended before its gate: {proc.communicate()}"
 
 
@@ -240,7 +243,7 @@ def test_concurrent_runs_with_other_settings_do_not_mix(cases, tmp_path):
     rc, _, err = run_cli("predict", str(folder), "-o", str(out), "--metric", "iou", "--quiet")
     assert rc == 2 and "another rankseg-monai run" in err and "with other settings" in err, err
     gate.touch()
-    _, err1 = first.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=HANG)
     assert first.returncode == 0, err1
     assert set(assert_consistent(out).values()) == {"dice"} and len(masks(out)) == 6
     # later: the iou run is refused (the folder holds dice masks), a dice run skips everything
@@ -257,7 +260,7 @@ def test_concurrent_runs_with_the_same_settings_share_the_work(cases, tmp_path):
     rc, _, err2 = run_cli("predict", str(folder), "-o", str(out), "--quiet")
     assert rc == 0 and "5 written" in err2 and "1 left to another run writing them now" in err2, err2
     gate.touch()
-    _, err1 = first.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=HANG)
     assert first.returncode == 0 and "1 written, 5 skipped" in err1, err1  # every case written exactly once
     assert set(assert_consistent(out).values()) == {"dice"}
     for name in NAMES:
@@ -274,7 +277,7 @@ def test_kill_during_overwrite_never_leaves_a_mixed_folder_that_resumes(cases, t
                    gate=gate, gate_at=2)
     held(gate, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG)
     metrics = assert_consistent(out)  # each mask matches its record
     assert set(metrics.values()) == {"dice", "iou"}
     # the resume without --overwrite does not skip the dice masks as if they were iou: it refuses
@@ -362,7 +365,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(cases, tmp_path):
     proc = run_cli("predict", str(folder), "-o", str(out), "--quiet", where="write", wait=False, gate=gate)
     held(gate, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG)
     assert any(n.startswith(".c0.rankseg-tmp-") for n in files_in(out))
     rc, _, err = run_cli("predict", str(folder), "-o", str(out), "--quiet")
     assert rc == 0 and "removed" in err and "stale temporary" in err, err
@@ -383,7 +386,7 @@ def test_temporaries_of_a_running_run_are_kept(cases, tmp_path):
     assert rc == 0 and "removed" not in err, err
     assert any(".rankseg-tmp-" in n for n in files_in(out))
     gate.touch()
-    _, err0 = proc.communicate(timeout=120)
+    _, err0 = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, err0
     assert masks(out) == ["c0.nii.gz", "c1.nii.gz"]
     assert_consistent(out)
