@@ -16,8 +16,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # pytest-xdist runs 2 workers on 2 cores: one torch thread each avoids oversubscription (OpenMP barriers in
-# many medium-sized ops slow down by 10x or more when threads outnumber cores).
+# many medium-sized ops slow down by 10x or more when threads outnumber cores).  The environment variable carries
+# this to the subprocesses the tests start (the command line, tutorials, doc blocks): with two OpenMP threads each
+# beside two workers and other load, tests/test_docs.py[docs/cli.md] and the tutorial tests ran 10x longer.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: the devices every device-parametrised test runs on
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

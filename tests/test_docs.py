@@ -1,7 +1,8 @@
 """Every code block of the README and the docs runs, as written.
 
-* ``python`` blocks of one document run in order in one namespace (like a notebook), in a fresh folder; a block
-  that starts with ``>>>`` runs as a doctest.
+* ``python`` blocks run each in a fresh namespace (a reader copies one block, not the page: a block imports and
+  defines what it uses), in order, in one fresh folder per document (files an earlier block wrote are there); a
+  block that starts with ``>>>`` runs as a doctest.
 * ``bash`` blocks run with ``bash -euo pipefail`` in that folder, with the test's virtual environment first on
   ``PATH``.
 * ``json`` blocks must parse.
@@ -36,6 +37,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "dev").glob("*.md")),
              "bundle/README.md", "tutorials/README.md", "bundle/rankseg_demo/docs/README.md"]
 _FENCE = re.compile(r"((?:^[ \t]*<!--\s*doc-test:[^\n]*-->\s*\n)*)^([ \t]*)```([\w+-]*)[^\n]*\n(.*?)^\2```[ \t]*$",
                     re.S | re.M)
@@ -241,7 +243,6 @@ def test_code_blocks_run(document, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    namespace: dict = {"__name__": "__doc_test__"}
     ran = 0
     for block in blocks(document):
         assert block.lang in LANGUAGES, f"{block}: tag the fence with one of {sorted(LANGUAGES)}"
@@ -252,7 +253,7 @@ def test_code_blocks_run(document, tmp_path, monkeypatch):
         if block.writes is not None:
             (tmp_path / block.writes).write_text(block.code, encoding="utf-8")
         elif block.lang == "python":
-            _run_python(block, namespace)
+            _run_python(block, {"__name__": "__doc_test__"})  # a fresh namespace: each block runs by itself
         elif block.lang == "bash":
             _run_bash(block, tmp_path)
         else:

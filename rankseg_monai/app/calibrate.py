@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
                    help="names of the label values 0, 1, 2, ... (background first), for the report")
+    cli._add_postfix_option(p)
     cli._add_decision_options(p)
 
 
@@ -232,8 +233,13 @@ def _validate(args: argparse.Namespace) -> tuple[RankSEGOptions, list[_Case], Pa
             raise cli.UsageError(f"--probs {d}: not a folder")
     if len({d.resolve() for d in dirs}) != len(dirs):
         raise cli.UsageError("--probs names a folder twice; give each fold's folder once")
-    labels = cli._label_index(Path(args.labels))
-    folders = [sorted(rio.find_cases([d], rio.PROBABILITY_EXTENSIONS), key=rio.case_name) for d in dirs]
+    labels = cli._label_index(Path(args.labels), args)
+    names: dict[Path, str] = {}  # case names (MONAI SaveImage's case folders and --postfix read, as predict does)
+    folders: list[list[Path]] = []
+    for d in dirs:
+        found = cli._find([d], args, rio.PROBABILITY_EXTENSIONS)
+        names.update(found)
+        folders.append(sorted(found, key=found.__getitem__))
     for d, cases in zip(dirs, folders):
         if not cases:
             raise cli.UsageError(f"no probability files found in {d} (looked for "
@@ -241,7 +247,7 @@ def _validate(args: argparse.Namespace) -> tuple[RankSEGOptions, list[_Case], Pa
     seen: dict[str, Path] = {}
     for d, cases in zip(dirs, folders):
         for p in cases:
-            name = rio.case_name(p)
+            name = names[p]
             if name in seen:
                 raise cli.UsageError(f"case {name!r} is in {seen[name]} and {d}; each case belongs to one fold")
             seen[name] = d
@@ -252,7 +258,7 @@ def _validate(args: argparse.Namespace) -> tuple[RankSEGOptions, list[_Case], Pa
         raise cli.UsageError("calibrate needs at least 2 labelled cases (one fold is scored with a fit on the others)")
     folds = fold_assignment(folders, args.folds)
     paths = [p for cases in folders for p in cases]
-    cases = [_Case(rio.case_name(p), p, labels[rio.case_name(p)], f) for p, f in zip(paths, folds)]
+    cases = [_Case(names[p], p, labels[names[p]], f) for p, f in zip(paths, folds)]
     outdir = Path(args.output)
     cli._check_outdir(outdir, [*dirs, Path(args.labels)], [*paths, *labels.values()])
     if (outdir / CALIBRATION_FILE).exists() and not args.overwrite:

@@ -151,10 +151,19 @@ def _add_part_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts (default 1)")
 
 
+def _add_postfix_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--postfix", default=rio.SAVEIMAGE_POSTFIX, metavar="POSTFIX",
+                   help="MONAI SaveImage's output_postfix, dropped from case names: case_000_POSTFIX.nii.gz is case "
+                        f"case_000 (default: '{rio.SAVEIMAGE_POSTFIX}', SaveImage's default; '' keeps every name). "
+                        "Case folders as SaveImage writes them (case_000/case_000_prob.nii.gz) are found and "
+                        "named after the folder whatever the postfix")
+
+
 def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rankseg-monai",
         description="RankSEG decisions (Dice/IoU-optimal masks) from probability volumes on disk.")
+    parser.add_argument("--version", action="version", version=f"rankseg-monai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -175,6 +184,7 @@ def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argpa
     pred.add_argument("--flag-below", type=float, default=None, metavar="DICE",
                       help="list the cases whose expected Dice (the model's own label-free estimate, in "
                            "expected_dice.csv) of some class or region is below DICE: a review list")
+    _add_postfix_option(pred)
     _add_decision_options(pred)
     _add_calibration_options(pred)
     _add_part_options(pred)
@@ -182,7 +192,8 @@ def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argpa
     ev = sub.add_parser("evaluate", help="per-case Dice/HD95 of argmax vs RankSEG, summary, CSV and plot",
                         description="Compare argmax and RankSEG decisions (--probs) or score existing masks "
                                     "(--pred) against labels; writes per_case.csv, summary.csv, differences.png "
-                                    "(differences are RankSEG minus argmax) and evaluation.json.")
+                                    "(differences are RankSEG minus argmax), expected.png (the label-free expected "
+                                    "Dice against the actual one) and evaluation.json, and prints a summary table.")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", metavar="DIR", help="folder of probability volumes (argmax vs RankSEG)")
     src.add_argument("--pred", metavar="DIR", help="folder of label-map masks to score as they are")
@@ -219,6 +230,7 @@ def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argpa
     ev.add_argument("--skip-failed", action="store_true",
                     help="write the reports for the cases that worked even if others failed (exit code still 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_postfix_option(ev)
     _add_decision_options(ev)
     _add_calibration_options(ev)
     _add_part_options(ev)
@@ -227,7 +239,8 @@ def build_parser(demo_module: Any = None, calibrate_module: Any = None) -> argpa
                            description="Read the part reports that evaluate --part-id K --num-parts N wrote into DIR "
                                        "(per_case.part-K-of-N.csv + evaluation.part-K-of-N.json), check that every "
                                        "part is there, made with the same settings and unchanged, and write "
-                                       "per_case.csv, summary.csv, differences.png and evaluation.json.")
+                                       "per_case.csv, summary.csv, differences.png, expected.png and evaluation.json "
+                                       "(the files one evaluate run over every case writes).")
     merge.add_argument("folder", metavar="DIR", help="the -o folder of the evaluate parts")
     merge.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="where to write the report (default: DIR)")
@@ -409,11 +422,23 @@ def _names_from_dataset(args: argparse.Namespace) -> None:
     args.class_names = [dataset.class_names.get(v, str(v)) for v in range(top + 1)]
 
 
+def _check_class_names(args: argparse.Namespace, options: RankSEGOptions, num_classes: int, path: Path) -> None:
+    """--class-names names every label value 0..C-1 of class probabilities, no more, no fewer (a settings mistake:
+    the first case stops the run with a usage error)."""
+    names = getattr(args, "class_names", None)
+    if names is None or options.region_probs or len(names) == num_classes:
+        return
+    raise rio.SettingsError(f"{path}: --class-names gives {len(names)} names ({' '.join(names)}) for "
+                            f"{num_classes} classes (label values 0..{num_classes - 1}, background first); give "
+                            "one name per class")
+
+
 def _class_names(names: Sequence[str] | None) -> dict[int, str] | None:
     return {i: n for i, n in enumerate(names)} if names else None
 
 
-def select_part(cases: Sequence[Path], part_id: int, num_parts: int) -> list[Path]:
+def select_part(cases: Sequence[Path], part_id: int, num_parts: int, names: Mapping[Path, str] | None = None
+                ) -> list[Path]:
     """Part ``part_id`` of ``num_parts`` of the cases sorted by case name: cases ``K, K+N, K+2N, ...`` (as
     ``nnUNetv2_predict -part_id K -num_parts N``), the same split on every machine.
 
@@ -426,7 +451,7 @@ def select_part(cases: Sequence[Path], part_id: int, num_parts: int) -> list[Pat
         raise UsageError(f"--part-id must lie in [0, {num_parts}) for --num-parts {num_parts}, got {part_id}")
     if num_parts == 1:
         return list(cases)
-    return sorted(cases, key=rio.case_name)[part_id::num_parts]
+    return sorted(cases, key=names.__getitem__ if names else rio.case_name)[part_id::num_parts]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -545,9 +570,28 @@ def _prepare(volume: rio.ProbabilityVolume, args: argparse.Namespace, options: R
     return probs
 
 
-def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None) -> rio.ProbabilityVolume:
-    return rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
-                                  sum_tolerance=args.sum_tolerance)
+def _find(inputs: Sequence[str | Path], args: argparse.Namespace, extensions: Sequence[str]) -> dict[Path, str]:
+    """The input files and their case names (MONAI SaveImage's case folders and --postfix read,
+    :func:`rankseg_monai.app.io.case_names`), in the order found."""
+    return rio.case_names(rio.find_cases(inputs, extensions, postfix=args.postfix), args.postfix)
+
+
+def _stop_if_settings(exc: Exception, done: int) -> None:
+    """A mistake in the command's settings (:class:`rankseg_monai.app.io.SettingsError`: logits without --softmax,
+    --softmax on probabilities, the class axis not named) found on the first case becomes one usage error (exit 2)
+    instead of one identical failure per case; on a later case it is that case's failure (its file differs)."""
+    if done == 0 and isinstance(exc, rio.SettingsError):
+        raise UsageError(f"{exc} (stopped at the first case: these settings would fail every case; nothing was "
+                         "written)") from None
+
+
+def _load(path: Path, args: argparse.Namespace, spatial_shape: Sequence[int] | None = None,
+          case: str | None = None) -> rio.ProbabilityVolume:
+    volume = rio.load_probabilities(path, channels_last=args.channels_last, spatial_shape=spatial_shape,
+                                    sum_tolerance=args.sum_tolerance)
+    if case is not None:
+        volume.case = case
+    return volume
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -698,9 +742,8 @@ def _expected_rows(targets: Sequence[Path], class_names: Mapping[int, str] | Non
     return rows, flagged
 
 
-def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
+def _predict_case(run: _PredictRun, path: Path, case: str, target: Path, bar: Any) -> str:
     """Decide and write one case, or skip it; returns ``"written"``, ``"skipped"`` or ``"elsewhere"``."""
-    case = rio.case_name(path)
     with run.runs.claim(target.name) as mine:  # the mask file, format included: a run writing another format
         # of the same case into the folder writes its own file
         if not mine:
@@ -714,7 +757,7 @@ def _predict_case(run: _PredictRun, path: Path, target: Path, bar: Any) -> str:
                 raise rio.VolumeError(f"{target}: {status.detail or status.state}; pass --overwrite to replace it")
             if status.state != prov.ABSENT:
                 _report(bar, f"redoing {case}: {status.detail}")
-        volume = _load(path, run.args)
+        volume = _load(path, run.args, case=case)
         probs = _calibrate_case(_prepare(volume, run.args, run.options), run.options)
         # the narrowest labels straight from the solver (uint8: 8x less than int64; the file takes the
         # narrowest type anyway)
@@ -729,14 +772,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _names_from_dataset(args)
     if args.flag_below is not None and not (math.isfinite(args.flag_below) and 0 <= args.flag_below <= 1):
         raise UsageError(f"--flag-below must be a Dice between 0 and 1, got {args.flag_below}")
-    cases = rio.find_cases(args.inputs)
+    names = _find(args.inputs, args, rio.PROBABILITY_EXTENSIONS)
+    cases = list(names)
     if not cases:
         raise UsageError(f"no probability files found in {', '.join(args.inputs)} (looked for "
                          f"{', '.join(rio.PROBABILITY_EXTENSIONS)})")
     outdir = Path(args.output)
     _check_outdir(outdir, [Path(i) for i in args.inputs if Path(i).is_dir()], cases)
-    cases = select_part(cases, args.part_id, args.num_parts)
-    targets = [rio.mask_path(outdir, rio.case_name(p), args.format or _default_format(p)) for p in cases]
+    all_targets = [rio.mask_path(outdir, names[p], args.format or _default_format(p)) for p in cases]
+    cases = select_part(cases, args.part_id, args.num_parts, names)
+    targets = [rio.mask_path(outdir, names[p], args.format or _default_format(p)) for p in cases]
     if cases:
         _check_calibration(cases[0], args, options)
     settings = run_settings(args, options)
@@ -746,24 +791,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except UsageError:
         _remove_if_empty(outdir, created)
         raise
-    with runs:
-        run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
-        _survey(run, targets)
-        bar = _progress(list(zip(cases, targets)), args, "rankseg")
-        for path, target in bar:
-            try:
-                run.counts[_predict_case(run, path, target, bar)] += 1
-            except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
-                run.failed.append(rio.case_name(path))
-                _report(bar, f"FAILED {rio.case_name(path)}: {type(exc).__name__}: {exc}")
-    _remove_if_empty(outdir, created)
-    return _finish_predict(run, targets)
+    try:
+        with runs:
+            run = _PredictRun(args, options, settings, outdir, _protected(cases), runs)
+            _survey(run, targets)
+            bar = _progress(list(zip(cases, targets)), args, "rankseg")
+            for path, target in bar:
+                try:
+                    run.counts[_predict_case(run, path, names[path], target, bar)] += 1
+                except Exception as exc:  # one bad case never stops the others (KeyboardInterrupt does)
+                    _stop_if_settings(exc, done=sum(run.counts.values()) + len(run.failed))
+                    run.failed.append(names[path])
+                    _report(bar, f"FAILED {names[path]}: {type(exc).__name__}: {exc}")
+    finally:
+        _remove_if_empty(outdir, created)
+    return _finish_predict(run, targets, all_targets)
 
 
-def _finish_predict(run: _PredictRun, targets: Sequence[Path]) -> int:
-    """``expected_dice.csv``, the summary line and the exit code of a predict run (also ``nnunet-predict``)."""
+def _finish_predict(run: _PredictRun, targets: Sequence[Path], all_targets: Sequence[Path] | None = None) -> int:
+    """``expected_dice.csv``, the summary line and the exit code of a predict run (also ``nnunet-predict``);
+    ``all_targets``: the masks of every part of a split run (the last part to finish writes the whole CSV)."""
+    args = run.args
     _write_expected(run, targets)
-    c, args = run.counts, run.args
+    if all_targets is not None and args.num_parts > 1 and _all_done(all_targets, run.settings):
+        _write_expected(run, all_targets, whole=True)
+    c = run.counts
     part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
     line = f"masks in {run.outdir}{part}: {c['written']} written, {c['skipped']} skipped (up to date), " \
            f"{len(run.failed)} failed"
@@ -775,9 +827,21 @@ def _finish_predict(run: _PredictRun, targets: Sequence[Path]) -> int:
     return 1 if run.failed else 0
 
 
-def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
+def _all_done(targets: Sequence[Path], settings: Mapping[str, Any]) -> bool:
+    """Every mask is there with a record of these settings (the parts of a split run have all finished)."""
+    for target in targets:
+        try:
+            record = prov.read_record(target)
+        except prov.RecordError:
+            return False
+        if record is None or not target.is_file() or prov.settings_difference(record, settings):
+            return False
+    return True
+
+
+def _write_expected(run: _PredictRun, targets: Sequence[Path], whole: bool = False) -> None:
     """``expected_dice[.part-K-of-N].csv`` beside the masks, rebuilt from their records (so resumed cases are
-    in it too), and the review list of --flag-below."""
+    in it too), and the review list of --flag-below; ``whole``: ``expected_dice.csv`` of every part's cases."""
     from .evaluation import write_rows
 
     args = run.args
@@ -785,14 +849,15 @@ def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
     rows, flagged = _expected_rows(targets, names, args.flag_below)
     if not rows:
         return
-    part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
+    part = (args.part_id, args.num_parts) if args.num_parts > 1 and not whole else None
     path = run.outdir / f"expected_{run.options.metric}{_part_suffix(part)}.csv"
     try:
         write_rows(rows, path, protected=run.protected)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
                          "same command again (finished masks are kept)") from None
-    print(f"wrote {path} (label-free expected {run.options.metric} per case and structure)", file=sys.stderr)
+    what = f"every part is done: all {len(targets)} cases" if whole else "per case and structure"
+    print(f"wrote {path} (label-free expected {run.options.metric}, {what})", file=sys.stderr)
     why = [f"an expected {run.options.metric} below {args.flag_below:g}"] if args.flag_below is not None else []
     if run.options.calibration is not None:
         why.append("a fingerprint outside the calibration cases' (column outside_calibration)")
@@ -806,17 +871,16 @@ def _write_expected(run: _PredictRun, targets: Sequence[Path]) -> None:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def _label_index(labels_dir: Path) -> dict[str, Path]:
+def _label_index(labels_dir: Path, args: argparse.Namespace) -> dict[str, Path]:
     if not labels_dir.is_dir():
         raise UsageError(f"--labels {labels_dir}: not a folder")
-    return {rio.case_name(p): p for p in rio.find_cases([labels_dir], rio.LABEL_EXTENSIONS)}
+    return {case: p for p, case in _find([labels_dir], args, rio.LABEL_EXTENSIONS).items()}
 
 
-def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namespace, options: RankSEGOptions,
-                   classes: Sequence[int] | None) -> dict:
+def _evaluate_case(path: Path, case: str, labels: Mapping[str, Path], args: argparse.Namespace,
+                   options: RankSEGOptions, classes: Sequence[int] | None) -> dict:
     from . import evaluation as ev
 
-    case = rio.case_name(path)
     if case not in labels:
         raise rio.VolumeError(f"case {case!r}: no label file in {args.labels} (expected {case}.nii.gz, .nii, .mha, "
                               ".mhd or .nrrd)")
@@ -827,9 +891,10 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
                "lesion_min_size": args.lesion_min_size, "lesion_dilation": args.lesion_dilation}
     ignore = _ignore_label(args)
     if args.probs:
-        volume = _load(path, args, spatial_shape=label.labels.shape)
+        volume = _load(path, args, spatial_shape=label.labels.shape, case=case)
         rio.check_same_grid(volume.geometry, label.geometry, case)
         probs = _prepare(volume, args, options)
+        _check_class_names(args, options, probs.shape[0], path)
         plain = options.replace(calibration=None)
         result = ev.compare_case(probs, label.labels, volume.spacing, classes, case=case,
                                  ignore_empty=args.ignore_empty, options=plain, nsd_tolerance=nsd,
@@ -857,6 +922,15 @@ def _evaluate_case(path: Path, labels: Mapping[str, Path], args: argparse.Namesp
 CALIBRATED_METHOD = "rankseg_calibrated"
 
 
+def _method_labels(settings: Mapping[str, Any]) -> dict[str, str]:
+    """How the report shows its methods: the baseline ``argmax`` is ``p > 0.5`` per channel for independent (sigmoid,
+    multilabel) or region probabilities (:func:`rankseg_monai.app.decide.decide`), shown as ``threshold 0.5``."""
+    opts = settings.get("options") or {}
+    if opts.get("region_probs") or opts.get("sigmoid") or opts.get("output_mode") == "multilabel":
+        return {"argmax": "threshold 0.5"}
+    return {}
+
+
 def _part_suffix(part: tuple[int, int] | None) -> str:
     return "" if part is None else f".part-{part[0]}-of-{part[1]}"
 
@@ -880,6 +954,7 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
     from . import evaluation as ev
 
     names = _class_names(settings.get("class_names"))
+    labels = _method_labels(settings)
     suffix = _part_suffix(part)
     record_name = f"{Path(REPORT_FILE).stem}{suffix}.json"
     staged: dict[str, Path] = {}
@@ -894,14 +969,14 @@ def _write_report(outdir: Path, results: Sequence[dict], settings: Mapping[str, 
         put(f"per_case{suffix}.csv", lambda tmp: ev.write_csv(results, tmp, protected=protected, class_names=names))
         if part is None:
             table = ev.summarize(results, aggregation=settings.get("aggregation") or "default")
-            print(ev.format_table(table, class_names=names))
+            print(ev.format_table(table, class_names=names, method_labels=labels))
             put("summary.csv", lambda tmp: ev.write_summary_csv(table, tmp, protected=protected, class_names=names))
             if "argmax" in methods and "rankseg" in methods:
                 put("differences.png", lambda tmp: ev.plot_differences(results, tmp, protected=protected,
-                                                                       class_names=names))
+                                                                       class_names=names, method_labels=labels))
             if "expected_dice" in results[0]["metrics"][methods[0]]:
                 put("expected.png", lambda tmp: ev.plot_expected(results, tmp, protected=protected,
-                                                                 class_names=names))
+                                                                 class_names=names, method_labels=labels))
         record = {"record": REPORT_KIND, "version": __version__, "settings": dict(settings),
                   "part": list(part) if part else None, "methods": list(methods), "cases": list(cases),
                   "failed": dict(failed), "merged_from": list(parts), **dict(extra or {}),
@@ -939,30 +1014,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     source = Path(args.probs or args.pred)
     if not source.is_dir():
         raise UsageError(f"{'--probs' if args.probs else '--pred'} {source}: not a folder")
-    cases = rio.find_cases([source], rio.PROBABILITY_EXTENSIONS if args.probs else rio.LABEL_EXTENSIONS)
+    names = _find([source], args, rio.PROBABILITY_EXTENSIONS if args.probs else rio.LABEL_EXTENSIONS)
+    cases = list(names)
     if not cases:
         raise UsageError(f"no files found in {source}")
-    labels = _label_index(Path(args.labels))
+    labels = _label_index(Path(args.labels), args)
     outdir = Path(args.output)
     _check_outdir(outdir, [source, Path(args.labels)], [*cases, *labels.values()])
     if options.calibration is not None:
         if args.pred:
             raise UsageError("--calibration applies to probabilities: use --probs (masks are scored as they are)")
-        _check_calibration(sorted(cases, key=rio.case_name)[0], args, options)
+        _check_calibration(sorted(cases, key=names.__getitem__)[0], args, options)
     if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
         raise UsageError("--class-names holds a name twice; give one name per label value 0, 1, 2, ...")
+    if args.class_names is not None and not all(n.strip() for n in args.class_names):
+        empty = [n.strip() for n in args.class_names].index("")
+        raise UsageError(f"--class-names holds an empty name (label value {empty}); give one name per label value "
+                         "0, 1, 2, ...")
     part = (args.part_id, args.num_parts) if args.num_parts > 1 else None
     if part and args.pred and args.classes is None:
         raise UsageError("--pred with --num-parts needs --classes (each part would otherwise score the classes found "
                          "in its own cases, and the parts could not be merged)")
-    all_cases = cases = sorted(cases, key=rio.case_name)  # the order of the rows, also of merged parts
-    cases = select_part(cases, args.part_id, args.num_parts)
+    all_cases = cases = sorted(cases, key=names.__getitem__)  # the order of the rows, also of merged parts
+    cases = select_part(cases, args.part_id, args.num_parts, names)
     protected = _protected(all_cases) + list(labels.values())
     settings = run_settings(args, options)
     created = not outdir.exists()
     try:
-        return _evaluate_into(outdir, args, options, settings, cases, labels, part, protected,
-                              [rio.case_name(p) for p in all_cases])
+        return _evaluate_into(outdir, args, options, settings, {p: names[p] for p in cases}, labels, part,
+                              protected, [names[p] for p in all_cases])
     finally:
         _remove_if_empty(outdir, created)
 
@@ -995,7 +1075,7 @@ def _check_scoring(args: argparse.Namespace, options: RankSEGOptions) -> None:
 
 
 def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptions, settings: dict[str, Any],
-                   cases: Sequence[Path], labels: Mapping[str, Path], part: tuple[int, int] | None,
+                   cases: Mapping[Path, str], labels: Mapping[str, Path], part: tuple[int, int] | None,
                    protected: Sequence[Path], all_cases: Sequence[str] = ()) -> int:
     from . import evaluation as ev
 
@@ -1004,23 +1084,29 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
         ignore = _ignore_label(args)
         if args.pred and classes is None and options.regions is None:  # one class list for all: the values anywhere
             found: set[int] = set()
-            for path in [*cases, *(labels[rio.case_name(p)] for p in cases if rio.case_name(p) in labels)]:
+            for path in [*cases, *(labels[c] for c in cases.values() if c in labels)]:
                 try:
                     found |= {int(v) for v in np.unique(rio.load_labels(path).labels) if v > 0 and v != ignore}
                 except Exception:
                     pass  # reported with its case below
             classes = sorted(found) or [1]
+        if args.pred and args.class_names is not None and options.regions is None:
+            if max(classes) >= len(args.class_names):
+                raise UsageError(f"--class-names gives {len(args.class_names)} names (label values 0.."
+                                 f"{len(args.class_names) - 1}), but label value {max(classes)} is scored; give one "
+                                 "name per label value 0, 1, 2, ...")
         results, failed = [], {}
-        bar = _progress(cases, args, "evaluate")
+        bar = _progress(list(cases), args, "evaluate")
         for path in bar:
-            case = rio.case_name(path)
+            case = cases[path]
             try:
-                results.append(_evaluate_case(path, labels, args, options, classes))
+                results.append(_evaluate_case(path, case, labels, args, options, classes))
             except ev.ClassesError as exc:  # the same for every case: a usage error
                 flag = (f"--classes {' '.join(map(str, classes or []))}" if exc.option == "classes" else
                         f"--lesion-wise {' '.join(args.lesion_wise or [])}")
                 raise UsageError(f"{flag}: {exc}") from None
             except Exception as exc:  # one bad case never stops the others
+                _stop_if_settings(exc, done=len(results) + len(failed))
                 failed[case] = f"{type(exc).__name__}: {exc}"
                 _report(bar, f"FAILED {case}: {failed[case]}")
         if failed and not args.skip_failed:
@@ -1037,8 +1123,8 @@ def _evaluate_into(outdir: Path, args: argparse.Namespace, options: RankSEGOptio
             extra = {"all_cases": list(all_cases),
                      "sources": {"probs" if args.probs else "pred": str(Path(args.probs or args.pred).resolve()),
                                  "labels": str(Path(args.labels).resolve())},
-                     "inputs": {rio.case_name(p): prov.hash_inputs([*_inputs_of(p), labels[rio.case_name(p)]])
-                                for p in cases if rio.case_name(p) in done}}
+                     "inputs": {case: prov.hash_inputs([*_inputs_of(p), labels[case]])
+                                for p, case in cases.items() if case in done}}
         written = _write_report(outdir, results, settings, methods=methods, cases=[r["case"] for r in results],
                                 failed=failed, part=part, protected=protected, extra=extra)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
@@ -1123,10 +1209,11 @@ def cmd_merge_reports(args: argparse.Namespace) -> int:
     n = totals[0]
     missing = [k for k in range(n) if (k, n) not in found]
     if missing:
-        k = missing[0]
-        raise UsageError(f"part {k} of {n} is missing in {folder} (evaluation.part-{k}-of-{n}.json"
-                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run evaluate --part-id {k} "
-                         f"--num-parts {n} -o {folder}, then merge again")
+        ks = " and ".join(", ".join(map(str, missing)).rsplit(", ", 1))
+        files = ", ".join(f"evaluation.part-{k}-of-{n}.json" for k in missing)
+        raise UsageError(f"{'part' if len(missing) == 1 else 'parts'} {ks} of {n} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing in {folder} ({files}): run evaluate "
+                         f"--part-id K --num-parts {n} -o {folder} for K = {ks}, then merge again")
     records = [_part_record(found[(k, n)]) for k in range(n)]
     first = records[0]
     for k, rec in enumerate(records):
@@ -1245,8 +1332,19 @@ def _main(argv: list[str]) -> int:
         _err(str(exc))
         return 2
     except KeyboardInterrupt:
-        _err("interrupted; finished masks are complete (writes are atomic): run the same command again to resume")
+        _err(INTERRUPTED.get(_first_command(argv) or "", "interrupted"))
         return 130
+
+
+#: what is true after Ctrl-C, per command
+INTERRUPTED = {
+    "predict": "interrupted; finished masks are complete (writes are atomic): run the same command again to do the "
+               "rest (finished cases are skipped)",
+    "evaluate": "interrupted before the report was complete; evaluate does not resume: run the same command again "
+                "to evaluate every case anew (split long evaluations with --part-id/--num-parts: finished parts stay)",
+    "merge-reports": "interrupted; nothing was merged (the parts are unchanged): run the same command again",
+    "demo": "interrupted",
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,8 @@ from ..options import RankSEGOptions, parse_pruning_prob
 from . import evaluation as ev
 from .synthetic import make_phantom
 
-__all__ = ["add_arguments", "run", "main", "load_demo_model", "infer_probabilities", "per_case_rows", "table_rows",
+__all__ = ["add_arguments", "run", "run_cases", "CaseRun", "run_spread", "spread_rows", "format_spread", "draw_seeds",
+           "main", "load_demo_model", "infer_probabilities", "per_case_rows", "table_rows",
            "region_table_rows", "format_region_table", "REGIONS",
            "format_table", "make_figure", "DEMO_SEED", "METHODS", "CLASS_NAMES"]
 
@@ -102,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("rankseg_demo_output"),
                         help="folder for the CSV and the PNG (created; default: ./rankseg_demo_output)")
     parser.add_argument("--cases", type=int, default=8, help="number of held-out phantoms (default: 8)")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="repeat over this many draws of --cases phantoms (seeds --seed + d * 1000000) and print "
+                             "the spread: per-case wins/losses, the worst case, the mean of each draw (default 1: "
+                             "the demo)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED,
                         help=f"seed of the first phantom (default: {DEMO_SEED}; training used seeds < 100000)")
     parser.add_argument("--pruning-prob", type=parse_pruning_prob, default="auto",
@@ -116,37 +121,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="quick smoke run: no window overlap and a low-resolution figure")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bar (as for the other commands; --no-progress is the older spelling)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the demo with parsed ``args`` (see :func:`add_arguments`); returns the process exit code."""
+@dataclass
+class CaseRun:
+    """What :func:`run_cases` returns: per-case results of the classes (argmax, RankSEG dice and iou) and of the
+    LiTS-style regions (argmax, RankSEG on the classes, RankSEG on the regions), the time per step and, when kept,
+    what the figure needs."""
+
+    results: list[dict[str, Any]]
+    region_results: list[dict[str, Any]]
+    timing: dict[str, float]
+    examples: list[_Example]
+
+
+def run_cases(net: torch.nn.Module, meta: dict[str, Any], seeds: Sequence[int], device: torch.device,
+              overlap: float, pruning_prob: float | str, progress: bool = True, keep_examples: bool = True,
+              desc: str = "cases") -> CaseRun:
+    """Phantoms ``seeds`` through the model and the three decisions, each case scored (the demo's loop)."""
     from tqdm import tqdm
 
-    if args.cases < 1:
-        print("error: --cases must be >= 1", file=sys.stderr)
-        return 2
-    t_start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net, meta = load_demo_model(args.checkpoint, device)
     roi = tuple(meta["roi_size"])
-    overlap = 0.0 if args.fast else args.overlap
-    num_classes = int(meta["arch"]["out_channels"])
-    classes = list(range(1, num_classes))
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    print(f"RankSEG demo: {args.cases} held-out phantoms (seeds {args.seed}..{args.seed + args.cases - 1}), "
-          f"3D UNet trained with {meta['training']['loss']}, SlidingWindowInferer(roi={roi}, overlap={overlap}) "
-          f"on {device}; RankSEG-RMA pruning_prob={args.pruning_prob}")
-    options = {m: RankSEGOptions(metric=m.split("_")[1], pruning_prob=args.pruning_prob) for m in METHODS[1:]}
-    region_options = RankSEGOptions(regions=REGIONS, pruning_prob=args.pruning_prob)
-    region_results: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    timing = dict.fromkeys(("inference", *METHODS, "metrics"), 0.0)
-    examples: list[_Example] = []
-    for case in tqdm(range(args.cases), desc="cases", unit="case", disable=args.no_progress, file=sys.stderr):
-        seed = args.seed + case
+    classes = list(range(1, int(meta["arch"]["out_channels"])))
+    options = {m: RankSEGOptions(metric=m.split("_")[1], pruning_prob=pruning_prob) for m in METHODS[1:]}
+    region_options = RankSEGOptions(regions=REGIONS, pruning_prob=pruning_prob)
+    out = CaseRun([], [], dict.fromkeys(("inference", *METHODS, "rankseg_regions", "metrics"), 0.0), [])
+    timing = out.timing
+    for case, seed in enumerate(tqdm(list(seeds), desc=desc, unit="case", disable=not progress, file=sys.stderr)):
         ph = make_phantom(seed)
         t = time.perf_counter()
         probs = infer_probabilities(net, ph.image, roi, device=device, overlap=overlap)
@@ -161,16 +164,46 @@ def run(args: argparse.Namespace) -> int:
         res = ev.evaluate_masks(preds, ph.label[0], ph.spacing, classes, case=str(case))
         res["seed"] = seed
         res["max_prob"] = [float(v) for v in probs.amax(dim=(2, 3, 4))[0, classes].cpu()]
-        results.append(res)
+        out.results.append(res)
         timing["metrics"] += time.perf_counter() - t
         t = time.perf_counter()
         region_pred = decide(probs, region_options)[0].cpu().numpy()
-        timing["rankseg_regions"] = timing.get("rankseg_regions", 0.0) + time.perf_counter() - t
-        region_results.append(ev.evaluate_masks(
+        timing["rankseg_regions"] += time.perf_counter() - t
+        region_res = ev.evaluate_masks(
             {"argmax": preds["argmax"], "rankseg_classes": preds["rankseg_dice"], "rankseg_regions": region_pred},
             ph.label[0], ph.spacing, list(REGIONS), case=str(case), structures=REGIONS,
-            nsd_tolerance=NSD_TOLERANCE_MM, lesion_structures=["lesion"]))
-        examples.append(_Example(case, ph.image[0], ph.label[0], probs[0, -1].cpu().numpy(), preds))
+            nsd_tolerance=NSD_TOLERANCE_MM, lesion_structures=["lesion"])
+        region_res["seed"] = seed
+        out.region_results.append(region_res)
+        if keep_examples:
+            out.examples.append(_Example(case, ph.image[0], ph.label[0], probs[0, -1].cpu().numpy(), preds))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed ``args`` (see :func:`add_arguments`); returns the process exit code."""
+    if args.cases < 1:
+        print("error: --cases must be >= 1", file=sys.stderr)
+        return 2
+    if args.draws < 1:
+        print("error: --draws must be >= 1", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, meta = load_demo_model(args.checkpoint, device)
+    roi = tuple(meta["roi_size"])
+    overlap = 0.0 if args.fast else args.overlap
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.draws > 1:
+        return run_spread(args, net, meta, device, overlap, out_dir)
+
+    print(f"RankSEG demo: {args.cases} held-out phantoms (seeds {args.seed}..{args.seed + args.cases - 1}), "
+          f"3D UNet trained with {meta['training']['loss']}, SlidingWindowInferer(roi={roi}, overlap={overlap}) "
+          f"on {device}; RankSEG-RMA pruning_prob={args.pruning_prob}")
+    cases = run_cases(net, meta, range(args.seed, args.seed + args.cases), device, overlap, args.pruning_prob,
+                      progress=not args.quiet, keep_examples=not args.no_plot)
+    results, region_results, timing = cases.results, cases.region_results, cases.timing
 
     csv_path = write_csv(results, out_dir / CSV_NAME)
     regions_path = ev.write_csv(region_results, out_dir / REGIONS_CSV_NAME, baseline="argmax",
@@ -187,11 +220,122 @@ def run(args: argparse.Namespace) -> int:
           f"{timing['rankseg_iou'] / n:.3f} s, RankSEG regions {timing['rankseg_regions'] / n:.3f} s, metrics "
           f"{timing['metrics'] / n:.2f} s")
     print(f"wrote {csv_path} and {regions_path}")
+    print(f"These {n} phantoms are one draw: the gain varies from draw to draw (rankseg-monai demo --draws 10 shows "
+          "the spread), and HD95 and false-positive lesions can get worse. On your data, run rankseg-monai evaluate "
+          "on validation cases first (docs/calibration.md).")
     if not args.no_plot:
         png_path = out_dir / PNG_NAME
-        make_figure(results, examples, png_path, dpi=60 if args.fast else 110,
+        make_figure(results, cases.examples, png_path, dpi=60 if args.fast else 110,
                     title=f"argmax vs RankSEG (dice, pruning_prob={args.pruning_prob}) on {n} held-out phantoms")
         print(f"wrote {png_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ spread
+
+#: draw ``d`` of ``--draws`` starts at seed ``--seed + d * DRAW_STRIDE`` (draw 0 is the demo's own phantoms)
+DRAW_STRIDE = 1_000_000
+SPREAD_CSV_NAME = "spread_per_case.csv"
+SPREAD_MD_NAME = "spread.md"
+
+
+def draw_seeds(first: int, cases: int, draw: int) -> list[int]:
+    """The seeds of draw ``draw``: ``cases`` consecutive seeds from ``first + draw * DRAW_STRIDE``.
+
+    >>> draw_seeds(1_000_000, 3, 1)
+    [2000000, 2000001, 2000002]
+    """
+    return [first + draw * DRAW_STRIDE + i for i in range(cases)]
+
+
+def spread_rows(results: Sequence[dict[str, Any]], region_results: Sequence[dict[str, Any]],
+                draw_of: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (class, metric) over every case of every draw: means, the mean paired difference (RankSEG-dice
+    minus argmax), the worst and best case (with its seed), wins/losses/ties over cases, and the spread of the
+    per-draw mean difference.  Lesion counts (LiTS-style lesion region, RankSEG on the classes) are totals."""
+    rows = []
+    draws = sorted(set(draw_of))
+    draw_idx = np.asarray(draw_of)
+    seeds = np.asarray([r["seed"] for r in results])
+
+    def add(name: str, metric: str, a: np.ndarray, b: np.ndarray, higher: bool, total: bool = False) -> None:
+        d = b - a
+        ok = np.isfinite(d)
+        signed = np.where(ok, d if higher else -d, np.nan)
+        worst, best = int(np.nanargmin(signed)), int(np.nanargmax(signed))
+        stats = ev.paired_stats(a, b, higher)
+        per_draw = [float(np.nanmean(d[(draw_idx == k) & ok])) if ((draw_idx == k) & ok).any() else math.nan
+                    for k in draws]
+        agg = np.nansum if total else np.nanmean
+        rows.append({"class": name, "metric": metric, "total": total, "argmax": float(agg(a)),
+                     "rankseg": float(agg(b)), "diff": float(agg(d[ok])), "worst": float(d[worst]),
+                     "worst_seed": int(seeds[worst]), "best": float(d[best]), "best_seed": int(seeds[best]),
+                     "wins": stats["wins"], "losses": stats["losses"], "ties": stats["ties"], "n": stats["n"],
+                     "draw_lo": float(np.nanmin(per_draw)), "draw_hi": float(np.nanmax(per_draw)),
+                     "draws_worse": int(sum((v < 0) if higher else (v > 0) for v in per_draw)),
+                     "higher_is_better": higher})
+
+    for c in results[0]["classes"]:
+        name = _class_name(c)
+        for metric, key, higher in (("Dice", "dice", True), ("HD95 mm", "hd95", False)):
+            add(name, metric, _metric(results, c, "argmax", key), _metric(results, c, "rankseg_dice", key), higher)
+    lesion = "lesion"
+    for metric, key in (("false-positive lesions", "lesions_fp"), ("missed lesions", "lesions_missed")):
+        a = np.asarray([r["metrics"]["argmax"][key][r["classes"].index(lesion)] for r in region_results], float)
+        b = np.asarray([r["metrics"]["rankseg_classes"][key][r["classes"].index(lesion)] for r in region_results],
+                       float)
+        add(lesion, metric, a, b, higher=False, total=True)
+    return rows
+
+
+def format_spread(rows: Sequence[dict[str, Any]], cases: int, draws: int, first_seed: int) -> str:
+    """The spread as a Markdown table (README's headline) with a sentence on how it was made."""
+    head = ("| class | metric | argmax | RankSEG | RankSEG - argmax | worst case | best case | wins/losses/ties "
+            "| mean difference per draw [min, max] |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = (lambda v: f"{v:.0f}") if r["total"] else ((lambda v: f"{v:.2f}") if "HD95" in r["metric"]
+                                                       else (lambda v: f"{v:.4f}"))
+        sfmt = (lambda v: f"{v:+.0f}") if r["total"] else ((lambda v: f"{v:+.2f}") if "HD95" in r["metric"]
+                                                          else (lambda v: f"{v:+.4f}"))
+        dfmt = (lambda v: f"{v:+.2f}") if r["total"] or "HD95" in r["metric"] else (lambda v: f"{v:+.4f}")
+        lines.append(f"| {r['class']} | {r['metric']}{' (total)' if r['total'] else ''} | {fmt(r['argmax'])} | "
+                     f"{fmt(r['rankseg'])} | {sfmt(r['diff'])} | {sfmt(r['worst'])} (seed {r['worst_seed']}) | "
+                     f"{sfmt(r['best'])} (seed {r['best_seed']}) | {r['wins']}/{r['losses']}/{r['ties']} | "
+                     f"[{dfmt(r['draw_lo'])}, {dfmt(r['draw_hi'])}], worse in {r['draws_worse']} of {draws} |")
+    seeds = ", ".join(f"{first_seed + d * DRAW_STRIDE}+" for d in range(min(draws, 3)))
+    lines.append("")
+    lines.append(f"{draws} draws of {cases} held-out phantoms ({draws * cases} cases; first seeds {seeds}"
+                 f"{', ...' if draws > 3 else ''}), the shipped model, RankSEG(metric='dice'), pruning 'auto'. "
+                 "RankSEG - argmax: the mean paired difference (Dice: > 0 is better; HD95 and lesion counts: < 0 is "
+                 "better); worst/best case: the single case with the worst/best difference; wins/losses/ties: cases "
+                 "where RankSEG is better/worse/equal; per draw: the mean difference of each draw of "
+                 f"{cases} cases (a demo run shows one draw). Lesions: connected components of the lesion label, "
+                 "totals over all cases. Regenerate: `python scripts/demo_headline.py` (or `rankseg-monai demo "
+                 f"--draws {draws} --cases {cases}`).")
+    return "\n".join(lines)
+
+
+def run_spread(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], device: torch.device,
+               overlap: float, out_dir: Path) -> int:
+    """``--draws D``: the demo over ``D`` draws of ``--cases`` phantoms; prints the spread table (Markdown) and
+    writes it with the per-case rows."""
+    t_start = time.perf_counter()
+    results, region_results, draw_of = [], [], []
+    for d in range(args.draws):
+        run = run_cases(net, meta, draw_seeds(args.seed, args.cases, d), device, overlap, args.pruning_prob,
+                        progress=not args.quiet, keep_examples=False, desc=f"draw {d + 1}/{args.draws}")
+        results += run.results
+        region_results += run.region_results
+        draw_of += [d] * len(run.results)
+    for i, (res, reg) in enumerate(zip(results, region_results)):
+        res["case"] = reg["case"] = str(i)
+    table = format_spread(spread_rows(results, region_results, draw_of), args.cases, args.draws, args.seed)
+    csv_path = write_csv(results, out_dir / SPREAD_CSV_NAME)
+    md_path = out_dir / SPREAD_MD_NAME
+    md_path.write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"\ntime: {time.perf_counter() - t_start:.1f} s; wrote {md_path} and {csv_path}")
     return 0
 
 

@@ -30,6 +30,7 @@ import csv
 import io as _stdio
 import math
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -478,65 +479,72 @@ def _with_class_names(rows: Sequence[Mapping[str, Any]], class_names: Mapping[in
 
 
 def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", candidate: str = "rankseg",
-                 class_names: Mapping[int, str] | None = None) -> str:
-    """A fixed-width text table of :func:`summarize` output (means; medians and counts are in the CSV); classes
-    are shown by name when ``class_names`` (label value -> name) has them."""
+                 class_names: Mapping[int, str] | None = None, width: int = 120,
+                 method_labels: Mapping[str, str] | None = None) -> str:
+    """A text table of :func:`summarize` output, one line per class and metric with one column per method (means;
+    medians and every other column are in the CSV), so that it fits a terminal ``width`` characters wide whatever
+    the metrics; classes are shown by name when ``class_names`` (label value -> name) has them, methods by
+    ``method_labels`` (e.g. ``{"argmax": "threshold 0.5"}`` for independent probabilities)."""
     if not table:
         return "(no cases)"
     methods = [k[len("empty_pred_"):] for k in table[0] if k.startswith("empty_pred_")]
     paired = "dice_wins" in table[0]
-    header = ["class", "n"]
-    for m in methods:
-        header += [f"Dice {m}"]
-    if paired:
-        header += [f"Dice diff ({candidate}-{baseline})", "W/L/T"]
-    for m in methods:
-        header += [f"HD95 {m}"]
-    if paired:
-        header += [f"HD95 diff mm ({candidate}-{baseline})", "W/L/T"]
-    header += [f"empty {m}" for m in methods] + [f"HD95 NaN {m}" for m in methods]
+    shown = {m: (method_labels or {}).get(m, m) for m in (*methods, baseline, candidate)}
+    diff_head = f"{shown[candidate]}-{shown[baseline]}"
+    header = ["class", "n", "metric", *(shown[m] for m in methods)] + ([diff_head, "W/L/T"] if paired else [])
     nsd = next((k for k in ("nsd", "nsd_edge") if f"{k}_mean_{methods[0]}" in table[0]), None)
     lesions = f"lesions_found_{methods[0]}" in table[0]
     expected = f"expected_mae_{methods[0]}" in table[0]
-    if nsd:
-        header += [f"{'NSD' if nsd == 'nsd' else 'NSD-edge'} {m}" for m in methods]
-    if lesions:
-        header += [f"lesions found/missed/FP {m}" for m in methods]
-    if expected:
-        header += [f"est. Dice {m} (MAE, r)" for m in methods]
-    lines = []
+
+    def diff(row: Mapping[str, Any], key: str, digits: int, metric: str) -> list[str]:
+        if not paired:
+            return []
+        d = row[key]
+        return [f"{d:+.{digits}f}" if math.isfinite(d) else "nan",
+                f"{row[f'{metric}_wins']}/{row[f'{metric}_losses']}/{row[f'{metric}_ties']}"]
+
+    lines: list[list[str]] = []
     for row in table:
-        cells = [_class_label(row["class"], class_names), str(row["cases"])]
-        cells += [_fmt(row[f"dice_mean_{m}"]) for m in methods]
-        if paired:
-            d = row["dice_mean_diff"]
-            cells += [f"{d:+.4f}" if math.isfinite(d) else "nan",
-                      f"{row['dice_wins']}/{row['dice_losses']}/{row['dice_ties']}"]
-        cells += [_fmt(row[f"hd95_mean_{m}"], 2) for m in methods]
-        if paired:
-            d = row["hd95_mean_diff_mm"]
-            cells += [f"{d:+.2f}" if math.isfinite(d) else "nan",
-                      f"{row['hd95_wins']}/{row['hd95_losses']}/{row['hd95_ties']}"]
-        cells += [str(row[f"empty_pred_{m}"]) for m in methods]
-        cells += [str(row[f"hd95_undefined_{m}"]) for m in methods]
+        metrics: list[tuple[str, list[str], list[str]]] = [
+            ("Dice", [_fmt(row[f"dice_mean_{m}"]) for m in methods], diff(row, "dice_mean_diff", 4, "dice")),
+            ("HD95 mm", [_fmt(row[f"hd95_mean_{m}"], 2) for m in methods], diff(row, "hd95_mean_diff_mm", 2, "hd95")),
+            ("empty masks", [str(row[f"empty_pred_{m}"]) for m in methods], []),
+            ("HD95 NaN", [str(row[f"hd95_undefined_{m}"]) for m in methods], []),
+        ]
         if nsd:
-            cells += [_fmt(row[f"{nsd}_mean_{m}"]) for m in methods]
+            metrics.append(("NSD" if nsd == "nsd" else "NSD-edge",
+                            [_fmt(row[f"{nsd}_mean_{m}"]) for m in methods], []))
         if lesions:
-            cells += ["-" if not math.isfinite(row[f"lesions_found_{m}"]) else
-                      f"{row[f'lesions_found_{m}']}/{row[f'lesions_missed_{m}']}/{row[f'lesions_fp_{m}']}"
-                      for m in methods]
+            metrics.append(("lesions found/missed/FP", [
+                "-" if not math.isfinite(row[f"lesions_found_{m}"]) else
+                f"{row[f'lesions_found_{m}']}/{row[f'lesions_missed_{m}']}/{row[f'lesions_fp_{m}']}"
+                for m in methods], []))
         if expected:
-            cells += [f"{_fmt(row[f'expected_dice_mean_{m}'])} ({_fmt(row[f'expected_mae_{m}'], 3)}, "
-                      f"{_fmt(row[f'expected_corr_{m}'], 2)})" for m in methods]
-        lines.append(cells)
-    widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(header)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines]
-    note = ("Dice/HD95: means over defined values (HD95 in mm; NaN when prediction or truth is empty, counted in "
-            "'HD95 NaN').")
+            metrics.append(("est. Dice (MAE, r)", [
+                f"{_fmt(row[f'expected_dice_mean_{m}'])} ({_fmt(row[f'expected_mae_{m}'], 3)}, "
+                f"{_fmt(row[f'expected_corr_{m}'], 2)})" for m in methods], []))
+        for i, (name, cells, extra) in enumerate(metrics):
+            first = i == 0
+            lines.append([_class_label(row["class"], class_names) if first else "", str(row["cases"]) if first else "",
+                          name, *cells, *extra])
+    widths = [max(len(h), *(len(r[j]) for r in lines if j < len(r))) for j, h in enumerate(header)]
+    left = 3  # class, n and metric are left-aligned
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [render(header), "-" * len(render(header))]
+    out += [render(r).rstrip() for r in lines]
+    note = ("Dice, HD95 (mm), NSD: means over defined values; HD95 is NaN when prediction or truth is empty (counted "
+            "in 'HD95 NaN'); empty masks: cases with an empty prediction.")
     if paired:
-        note += (f" Paired over cases where both are defined: diff = {candidate} - {baseline} (Dice: > 0 is better; "
-                 f"HD95: < 0 is better); W/L/T count cases where {candidate} is better/worse/equal.")
+        note += (f" {diff_head}: the paired mean difference over cases where both are defined (Dice: > 0 is better; "
+                 f"HD95: < 0 is better); W/L/T count cases where {shown[candidate]} is better/worse/equal.")
+    renamed = [f"'{m}' columns hold {shown[m]}" for m in methods if shown[m] != m]
+    if renamed:
+        note += f" In the CSV files the {', '.join(renamed)}."
+    if lesions:
+        note += " Lesions (connected components): totals over the cases."
     if nsd:
         note += (" NSD: normalised surface Dice, the published definition (DeepMind surface-distance; MONAI "
                  "compute_surface_dice(use_subvoxels=True))." if nsd == "nsd" else
@@ -545,7 +553,8 @@ def format_table(table: Sequence[Mapping[str, Any]], baseline: str = "argmax", c
     if expected:
         note += (" est. Dice: the label-free expected Dice of each decision (mean), its mean absolute error against "
                  "the actual Dice and their correlation over cases (r): how far the estimate can be trusted here.")
-    return "\n".join(out) + "\n" + note
+    note += " Every column, per case and per class, is in the CSV files."
+    return "\n".join(out) + "\n" + textwrap.fill(note, width=width)
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -627,7 +636,8 @@ def write_summary_csv(table: Sequence[Mapping[str, Any]], path: str | os.PathLik
 
 def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, baseline: str = "argmax",
                      candidate: str = "rankseg", protected: Sequence[str | os.PathLike] = (),
-                     class_names: Mapping[int, str] | None = None) -> Path:
+                     class_names: Mapping[int, str] | None = None,
+                     method_labels: Mapping[str, str] | None = None) -> Path:
     """PNG of the per-case paired differences (candidate minus baseline; Dice: above 0 is better, HD95 in mm:
     below 0 is better) per class; green marks the cases where the candidate is better."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -637,11 +647,13 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
     if rows and "dice_diff" not in rows[0]:
         raise ValueError(f"plot_differences needs both {baseline!r} and {candidate!r} results")
     classes = list(dict.fromkeys(row["class"] for row in rows))
-    fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 3), 4.0), dpi=100)
+    base, cand = ((method_labels or {}).get(m, m) for m in (baseline, candidate))
+    panels = (("dice_diff", f"Dice difference\n({cand} - {base}; > 0: {cand} better)", True),
+              ("hd95_diff_mm", f"HD95 difference, mm\n({cand} - {base}; < 0: {cand} better)", False))
+    title_chars = max(len(line) for _, title, _ in panels for line in title.splitlines())
+    fig = Figure(figsize=(max(7.0, 1.2 * len(classes) + 4, 2 * (0.075 * title_chars + 0.9)), 4.4), dpi=100)
     FigureCanvasAgg(fig)
     rng = np.random.default_rng(0)
-    panels = (("dice_diff", f"Dice diff ({candidate} - {baseline}; > 0 better)", True),
-              ("hd95_diff_mm", f"HD95 diff, mm ({candidate} - {baseline}; < 0 better)", False))
     for j, (key, title, higher_better) in enumerate(panels):
         ax = fig.add_subplot(1, 2, j + 1)
         ax.axhline(0.0, color="0.5", lw=1)
@@ -663,7 +675,7 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
         ax.set_xticklabels([_class_label(c, class_names) for c in classes])
         ax.set_xlabel("class")
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Per-case paired differences over {len(results)} cases (green: {candidate} better; bar = mean)",
+    fig.suptitle(f"Per-case paired differences over {len(results)} cases (green: {cand} better; bar = mean)",
                  fontsize=9)
     fig.tight_layout()
 
@@ -674,7 +686,8 @@ def plot_differences(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
 
 
 def plot_expected(results: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                  protected: Sequence[str | os.PathLike] = (), class_names: Mapping[int, str] | None = None) -> Path:
+                  protected: Sequence[str | os.PathLike] = (), class_names: Mapping[int, str] | None = None,
+                  method_labels: Mapping[str, str] | None = None) -> Path:
     """PNG: per case and structure, the label-free expected Dice of each decision against its actual Dice, with
     the identity line, and per structure the mean absolute error and the correlation (can the estimate be trusted
     on this model?)."""
@@ -706,7 +719,7 @@ def plot_expected(results: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         ax.set_ylim(0, 1)
         ax.set_xlabel("expected Dice (label-free estimate)")
         ax.set_ylabel("actual Dice")
-        ax.set_title(f"{m}\n" + "\n".join(lines), fontsize=8)
+        ax.set_title(f"{(method_labels or {}).get(m, m)}\n" + "\n".join(lines), fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Expected vs actual Dice over {len(results)} cases (on the dashed line the estimate is exact)",
                  fontsize=9)

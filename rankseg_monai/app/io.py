@@ -59,11 +59,14 @@ __all__ = [
     "LABEL_EXTENSIONS",
     "OUTPUT_FORMATS",
     "VolumeError",
+    "SettingsError",
     "Geometry",
     "ProbabilityVolume",
     "LabelVolume",
     "case_name",
+    "case_names",
     "find_cases",
+    "SAVEIMAGE_POSTFIX",
     "companion_files",
     "load_probabilities",
     "load_labels",
@@ -88,6 +91,14 @@ IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 PROBABILITY_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npz")
 LABEL_EXTENSIONS = IMAGE_EXTENSIONS
 OUTPUT_FORMATS = ("nii.gz", "nii", "mha", "nrrd")
+class SettingsError(VolumeError):
+    """A file disagrees with the command's settings rather than being broken (logits without ``--softmax``,
+    ``--softmax`` on probabilities, the class axis not named): every case would fail the same way, so the command
+    line stops at the first case with a usage error instead of failing each case."""
+
+
+#: ``monai.transforms.SaveImage(output_postfix=...)``'s default: ``case_000_trans.nii.gz``
+SAVEIMAGE_POSTFIX = "trans"
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 #: largest nnU-Net properties file read (nnU-Net writes a few kB; the cap bounds what a hostile file can build)
 MAX_PROPERTIES_BYTES = 16 * 2**20
@@ -248,22 +259,45 @@ def companion_files(path: str | os.PathLike) -> list[Path]:
     return []
 
 
-def find_cases(inputs: Iterable[str | os.PathLike], extensions: Sequence[str] = PROBABILITY_EXTENSIONS
-               ) -> list[Path]:
-    """Files given directly or found (non-recursively) in folders, sorted per folder.
+def _in_case_folder(path: Path) -> bool:
+    """``path`` is ``<case>/<case>[_postfix...]<ext>``: MONAI ``SaveImage``'s layout (``separate_folder=True``, the
+    default: one folder per case, the file named after the case plus ``_<output_postfix>``)."""
+    ext = _extension(path)
+    stem, folder = path.name[: -len(ext)] if ext else path.name, path.parent.name
+    return bool(folder) and (stem == folder or stem.startswith(folder + "_"))
+
+
+def _scan(folder: Path, extensions: Sequence[str]) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and _extension(p) in extensions)
+    with_npz = {case_name(p) for p in files if _extension(p) == ".npz"}
+    return [p for p in files if _extension(p) == ".npz" or case_name(p) not in with_npz]
+
+
+def find_cases(inputs: Iterable[str | os.PathLike], extensions: Sequence[str] = PROBABILITY_EXTENSIONS,
+               postfix: str | None = SAVEIMAGE_POSTFIX) -> list[Path]:
+    """Files given directly or found in folders, sorted per folder.
 
     In a folder, a case with an nnU-Net ``.npz`` is read from it and its other files (nnU-Net's own argmax
-    segmentation ``<case>.nii.gz``) are ignored.  Hidden files and our temporary files are skipped.  Two files
-    with the same case name are an error (the masks would collide).
+    segmentation ``<case>.nii.gz``) are ignored.  A folder without such files directly in it is read as MONAI
+    ``SaveImage``'s layout: its sub-folders ``<case>/`` each hold ``<case>_<postfix>.nii.gz`` (one file per case;
+    :func:`case_names` names them ``<case>``).  Hidden files and our temporary files are skipped.  Two files with
+    the same case name (:func:`case_names` with ``postfix``) are an error (the masks would collide).
     """
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                           and _extension(p) in extensions)
-            with_npz = {case_name(p) for p in files if _extension(p) == ".npz"}
-            found.extend(p for p in files if _extension(p) == ".npz" or case_name(p) not in with_npz)
+            files = _scan(path, extensions)
+            if not files:  # MONAI SaveImage: one sub-folder per case
+                for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                    inside = [p for p in _scan(sub, extensions) if _in_case_folder(p)]
+                    if len(inside) > 1:
+                        raise VolumeError(f"{sub} holds {len(inside)} files of case {sub.name} "
+                                          f"({', '.join(p.name for p in inside[:3])}); MONAI SaveImage's layout has "
+                                          "one per case folder: pass the files to use directly")
+                    files.extend(inside)
+            found.extend(files)
         elif path.is_file():
             if _extension(path) not in extensions:
                 raise VolumeError(f"{path}: unknown file type; use one of {', '.join(extensions)}")
@@ -271,13 +305,39 @@ def find_cases(inputs: Iterable[str | os.PathLike], extensions: Sequence[str] = 
         else:
             raise VolumeError(f"{path}: no such file or folder; check the path (and the current directory)")
     seen: dict[str, Path] = {}
-    for path in found:
-        name = case_name(path)
+    for path, name in case_names(found, postfix).items():
         if name in seen:
             raise VolumeError(f"two inputs have the case name {name!r}: {seen[name]} and {path}; the masks would "
                               "overwrite each other: pass only one of them")
         seen[name] = path
     return found
+
+
+def case_names(paths: Sequence[str | os.PathLike], postfix: str | None = SAVEIMAGE_POSTFIX) -> dict[Path, str]:
+    """The case name of every file, as MONAI ``SaveImage`` named the case: ``{path: case}``.
+
+    When every file lies in a folder of its own named like the file (``case_000/case_000_prob.nii.gz``, MONAI's
+    default ``separate_folder=True``), the case is the folder's name; otherwise it is the file name without its
+    extension and without a trailing ``_<postfix>`` (``SaveImage(output_postfix=...)``, default ``"trans"``;
+    ``None`` or ``""`` keeps the name).
+
+    >>> list(case_names(["out/case_000/case_000_prob.nii.gz", "out/case_001/case_001_prob.nii.gz"]).values())
+    ['case_000', 'case_001']
+    >>> list(case_names(["flat/case_000_trans.nii.gz", "flat/case_001.nii.gz"]).values())
+    ['case_000', 'case_001']
+    >>> list(case_names(["flat/case_000_prob.nii.gz"], postfix="prob").values())
+    ['case_000']
+    """
+    paths = [Path(p) for p in paths]
+    folders = [p.parent for p in paths]
+    if paths and len(set(folders)) == len(paths) and all(_in_case_folder(p) for p in paths):
+        return {p: p.parent.name for p in paths}
+    tail = f"_{postfix}" if postfix else None
+    out = {}
+    for p in paths:
+        name = case_name(p)
+        out[p] = name[: -len(tail)] if tail and name.endswith(tail) and len(name) > len(tail) else name
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -415,8 +475,8 @@ def _pick_channel_axis(path: Path, arr: np.ndarray, channels_last: bool | None, 
         other = not channels_last
         if (not _sums_to_one(arr, -1 if channels_last else 0, sum_tolerance)
                 and _sums_to_one(arr, -1 if other else 0, sum_tolerance) and fits(other)):
-            raise VolumeError(f"{path}: the values sum to one over the {names[other]} axis of shape {shape}, not over "
-                              f"the {names[channels_last]}: the classes are there; pass {flag[other]}")
+            raise SettingsError(f"{path}: the values sum to one over the {names[other]} axis of shape {shape}, not "
+                                f"over the {names[channels_last]}: the classes are there; pass {flag[other]}")
         return channels_last
     candidates = [last for last in (True, False) if fits(last)]
     if not candidates:
@@ -435,8 +495,8 @@ def _pick_channel_axis(path: Path, arr: np.ndarray, channels_last: bool | None, 
         why = "the values lie outside [0, 1], logits whose sums cannot tell (apply them with --softmax or --sigmoid)"
     else:
         why = "the values do not sum to one over either end axis (independent probabilities?)"
-    raise VolumeError(f"{path}: cannot tell which axis of shape {shape} holds the classes ({why}); pass "
-                      f"{flag[True]} or {flag[False]}")
+    raise SettingsError(f"{path}: cannot tell which axis of shape {shape} holds the classes ({why}); pass "
+                        f"{flag[True]} or {flag[False]}")
 
 
 def _to_channel_first(path: Path, arr: np.ndarray, channels_last: bool | None, num_classes: int | None,
@@ -881,8 +941,8 @@ def validate_probabilities(probs: np.ndarray, *, where: str, output_mode: str = 
             raise VolumeError(f"{where}: values slightly outside [0, 1] (min {lo_text}, max {hi_text}): a rounding "
                               "or interpolation overshoot of probabilities, not logits; pass --clamp to clip them "
                               f"to [0, 1] (overshoots up to {CLAMP_TOLERANCE:g} are clipped)")
-        raise VolumeError(f"{where}: values outside [0, 1] (min {lo_text}, max {hi_text}): these look like logits; "
-                          "pass --softmax (multiclass) or --sigmoid (multilabel)")
+        raise SettingsError(f"{where}: values outside [0, 1] (min {lo_text}, max {hi_text}): these look like logits; "
+                            "pass --softmax (multiclass) or --sigmoid (multilabel)")
     if output_mode == "multiclass" and probs.shape[0] > 1:
         total = probs.sum(axis=0, dtype=np.float64)
         err = float(np.max(np.abs(total - 1.0)))
@@ -899,9 +959,9 @@ def clip_overshoot(probs: np.ndarray, *, where: str) -> np.ndarray:
     if probs.size and np.all(np.isfinite(probs)):
         lo, hi, lo_text, hi_text = _value_range(probs)
         if lo < -CLAMP_TOLERANCE or hi > 1.0 + CLAMP_TOLERANCE:
-            raise VolumeError(f"{where}: values reach min {lo_text}, max {hi_text}, more than {CLAMP_TOLERANCE:g} "
-                              "outside [0, 1]: --clamp only clips small overshoots; these look like logits: pass "
-                              "--softmax or --sigmoid instead")
+            raise SettingsError(f"{where}: values reach min {lo_text}, max {hi_text}, more than {CLAMP_TOLERANCE:g} "
+                                "outside [0, 1]: --clamp only clips small overshoots; these look like logits: pass "
+                                "--softmax or --sigmoid instead")
         if lo < 0.0 or hi > 1.0:
             return np.clip(probs, 0.0, 1.0)
     return probs
@@ -921,9 +981,9 @@ def check_logits(values: np.ndarray, *, where: str, activation: str, sum_toleran
         err = float(np.max(np.abs(values.sum(axis=0, dtype=np.float64) - 1.0)))
         if err <= _check_tolerance(sum_tolerance):
             what += " and the classes sum to 1"
-    raise VolumeError(f"{where}: --{activation} was given, but {what}: these look like probabilities already, and "
-                      f"a {activation} over probabilities changes the masks; drop --{activation}, or pass "
-                      "--force-activation if these really are logits")
+    raise SettingsError(f"{where}: --{activation} was given, but {what}: these look like probabilities already, and "
+                        f"a {activation} over probabilities changes the masks; drop --{activation}, or pass "
+                        "--force-activation if these really are logits")
 
 
 # ------------------------------------------------------------------------------------------------ writers

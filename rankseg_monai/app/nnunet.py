@@ -565,7 +565,7 @@ def cmd_nnunet_predict(args: argparse.Namespace) -> int:
                 job = ExportJob(None if args.argmax else options, settings, inputs, estimates=not args.argmax)
                 _run_nnunet(args, model, folds, outdir, file_ending, todo, cases, job, run)
     cli._remove_if_empty(outdir, created)
-    return cli._finish_predict(run, targets)
+    return cli._finish_predict(run, targets, [outdir / f"{c}{file_ending}" for c in first.values()])
 
 
 def _run_nnunet(args: argparse.Namespace, model: Path, folds: Sequence[str], outdir: Path, file_ending: str,

@@ -114,8 +114,8 @@ def test_predict_logits_need_softmax(tmp_path, capsys):
     write_nifti_probs(tmp_path / "lg.nii.gz", logits, nifti_affine())
     rc = main(["predict", str(tmp_path / "lg.nii.gz"), "-o", str(tmp_path / "o1"), "--channels-last"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--softmax" in err and "lg.nii.gz" in err
-    assert files_in(tmp_path / "o1") == []  # no mask, no record, no temporary file
+    assert rc == 2 and "--softmax" in err and "lg.nii.gz" in err  # a settings mistake: a usage error
+    assert not (tmp_path / "o1").exists()  # no mask, no record, no temporary file
     # logits do not sum to one over any axis: the class axis of a 4D NIfTI is not guessed (issue 13, item 6)
     rc = main(["predict", str(tmp_path / "lg.nii.gz"), "-o", str(tmp_path / "o2"), "--softmax", "--channels-last"])
     assert rc == 0
@@ -241,7 +241,9 @@ def test_evaluate_probs_matches_monai(eval_inputs, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert files_in(out) == ["differences.png", "evaluation.json", "expected.png", "per_case.csv", "summary.csv"]
-    assert "Dice argmax" in captured.out and "HD95 NaN rankseg" in captured.out
+    head = captured.out.splitlines()[0].split()
+    assert head[:5] == ["class", "n", "metric", "argmax", "rankseg"] and "rankseg-argmax" in head, captured.out
+    assert "HD95 NaN" in captured.out and max(map(len, captured.out.splitlines())) <= 120
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["case"], r["class"]) for r in rows] == [(c, k) for c in "abc" for k in ("1", "2")]

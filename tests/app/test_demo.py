@@ -88,7 +88,7 @@ def test_shipped_checkpoint_matches_its_recorded_architecture():
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
-    code = demo.main(["--cases", "2", "--fast", "--no-progress", "--output-dir", str(out)])
+    code = demo.main(["--cases", "2", "--fast", "--quiet", "--output-dir", str(out)])
     return code, out, time.perf_counter() - t0
 
 
@@ -193,3 +193,38 @@ def test_demo_table_counts_empty_masks_and_leaves_their_hd95_out():
 
 def test_demo_rejects_zero_cases(tmp_path):
     assert demo.main(["--cases", "0", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_demo_draws_report_the_spread(tmp_path, capsys):
+    """``--draws``: the table's counts and extremes are those of the per-case CSV it writes."""
+    out = tmp_path / "spread"
+    assert demo.main(["--cases", "2", "--draws", "2", "--fast", "--quiet", "--output-dir", str(out)]) == 0
+    table = (out / demo.SPREAD_MD_NAME).read_text()
+    assert table.strip() in capsys.readouterr().out
+    with open(out / demo.SPREAD_CSV_NAME, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["class_name"] == "lesion"]
+    assert sorted(int(r["seed"]) for r in rows) == demo.draw_seeds(demo.DEMO_SEED, 2, 0) + demo.draw_seeds(
+        demo.DEMO_SEED, 2, 1)
+    diffs = [float(r["dice_diff"]) for r in rows]
+    wins, losses = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+    line = next(x for x in table.splitlines() if x.startswith("| lesion | Dice |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[7] == f"{wins}/{losses}/{len(diffs) - wins - losses}"
+    worst = min(range(len(rows)), key=lambda i: diffs[i])
+    assert cells[5] == f"{diffs[worst]:+.4f} (seed {rows[worst]['seed']})"
+    assert "worse in" in cells[8] and "of 2" in cells[8]
+
+
+def test_readme_headline_is_the_spread_table():
+    """README's headline is a spread table between its markers, as scripts/demo_headline.py writes it."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(demo.__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("demo_headline", root / "scripts" / "demo_headline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (root / "README.md").read_text()
+    block = text.split(module.START)[1].split(module.END)[0]
+    assert block.strip().startswith("| class | metric | argmax | RankSEG |") and "worse in" in block
+    assert module.replace_block(text, block) == text

@@ -93,3 +93,6 @@ def test_tutorials_02_03_04_agree(tmp_path):
     assert o3.count("MetricsSaver wrote: metrics.csv") == 2
     assert "mask on disk == rankseg_monai.functional.rankseg(probabilities): True" in o4
     assert re.search(r"masks: phantom_1000000.nii.gz, phantom_1000001.nii.gz, phantom_1000002.nii.gz", o4)
+    # tutorial 04 keeps its files for the user to look at
+    kept = tmp_path / "rankseg_tutorial_04"
+    assert (kept / "report" / "differences.png").is_file() and len(list((kept / "rankseg_masks").glob("*.nii.gz"))) == 3
