@@ -296,3 +296,13 @@ def train_tiny_unet(images: torch.Tensor, labels: torch.Tensor, num_classes: int
         loss_fn(net(images), labels).backward()
         opt.step()
     return net.eval()
+
+
+def nested_region_probs(seed: int, shape=(18, 16, 10)) -> np.ndarray:
+    """Nested-ish sigmoid probabilities ``(3, *shape)`` of 3 regions (WT, TC, ET), as a region-trained nnU-Net
+    outputs (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.avg_pool3d(torch.randn(1, 3, *shape, generator=g), 5, 1, 2)[0] * 14
+    z[1] -= 1.0
+    z[2] -= 2.0
+    return torch.sigmoid(z).numpy().astype(np.float32)

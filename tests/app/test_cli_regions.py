@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from generators import make_case
+from generators import make_case, nested_region_probs
 from volume_files import files_in, write_nnunet_case, write_sitk_labels
 
 from rankseg_monai.app import evaluation as ev
@@ -21,21 +20,13 @@ BRATS_JSON = {"labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core"
 LITS = {"liver": [1, 2], "tumour": [2]}
 
 
-def _region_probs(seed: int, shape=(18, 16, 10)) -> np.ndarray:
-    """Nested-ish sigmoid probabilities of 3 regions (WT, TC, ET), as a region-trained nnU-Net outputs."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.nn.functional.avg_pool3d(torch.randn(1, 3, *shape, generator=g), 5, 1, 2)[0] * 14
-    z[1] -= 1.0
-    z[2] -= 2.0
-    return torch.sigmoid(z).numpy().astype(np.float32)
-
 
 @pytest.fixture
 def region_model_folder(tmp_path):
     folder = tmp_path / "nnunet_out"
     cases = {}
     for i in range(2):
-        q = _region_probs(i)
+        q = nested_region_probs(i)
         write_nnunet_case(folder, f"case_{i}", q)
         cases[f"case_{i}"] = q
     (tmp_path / "dataset.json").write_text(json.dumps(BRATS_JSON))

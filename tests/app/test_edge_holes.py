@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from generators import make_case
+from generators import make_case, nested_region_probs
 from volume_files import files_in, write_nnunet_case, write_sitk_labels, write_sitk_probs
 
 from rankseg_monai import RankSEG
@@ -27,13 +27,6 @@ from rankseg_monai.options import RankSEGOptions
 
 LITS = {"liver": [1, 2], "tumour": [2]}
 
-
-def _region_probs(seed: int, shape=(18, 16, 10)) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.nn.functional.avg_pool3d(torch.randn(1, 3, *shape, generator=g), 5, 1, 2)[0] * 14
-    z[1] -= 1.0
-    z[2] -= 2.0
-    return torch.sigmoid(z).numpy().astype(np.float32)
 
 
 @pytest.fixture
@@ -72,7 +65,7 @@ def _count(monkeypatch, name):
 def test_item7_region_order_is_a_setting(tmp_path, capsys):
     folder = tmp_path / "nn"
     for i in range(2):
-        write_nnunet_case(folder, f"c{i}", _region_probs(i))
+        write_nnunet_case(folder, f"c{i}", nested_region_probs(i))
     out = tmp_path / "o"
     first = ["predict", str(folder), "-o", str(out), "--quiet", "--region-probs", "--regions",
              '{"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}']
@@ -84,7 +77,7 @@ def test_item7_region_order_is_a_setting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "other settings" in err and "skipped" not in err
     assert main([*swapped, "--overwrite"]) == 0
-    q = _region_probs(0)
+    q = nested_region_probs(0)
     want = rankseg(q[None], regions={"tc": [2, 3], "wt": [1, 2, 3], "et": [3]}, region_probs=True,
                    pruning_prob="auto")[0]
     np.testing.assert_array_equal(rio.load_labels(out / "c0.nii.gz").labels, want)
