@@ -268,9 +268,9 @@ def _node_dtype(num_regions: int) -> torch.dtype:
     return torch.uint8 if num_regions < 255 else torch.int16
 
 
-def _chunks(n: int):
-    for start in range(0, n, _CHUNK):
-        yield start, min(n, start + _CHUNK)
+def _chunks(n: int, step: int = _CHUNK):
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
 def region_probabilities(flat: torch.Tensor, tree: RegionTree) -> torch.Tensor:
@@ -496,7 +496,9 @@ def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: tor
     target = torch.empty_like(nodes)
     delta = torch.empty((batch, n_vox), dtype=torch.float32, device=q.device)
     inactive = ~active.unsqueeze(-1)
-    for a, b in _chunks(n_vox):
+    # elementwise per voxel, so any chunking gives the same values: chunks of about _CHUNK float64 values over the
+    # R + 1 rows keep the gain's temporaries a few MB (1 << 20 voxels per chunk peaked at 180 MB)
+    for a, b in _chunks(n_vox, max(1 << 14, _CHUNK // (num_regions + 1))):
         gain = increment_score(metric, q[..., a:b].double(), S.unsqueeze(-1), n.unsqueeze(-1), mu.unsqueeze(-1),
                                smooth).masked_fill_(inactive, float("-inf"))
         path = torch.zeros((batch, num_regions + 1, b - a), dtype=torch.float64, device=q.device)
@@ -582,11 +584,14 @@ COMPACT_MIN_OUT = 0.25
 COMPACT_MARGIN = 0.5
 
 
-def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
+def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
                   thr: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
                   chunk_size: int | None) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
     """:func:`_ascend` item by item (an item's result never depends on the others in its batch), on the voxels
     that can join a region when that is certified.
+
+    ``rows``: a callable ``(i, a, b) -> (1, R, b - a)``, item ``i``'s region probabilities of voxels ``a`` to ``b``
+    (computed chunk by chunk from class probabilities: no ``R x N`` copy of the volume is needed here).
 
     With Dice ``s = 0`` or IoU, a region's mask at any step is a superlevel set ``{q_r > g(f)}`` of its own
     objective value, so background voxels whose every ``q_r`` lies well below the independent thresholds ``thr``
@@ -599,36 +604,36 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
     compactable = metric == "iou" or smooth == 0
     tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
                       torch.full_like(thr, float("inf")))
-    for i in range(q.shape[0]):
-        qi, si, sl = q[i:i + 1], start[i:i + 1], slice(i, i + 1)
+    batch, n_vox = start.shape
+    for i in range(batch):
+        si, sl = start[i:i + 1], slice(i, i + 1)
         keep = None
         if compactable:
             keep = si[0] != 0
-            outside_max = torch.full((1, q.shape[1]), -1.0, dtype=torch.float64, device=q.device)
-            for a, b in _chunks(q.shape[2]):
-                block = qi[0, :, a:b]
+            outside_max = torch.full((1, len(tree)), -1.0, dtype=torch.float64, device=start.device)
+            for a, b in _chunks(n_vox):  # one pass: which voxels can move, and the largest q_r of the others
+                block = rows(i, a, b)[0]
                 keep[a:b] |= (block >= tau[i].unsqueeze(-1).to(block.dtype)).any(0)
-            out_count = int(q.shape[2] - keep.sum())
-            if COMPACT_MIN_OUT * q.shape[2] <= out_count < q.shape[2]:
-                for a, b in _chunks(q.shape[2]):
-                    block = qi[0, :, a:b]
-                    left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
-                    outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
-            else:
+                left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
+                outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
+            out_count = int(n_vox - keep.sum())
+            if not COMPACT_MIN_OUT * n_vox <= out_count < n_vox:
                 keep = None
         result = None
         if keep is not None:
             idx = torch.nonzero(keep).squeeze(1)
+            del keep
             try:
-                sub, n_sw, val = _ascend(_gather_voxels(qi, idx), si.index_select(1, idx), tree, mu[sl], active[sl],
-                                         metric, smooth, device, chunk_size, outside_max=outside_max)
+                sub, n_sw, val = _ascend(_gather_voxels(rows, i, idx, n_vox), si.index_select(1, idx), tree, mu[sl],
+                                         active[sl], metric, smooth, device, chunk_size, outside_max=outside_max)
                 full = si.clone()
                 full[0, idx] = sub[0]
-                result = (full, n_sw, val, idx.numel() / q.shape[2])
+                result = (full, n_sw, val, idx.numel() / n_vox)
             except _Uncertified:
                 result = None
         if result is None:
-            full, n_sw, val = _ascend(qi, si, tree, mu[sl], active[sl], metric, smooth, device, chunk_size)
+            full, n_sw, val = _ascend(rows(i, 0, n_vox), si, tree, mu[sl], active[sl], metric, smooth, device,
+                                      chunk_size)
             result = (full, n_sw, val, 1.0)
         nodes[i] = result[0][0]
         sweeps = max(sweeps, result[1])
@@ -637,13 +642,32 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
     return nodes, sweeps, torch.cat(values), compacted
 
 
-def _gather_voxels(q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``q.index_select(2, idx)`` for one item ``(1, R, N)``, row by row: a 1-D ``index_select`` per row is about 4x
-    faster than selecting along the last dimension of the 3-D tensor (the same values)."""
-    out = torch.empty((1, q.shape[1], idx.numel()), dtype=q.dtype, device=q.device)
-    for r in range(q.shape[1]):
-        torch.index_select(q[0, r], 0, idx, out=out[0, r])
+def _gather_voxels(rows: Any, i: int, idx: torch.Tensor, n_vox: int) -> torch.Tensor:
+    """Item ``i``'s region probabilities at the sorted voxel indices ``idx``, ``(1, R, M)``, chunk by chunk from
+    ``rows`` (see :func:`_ascend_items`), row by row: a 1-D ``index_select`` per row is about 4x faster than
+    selecting along the last dimension of a 3-D tensor (the same values)."""
+    out = None
+    bounds = torch.searchsorted(idx, torch.tensor([a for a, _ in _chunks(n_vox)] + [n_vox], device=idx.device))
+    for k, (a, b) in enumerate(_chunks(n_vox)):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        if lo == hi and out is not None:
+            continue
+        block = rows(i, a, b)[0]
+        if out is None:
+            out = torch.empty((1, block.shape[0], idx.numel()), dtype=block.dtype, device=block.device)
+        local = idx[lo:hi] - a
+        for r in range(block.shape[0]):
+            torch.index_select(block[r], 0, local, out=out[0, r, lo:hi])
     return out
+
+
+def _region_rows(flat: torch.Tensor, tree: RegionTree, region_probs: bool) -> Any:
+    """``(i, a, b) -> (1, R, b - a)``: item ``i``'s region probabilities of voxels ``a`` to ``b`` (a view of region
+    input; the sums of class input computed for those voxels only, the same values as
+    :func:`region_probabilities` of the whole volume: each voxel's sum adds the same classes in the same order)."""
+    if region_probs:
+        return lambda i, a, b: flat[i:i + 1, :, a:b]
+    return lambda i, a, b: region_probabilities(flat[i:i + 1, :, a:b], tree)
 
 
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -681,7 +705,7 @@ def solve_regions(
             pruned region's mask is empty.
         region_probs: the channels are region probabilities (one per region, e.g. sigmoids), not classes.
         device, chunk_size: as for the other solvers (the threshold solves stream through ``device``).
-        return_details: also return a dict: ``q`` (region probabilities), ``mu``, ``active``, ``candidates``
+        return_details: also return a dict: ``mu``, ``active``, ``candidates``
             (name -> summed objective ``(B,)`` of each starting candidate), ``start`` (the chosen one per item),
             ``sweeps`` (the most of any item), ``compacted`` (per item, the fraction of voxels the certified ascent
             worked on; 1.0 for the whole volume) and ``objective`` (the final ``(B, R)`` values).
@@ -732,10 +756,12 @@ def solve_regions(
         same = next((j for j in range(k) if torch.equal(m, maps[j])), None)
         values.append(values[same] if same is not None else region_objective(q, m, tree, mu, metric, smooth).sum(-1))
     start, pick = _select(maps, values)
-    nodes, sweeps, objective, compacted = _ascend_items(q, start, tree, mu, active, thr_q, metric, smooth,
-                                                         device, chunk_size)
+    # the ascent reads the region probabilities chunk by chunk from the input: neither they nor the candidates stay
+    del q, candidates, maps, baseline, independent_paint, independent_nested, top_down
+    nodes, sweeps, objective, compacted = _ascend_items(_region_rows(flat, tree, region_probs), start, tree, mu,
+                                                         active, thr_q, metric, smooth, device, chunk_size)
     if not return_details:
         return nodes
-    return nodes, {"q": q, "mu": mu, "active": active, "candidates": dict(zip(names, values)),
+    return nodes, {"mu": mu, "active": active, "candidates": dict(zip(names, values)),
                    "start": [names[int(i)] for i in pick], "sweeps": sweeps, "compacted": compacted,
                    "objective": objective}
