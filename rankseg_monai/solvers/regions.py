@@ -53,7 +53,8 @@ from .multiclass import argmax_labels
 from .objectives import dinkelbach_threshold, increment_score, rma_score
 from .rma import rma_solve, rma_thresholds
 
-__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "solve_regions", "region_objective",
+__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "RegionView", "solve_regions",
+           "region_objective",
            "region_sums", "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
 
 #: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
@@ -273,16 +274,82 @@ def _chunks(n: int, step: int = _CHUNK):
         yield start, min(n, start + step)
 
 
+def _region_row(flat: torch.Tensor, labels: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``(B, n)``: the sum of the classes ``labels`` of ``flat`` ``(B, C, n)``, added one class at a time in label
+    order and clipped at 1.  Elementwise, so the values of a voxel never depend on the voxels computed with it
+    (``torch.sum`` over five classes or more adds in an order that does; up to four classes it gives these bits)."""
+    out = flat[:, labels[0]].to(dtype, copy=True)
+    for c in labels[1:]:
+        out += flat[:, c]
+    return out.clamp_(max=1.0)
+
+
 def region_probabilities(flat: torch.Tensor, tree: RegionTree) -> torch.Tensor:
     """``(B, R, N)`` region probabilities from class probabilities ``(B, C, N)``: the sum of each region's classes
-    (float32 at least; clipped at 1, which a softmax's rounding can exceed by an ulp)."""
+    (float32 at least, added in label order; clipped at 1, which a softmax's rounding can exceed by an ulp).  The
+    solver never holds all of them: it reads them chunk by chunk (:class:`RegionView`)."""
     dtype = flat.dtype if flat.dtype == torch.float64 else torch.float32
     out = torch.empty((flat.shape[0], len(tree), flat.shape[2]), dtype=dtype, device=flat.device)
     for r, labels in enumerate(tree.labels):
-        idx = torch.tensor(sorted(labels), device=flat.device)
         for a, b in _chunks(flat.shape[2]):
-            torch.sum(flat[..., a:b].index_select(1, idx).to(dtype), dim=1, out=out[:, r, a:b])
-    return out.clamp_(max=1.0)
+            out[:, r, a:b] = _region_row(flat[..., a:b], sorted(labels), dtype)
+    return out
+
+
+class RegionView:
+    """The region probabilities of class probabilities ``flat`` ``(B, C, N)`` as a ``(B, R, N)`` tensor that is
+    never stored: ``view[..., a:b]`` (the slice every chunked pass takes, :func:`~._stream.iter_chunks`) and
+    ``view[:, r]`` (one region's row) compute those values (the same as :func:`region_probabilities`, whose sums
+    are elementwise).  ``shape``, ``dtype``, ``device`` and ``numel()`` are the stored tensor's.  Extra memory
+    with class input: a chunk, or one row, instead of ``R x N`` values.
+
+    >>> import torch
+    >>> p = torch.softmax(torch.randn(1, 3, 10), dim=1)
+    >>> tree = RegionTree.parse({"liver": [1, 2], "tumour": [2]})
+    >>> view = RegionView(p, tree)
+    >>> torch.equal(view[..., 2:7], region_probabilities(p, tree)[..., 2:7]), tuple(view.shape)
+    (True, (1, 2, 10))
+    """
+
+    def __init__(self, flat: torch.Tensor, tree: RegionTree) -> None:
+        self.flat, self.tree = flat, tree
+        self.labels = [sorted(labels) for labels in tree.labels]
+        self.dtype = flat.dtype if flat.dtype == torch.float64 else torch.float32
+        self.shape = torch.Size((flat.shape[0], len(tree), flat.shape[2]))
+        self.device = flat.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return 3
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """``(B, R, b - a)``: the region probabilities of voxels ``a`` to ``b``."""
+        out = torch.empty((self.shape[0], self.shape[1], b - a), dtype=self.dtype, device=self.device)
+        for r, labels in enumerate(self.labels):
+            out[:, r] = _region_row(self.flat[..., a:b], labels, self.dtype)
+        return out
+
+    def row(self, r: int) -> torch.Tensor:
+        """``(B, N)``: region ``r``'s probabilities (chunk by chunk: temporaries stay chunk-sized)."""
+        out = torch.empty((self.shape[0], self.shape[2]), dtype=self.dtype, device=self.device)
+        for a, b in _chunks(self.shape[2]):
+            out[:, a:b] = _region_row(self.flat[..., a:b], self.labels[r], self.dtype)
+        return out
+
+    def item(self, i: int) -> RegionView:
+        """The view of batch item ``i`` (``(1, R, N)``)."""
+        return RegionView(self.flat[i:i + 1], self.tree)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], slice)
+                and key[1].step in (None, 1)):
+            a, b, _ = key[1].indices(self.shape[2])
+            return self.block(a, max(a, b))
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], int)):
+            return self.row(key[1])
+        raise TypeError(f"RegionView supports view[..., a:b] and view[:, r], not {key!r}")
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -344,11 +411,12 @@ def region_sums(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree) -> tuple
     node_s = torch.zeros((batch, num_regions, num_regions + 1), dtype=torch.float64, device=q.device)
     node_n = torch.zeros((batch, num_regions + 1), dtype=torch.float64, device=q.device)
     for a, b in _chunks(n_vox):
+        block = q[..., a:b]  # a view of stored region probabilities, computed for a RegionView
         for i in range(batch):
             idx = nodes[i, a:b]  # uint8/int16: bincount reads them as they are (no int64 copy), same sums
             node_n[i] += torch.bincount(idx, minlength=num_regions + 1).double()
             for r in range(num_regions):
-                node_s[i, r] += torch.bincount(idx, weights=q[i, r, a:b].double(), minlength=num_regions + 1)
+                node_s[i, r] += torch.bincount(idx, weights=block[i, r].double(), minlength=num_regions + 1)
     member = _membership(tree, q.device)  # (R + 1, R)
     S = (node_s * member.T.unsqueeze(0)).sum(-1)
     n = node_n @ member
@@ -496,9 +564,9 @@ def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: tor
     target = torch.empty_like(nodes)
     delta = torch.empty((batch, n_vox), dtype=torch.float32, device=q.device)
     inactive = ~active.unsqueeze(-1)
-    # elementwise per voxel, so any chunking gives the same values: chunks of about _CHUNK float64 values over the
+    # elementwise per voxel, so any chunking gives the same values: chunks of 1 << 18 float64 values over the
     # R + 1 rows keep the gain's temporaries a few MB (1 << 20 voxels per chunk peaked at 180 MB)
-    for a, b in _chunks(n_vox, max(1 << 14, _CHUNK // (num_regions + 1))):
+    for a, b in _chunks(n_vox, max(1 << 12, (1 << 18) // (num_regions + 1))):
         gain = increment_score(metric, q[..., a:b].double(), S.unsqueeze(-1), n.unsqueeze(-1), mu.unsqueeze(-1),
                                smooth).masked_fill_(inactive, float("-inf"))
         path = torch.zeros((batch, num_regions + 1, b - a), dtype=torch.float64, device=q.device)
@@ -622,6 +690,8 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
         result = None
         if keep is not None:
             idx = torch.nonzero(keep).squeeze(1)
+            if n_vox < 2**31:
+                idx = idx.to(torch.int32)  # int32 indices: half of int64's M values
             del keep
             try:
                 sub, n_sw, val = _ascend(_gather_voxels(rows, i, idx, n_vox), si.index_select(1, idx), tree, mu[sl],
@@ -647,7 +717,8 @@ def _gather_voxels(rows: Any, i: int, idx: torch.Tensor, n_vox: int) -> torch.Te
     ``rows`` (see :func:`_ascend_items`), row by row: a 1-D ``index_select`` per row is about 4x faster than
     selecting along the last dimension of a 3-D tensor (the same values)."""
     out = None
-    bounds = torch.searchsorted(idx, torch.tensor([a for a, _ in _chunks(n_vox)] + [n_vox], device=idx.device))
+    bounds = torch.searchsorted(idx, torch.tensor([a for a, _ in _chunks(n_vox)] + [n_vox], dtype=idx.dtype,
+                                                 device=idx.device))
     for k, (a, b) in enumerate(_chunks(n_vox)):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
         if lo == hi and out is not None:
@@ -710,7 +781,7 @@ def solve_regions(
             ``sweeps`` (the most of any item), ``compacted`` (per item, the fraction of voxels the certified ascent
             worked on; 1.0 for the whole volume) and ``objective`` (the final ``(B, R)`` values).
     """
-    q = flat if region_probs else region_probabilities(flat, tree)
+    q = flat if region_probs else RegionView(flat, tree)  # class input: region probabilities computed where read
     stats = row_statistics(q, device=device, chunk_size=chunk_size)
     on = stats.vmax.device
     mu = stats.mu.to(q.device)
@@ -726,14 +797,18 @@ def solve_regions(
     # the bounds of the top-down steps start from the independent masks (their current masks are empty)
     thr_q = thr.to(q.device)
     independent_thr = thr_q.nan_to_num(posinf=2.0).clamp(min=0.0)
-    independent = q > thr_q.unsqueeze(-1)
-    independent_paint = paint_nodes(independent, tree, given)
-    for r in tree.order:  # each child intersected with its (already intersected) parent, in place
-        if tree.parent[r] >= 0:
-            independent[:, r] &= independent[:, tree.parent[r]]
-    independent_nested = paint_nodes(independent, tree, tree.order)
+    node_dtype = _node_dtype(len(tree))
+    independent_paint = torch.empty((q.shape[0], q.shape[2]), dtype=node_dtype, device=q.device)
+    independent_nested = torch.empty_like(independent_paint)
+    for a, b in _chunks(q.shape[2]):  # chunk by chunk: no R x N masks
+        independent = q[..., a:b] > thr_q.unsqueeze(-1)
+        independent_paint[:, a:b] = paint_nodes(independent, tree, given)
+        for r in tree.order:  # each child intersected with its (already intersected) parent, in place
+            if tree.parent[r] >= 0:
+                independent[:, r] &= independent[:, tree.parent[r]]
+        independent_nested[:, a:b] = paint_nodes(independent, tree, tree.order)
     del independent
-    top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=_node_dtype(len(tree)), device=q.device)
+    top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=node_dtype, device=q.device)
     for r in tree.order:  # each region solved exactly inside its parent's mask
         top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size,
                                     hint=independent_thr[:, r:r + 1])
