@@ -679,11 +679,13 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
         if compactable:
             keep = si[0] != 0
             outside_max = torch.full((1, len(tree)), -1.0, dtype=torch.float64, device=start.device)
+            block = left = None
             for a, b in _chunks(n_vox):  # one pass: which voxels can move, and the largest q_r of the others
                 block = rows(i, a, b)[0]
                 keep[a:b] |= (block >= tau[i].unsqueeze(-1).to(block.dtype)).any(0)
                 left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
                 outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
+            del block, left  # chunk-sized, but not kept through the ascent
             out_count = int(n_vox - keep.sum())
             if not COMPACT_MIN_OUT * n_vox <= out_count < n_vox:
                 keep = None
