@@ -331,6 +331,10 @@ class RegionView:
             out[:, r] = _region_row(self.flat[..., a:b], labels, self.dtype)
         return out
 
+    def row_block(self, r: int, a: int, b: int) -> torch.Tensor:
+        """``(B, b - a)``: region ``r``'s probabilities of voxels ``a`` to ``b``."""
+        return _region_row(self.flat[..., a:b], self.labels[r], self.dtype)
+
     def row(self, r: int) -> torch.Tensor:
         """``(B, N)``: region ``r``'s probabilities (chunk by chunk: temporaries stay chunk-sized)."""
         out = torch.empty((self.shape[0], self.shape[2]), dtype=self.dtype, device=self.device)
@@ -519,15 +523,21 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     """
     par = tree.parent[r] + 1
     below = [j + 1 for j in tree.subtree(r) if j != r]
-    qr = q[:, r]
     free = (nodes == par) | (nodes == r + 1)
-    values = torch.where(free, qr, torch.zeros((), dtype=qr.dtype, device=qr.device))
-    if below:
-        s_off, n_off = _masked_sum(qr, lambda a, b: _in_nodes(nodes[:, a:b], below))
-        n_off = n_off.long()
-    else:
-        s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
-        n_off = torch.zeros((q.shape[0], 1), dtype=torch.int64, device=q.device)
+    # one chunked pass over q_r (computed chunk by chunk for a RegionView: no N-voxel copy of it): the free values
+    # and the children's sum and size (as _masked_sum adds them: the same chunks, the same float64 sums)
+    values = torch.empty(nodes.shape, dtype=q.dtype, device=q.device)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+    n_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+    for a, b in _chunks(nodes.shape[1]):
+        qr = q.row_block(r, a, b) if isinstance(q, RegionView) else q[:, r, a:b]
+        torch.where(free[:, a:b], qr, zero, out=values[:, a:b])
+        if below:
+            m = _in_nodes(nodes[:, a:b], below)
+            s_off += torch.where(m, qr, zero).sum(-1, keepdim=True, dtype=torch.float64)
+            n_off += m.sum(-1, keepdim=True)
+    n_off = n_off.long()
     row = values.unsqueeze(1)
     st = row_statistics(row, device=device, chunk_size=chunk_size)
     on = st.vmax.device
