@@ -162,8 +162,9 @@ def brute_force(trials: int) -> None:
                   f"{f'{hits}/{trials}':>15} {worst:>16.4f}")
 
 
-def memory_child(kind: str, shape, threads: int) -> None:
-    """One region decision in this (fresh) process: the resident peak above the resident size with the input."""
+def memory_child(kind: str, shape, threads: int, method: str) -> None:
+    """One region decision (or ``x.argmax(1)``, ``method="argmax"``) in this (fresh) process: the resident peak
+    above the resident size with the input."""
     torch.set_num_threads(threads)
     spec, region_probs = KINDS[kind]
     x = volume(kind, shape)
@@ -172,24 +173,36 @@ def memory_child(kind: str, shape, threads: int) -> None:
     if not reset_peak_rss():
         emit_result({"error": "the kernel does not allow resetting the resident high-water mark"})
         return
-    wall_cpu = median_time(lambda: rankseg(x, regions=spec, region_probs=region_probs, pruning_prob="auto"), 1,
-                           warm=False)
+    call = ((lambda: x.argmax(1)) if method == "argmax" else
+            (lambda: rankseg(x, regions=spec, region_probs=region_probs, pruning_prob="auto")))
+    wall_cpu = median_time(call, 1, warm=False)
     emit_result({"input_mb": x.numel() * x.element_size() / 2**20, "peak_above_mb": peak_rss_mb() - base,
                  "cpu_s": wall_cpu[1]})
 
 
 def memory(args) -> None:
+    """Two fresh processes per volume: glibc's default allocator (what a user's process holds: freed blocks below
+    its mmap threshold stay resident for reuse, so the peak varies from run to run) and, as the steady measure of
+    what the solver's tensors hold, every allocation above 64 KiB mapped and unmapped (``MALLOC_MMAP_THRESHOLD_``;
+    slower, so its CPU time is not the solver's)."""
     print(f"peak resident memory above the input, one fresh process per volume, shape {tuple(args.shape)}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
-    for kind in args.kinds:
+    print(f"{'case':>9} {'method':>15} {'input MB':>9} {'peak above (default malloc)':>28} "
+          f"{'peak above (tensors)':>21} {'CPU s':>6}")
+    for kind, method in itertools.product(args.kinds, ("region RankSEG", "argmax")):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", kind, "--threads", str(args.threads),
-               "--shape", *map(str, args.shape)]
-        res, err = run_child(cmd)
-        if res is None or "error" in res:
-            print(f"{kind:>9}: failed: {err or res['error']}")
-            continue
-        print(f"{kind:>9}: input {res['input_mb']:.0f} MB, peak above it {res['peak_above_mb']:.0f} MB "
-              f"({res['peak_above_mb'] / res['input_mb']:.2f}x input), CPU {res['cpu_s']:.2f} s")
+               "--shape", *map(str, args.shape), "--memory-method", "argmax" if method == "argmax" else "regions"]
+        results = []
+        for extra in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+            res, err = run_child(cmd, env={**os.environ, **extra})
+            if res is None or "error" in res:
+                print(f"{kind:>9} {method:>15}: failed: {err or res['error']}")
+                break
+            results.append(res)
+        else:
+            size = results[0]["input_mb"]
+            cells = [f"{r['peak_above_mb']:.0f} MB ({r['peak_above_mb'] / size:.2f}x)" for r in results]
+            print(f"{kind:>9} {method:>15} {size:>9.0f} {cells[0]:>28} {cells[1]:>21} {results[0]['cpu_s']:>6.2f}")
 
 
 def main() -> None:
@@ -204,9 +217,10 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true",
                     help="instead: peak memory of one region decision above the input, a fresh process per volume")
     ap.add_argument("--memory-child", metavar="KIND", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-method", default="regions", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, tuple(args.shape), args.threads)
+        memory_child(args.memory_child, tuple(args.shape), args.threads, args.memory_method)
         return
     if args.memory:
         memory(args)
