@@ -33,9 +33,12 @@ Algorithm (``docs/regions.md`` has the reasoning):
    move (:func:`_ascend_items`); an uncertified item is solved again on the whole volume.
 
 The result is at least as good as each candidate of step 2 (it starts from the best and never decreases) and a
-coordinate-wise optimum.  Passes over the volume: two for the region probabilities and their statistics, two or
-three for the independent solve, one per candidate, then per region and sweep one pass to build its free values
-and about two band passes (over the voxels that can move, when step 4 applies); all sums are float64.
+coordinate-wise optimum.  Passes over the volume: one for the region probabilities' statistics, two or three for
+the independent solve, one per candidate, then per region and sweep one pass to build its free values and about
+two band passes (over the voxels that can move, when step 4 applies); all sums are float64.  With class input the
+region probabilities are never stored whole: every pass computes them for the chunk it reads
+(:class:`RegionView`, sums added one class at a time, so a voxel's value never depends on its chunk), and the
+ascent gathers the ``R x M`` values of the voxels that can move.
 """
 
 from __future__ import annotations
@@ -341,6 +344,10 @@ class RegionView:
         for a, b in _chunks(self.shape[2]):
             out[:, a:b] = _region_row(self.flat[..., a:b], self.labels[r], self.dtype)
         return out
+
+    def __call__(self, i: int, a: int, b: int) -> torch.Tensor:
+        """``(1, R, b - a)``: item ``i``'s region probabilities of voxels ``a`` to ``b``."""
+        return RegionView(self.flat[i:i + 1], self.tree).block(a, b)
 
     def item(self, i: int) -> RegionView:
         """The view of batch item ``i`` (``(1, R, N)``)."""
@@ -714,7 +721,8 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
             except _Uncertified:
                 result = None
         if result is None:
-            full, n_sw, val = _ascend(rows(i, 0, n_vox), si, tree, mu[sl], active[sl], metric, smooth, device,
+            whole = rows.item(i) if isinstance(rows, RegionView) else rows(i, 0, n_vox)
+            full, n_sw, val = _ascend(whole, si, tree, mu[sl], active[sl], metric, smooth, device,
                                       chunk_size)
             result = (full, n_sw, val, 1.0)
         nodes[i] = result[0][0]
@@ -750,7 +758,7 @@ def _region_rows(flat: torch.Tensor, tree: RegionTree, region_probs: bool) -> An
     :func:`region_probabilities` of the whole volume: each voxel's sum adds the same classes in the same order)."""
     if region_probs:
         return lambda i, a, b: flat[i:i + 1, :, a:b]
-    return lambda i, a, b: region_probabilities(flat[i:i + 1, :, a:b], tree)
+    return RegionView(flat, tree)
 
 
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
