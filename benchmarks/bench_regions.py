@@ -9,16 +9,21 @@ elementwise passes build masks outside them).
     python benchmarks/bench_regions.py                 # ~1 min on 2 cores
     python benchmarks/bench_regions.py --shape 256 256 128 --repeat 3
     python benchmarks/bench_regions.py --brute-force 200   # how often tiny cases reach the global optimum (~2 min)
+    python benchmarks/bench_regions.py --memory --threads 1 --shape 256 256 128 --kinds tissue lits-ct
+                                                        # peak memory above the input, one fresh process per volume
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
+import os
+import sys
 
 import numpy as np
 import torch
-from _bench_util import median_time
+from _bench_util import emit_result, median_time, peak_rss_mb, reset_peak_rss, rss_mb, run_child
 
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers import _stream, regions, rma
@@ -99,8 +104,8 @@ class PassCounter:
                 self.values += chunk.numel()
                 yield start, stop, chunk
 
-        def chunks(n):
-            for a, b in orig_chunks(n):
+        def chunks(n, *args):
+            for a, b in orig_chunks(n, *args):
                 self.values += b - a
                 yield a, b
 
@@ -144,7 +149,8 @@ def brute_force(trials: int) -> None:
                     p = (np.exp(z) / np.exp(z).sum(0)).astype(np.float32)
                 nodes, details = solve_regions(torch.from_numpy(p)[None], tree, metric, s, None,
                                                region_probs=region_probs, return_details=True)
-                q = details["q"][0].double().numpy()
+                x = torch.from_numpy(p)[None]
+                q = (x if region_probs else regions.region_probabilities(x, tree))[0].double().numpy()
                 maps = np.array(list(itertools.product(range(num_regions + 1), repeat=n)))
                 inside = member[maps]  # (K, N, R)
                 values = _rma(metric, np.einsum("knr,rn->kr", inside, q), inside.sum(1), q.sum(1)[None], s).sum(1)
@@ -156,6 +162,49 @@ def brute_force(trials: int) -> None:
                   f"{f'{hits}/{trials}':>15} {worst:>16.4f}")
 
 
+def memory_child(kind: str, shape, threads: int, method: str) -> None:
+    """One region decision (or ``x.argmax(1)``, ``method="argmax"``) in this (fresh) process: the resident peak
+    above the resident size with the input."""
+    torch.set_num_threads(threads)
+    spec, region_probs = KINDS[kind]
+    x = volume(kind, shape)
+    gc.collect()
+    base = rss_mb()
+    if not reset_peak_rss():
+        emit_result({"error": "the kernel does not allow resetting the resident high-water mark"})
+        return
+    call = ((lambda: x.argmax(1)) if method == "argmax" else
+            (lambda: rankseg(x, regions=spec, region_probs=region_probs, pruning_prob="auto")))
+    wall_cpu = median_time(call, 1, warm=False)
+    emit_result({"input_mb": x.numel() * x.element_size() / 2**20, "peak_above_mb": peak_rss_mb() - base,
+                 "cpu_s": wall_cpu[1]})
+
+
+def memory(args) -> None:
+    """Two fresh processes per volume: glibc's default allocator (what a user's process holds: freed blocks below
+    its mmap threshold stay resident for reuse, so the peak varies from run to run) and, as the steady measure of
+    what the solver's tensors hold, every allocation above 64 KiB mapped and unmapped (``MALLOC_MMAP_THRESHOLD_``;
+    slower, so its CPU time is not the solver's)."""
+    print(f"peak resident memory above the input, one fresh process per volume, shape {tuple(args.shape)}, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'case':>9} {'method':>15} {'input MB':>9} {'peak above (default malloc)':>28} "
+          f"{'peak above (tensors)':>21} {'CPU s':>6}")
+    for kind, method in itertools.product(args.kinds, ("region RankSEG", "argmax")):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", kind, "--threads", str(args.threads),
+               "--shape", *map(str, args.shape), "--memory-method", "argmax" if method == "argmax" else "regions"]
+        results = []
+        for extra in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+            res, err = run_child(cmd, env={**os.environ, **extra})
+            if res is None or "error" in res:
+                print(f"{kind:>9} {method:>15}: failed: {err or res['error']}")
+                break
+            results.append(res)
+        else:
+            size = results[0]["input_mb"]
+            cells = [f"{r['peak_above_mb']:.0f} MB ({r['peak_above_mb'] / size:.2f}x)" for r in results]
+            print(f"{kind:>9} {method:>15} {size:>9.0f} {cells[0]:>28} {cells[1]:>21} {results[0]['cpu_s']:>6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 128, 64))
@@ -165,7 +214,17 @@ def main() -> None:
                     help="volumes (default: all): " + " ".join(KINDS))
     ap.add_argument("--brute-force", type=int, default=0, metavar="TRIALS",
                     help="instead: tiny cases against the best of every label map")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead: peak memory of one region decision above the input, a fresh process per volume")
+    ap.add_argument("--memory-child", metavar="KIND", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-method", default="regions", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, tuple(args.shape), args.threads, args.memory_method)
+        return
+    if args.memory:
+        memory(args)
+        return
     torch.set_num_threads(args.threads)
     if args.brute_force:
         brute_force(args.brute_force)

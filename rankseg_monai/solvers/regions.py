@@ -33,9 +33,12 @@ Algorithm (``docs/regions.md`` has the reasoning):
    move (:func:`_ascend_items`); an uncertified item is solved again on the whole volume.
 
 The result is at least as good as each candidate of step 2 (it starts from the best and never decreases) and a
-coordinate-wise optimum.  Passes over the volume: two for the region probabilities and their statistics, two or
-three for the independent solve, one per candidate, then per region and sweep one pass to build its free values
-and about two band passes (over the voxels that can move, when step 4 applies); all sums are float64.
+coordinate-wise optimum.  Passes over the volume: one for the region probabilities' statistics, two or three for
+the independent solve, one per candidate, then per region and sweep one pass to build its free values and about
+two band passes (over the voxels that can move, when step 4 applies); all sums are float64.  With class input the
+region probabilities are never stored whole: every pass computes them for the chunk it reads
+(:class:`RegionView`, sums added one class at a time, so a voxel's value never depends on its chunk), and the
+ascent gathers the ``R x M`` values of the voxels that can move.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from .multiclass import argmax_labels
 from .objectives import dinkelbach_threshold, increment_score, rma_score
 from .rma import rma_solve, rma_thresholds
 
-__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "solve_regions", "region_objective",
+__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "RegionView", "solve_regions",
+           "region_objective",
            "region_sums", "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
 
 #: coordinate-ascent sweeps at most (a sweep that changes nothing ends the ascent earlier; 2-4 are typical)
@@ -268,21 +272,95 @@ def _node_dtype(num_regions: int) -> torch.dtype:
     return torch.uint8 if num_regions < 255 else torch.int16
 
 
-def _chunks(n: int):
-    for start in range(0, n, _CHUNK):
-        yield start, min(n, start + _CHUNK)
+def _chunks(n: int, step: int = _CHUNK):
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _region_row(flat: torch.Tensor, labels: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``(B, n)``: the sum of the classes ``labels`` of ``flat`` ``(B, C, n)``, added one class at a time in label
+    order and clipped at 1.  Elementwise, so the values of a voxel never depend on the voxels computed with it
+    (``torch.sum`` over five classes or more adds in an order that does; up to four classes it gives these bits)."""
+    out = flat[:, labels[0]].to(dtype, copy=True)
+    for c in labels[1:]:
+        out += flat[:, c]
+    return out.clamp_(max=1.0)
 
 
 def region_probabilities(flat: torch.Tensor, tree: RegionTree) -> torch.Tensor:
     """``(B, R, N)`` region probabilities from class probabilities ``(B, C, N)``: the sum of each region's classes
-    (float32 at least; clipped at 1, which a softmax's rounding can exceed by an ulp)."""
+    (float32 at least, added in label order; clipped at 1, which a softmax's rounding can exceed by an ulp).  The
+    solver never holds all of them: it reads them chunk by chunk (:class:`RegionView`)."""
     dtype = flat.dtype if flat.dtype == torch.float64 else torch.float32
     out = torch.empty((flat.shape[0], len(tree), flat.shape[2]), dtype=dtype, device=flat.device)
     for r, labels in enumerate(tree.labels):
-        idx = torch.tensor(sorted(labels), device=flat.device)
         for a, b in _chunks(flat.shape[2]):
-            torch.sum(flat[..., a:b].index_select(1, idx).to(dtype), dim=1, out=out[:, r, a:b])
-    return out.clamp_(max=1.0)
+            out[:, r, a:b] = _region_row(flat[..., a:b], sorted(labels), dtype)
+    return out
+
+
+class RegionView:
+    """The region probabilities of class probabilities ``flat`` ``(B, C, N)`` as a ``(B, R, N)`` tensor that is
+    never stored: ``view[..., a:b]`` (the slice every chunked pass takes, :func:`~._stream.iter_chunks`) and
+    ``view[:, r]`` (one region's row) compute those values (the same as :func:`region_probabilities`, whose sums
+    are elementwise).  ``shape``, ``dtype``, ``device`` and ``numel()`` are the stored tensor's.  Extra memory
+    with class input: a chunk, or one row, instead of ``R x N`` values.
+
+    >>> import torch
+    >>> p = torch.softmax(torch.randn(1, 3, 10), dim=1)
+    >>> tree = RegionTree.parse({"liver": [1, 2], "tumour": [2]})
+    >>> view = RegionView(p, tree)
+    >>> torch.equal(view[..., 2:7], region_probabilities(p, tree)[..., 2:7]), tuple(view.shape)
+    (True, (1, 2, 10))
+    """
+
+    def __init__(self, flat: torch.Tensor, tree: RegionTree) -> None:
+        self.flat, self.tree = flat, tree
+        self.labels = [sorted(labels) for labels in tree.labels]
+        self.dtype = flat.dtype if flat.dtype == torch.float64 else torch.float32
+        self.shape = torch.Size((flat.shape[0], len(tree), flat.shape[2]))
+        self.device = flat.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return 3
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """``(B, R, b - a)``: the region probabilities of voxels ``a`` to ``b``."""
+        out = torch.empty((self.shape[0], self.shape[1], b - a), dtype=self.dtype, device=self.device)
+        for r, labels in enumerate(self.labels):
+            out[:, r] = _region_row(self.flat[..., a:b], labels, self.dtype)
+        return out
+
+    def row_block(self, r: int, a: int, b: int) -> torch.Tensor:
+        """``(B, b - a)``: region ``r``'s probabilities of voxels ``a`` to ``b``."""
+        return _region_row(self.flat[..., a:b], self.labels[r], self.dtype)
+
+    def row(self, r: int) -> torch.Tensor:
+        """``(B, N)``: region ``r``'s probabilities (chunk by chunk: temporaries stay chunk-sized)."""
+        out = torch.empty((self.shape[0], self.shape[2]), dtype=self.dtype, device=self.device)
+        for a, b in _chunks(self.shape[2]):
+            out[:, a:b] = _region_row(self.flat[..., a:b], self.labels[r], self.dtype)
+        return out
+
+    def __call__(self, i: int, a: int, b: int) -> torch.Tensor:
+        """``(1, R, b - a)``: item ``i``'s region probabilities of voxels ``a`` to ``b``."""
+        return RegionView(self.flat[i:i + 1], self.tree).block(a, b)
+
+    def item(self, i: int) -> RegionView:
+        """The view of batch item ``i`` (``(1, R, N)``)."""
+        return RegionView(self.flat[i:i + 1], self.tree)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], slice)
+                and key[1].step in (None, 1)):
+            a, b, _ = key[1].indices(self.shape[2])
+            return self.block(a, max(a, b))
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], int)):
+            return self.row(key[1])
+        raise TypeError(f"RegionView supports view[..., a:b] and view[:, r], not {key!r}")
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -344,11 +422,12 @@ def region_sums(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree) -> tuple
     node_s = torch.zeros((batch, num_regions, num_regions + 1), dtype=torch.float64, device=q.device)
     node_n = torch.zeros((batch, num_regions + 1), dtype=torch.float64, device=q.device)
     for a, b in _chunks(n_vox):
+        block = q[..., a:b]  # a view of stored region probabilities, computed for a RegionView
         for i in range(batch):
             idx = nodes[i, a:b]  # uint8/int16: bincount reads them as they are (no int64 copy), same sums
             node_n[i] += torch.bincount(idx, minlength=num_regions + 1).double()
             for r in range(num_regions):
-                node_s[i, r] += torch.bincount(idx, weights=q[i, r, a:b].double(), minlength=num_regions + 1)
+                node_s[i, r] += torch.bincount(idx, weights=block[i, r].double(), minlength=num_regions + 1)
     member = _membership(tree, q.device)  # (R + 1, R)
     S = (node_s * member.T.unsqueeze(0)).sum(-1)
     n = node_n @ member
@@ -451,15 +530,21 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     """
     par = tree.parent[r] + 1
     below = [j + 1 for j in tree.subtree(r) if j != r]
-    qr = q[:, r]
     free = (nodes == par) | (nodes == r + 1)
-    values = torch.where(free, qr, torch.zeros((), dtype=qr.dtype, device=qr.device))
-    if below:
-        s_off, n_off = _masked_sum(qr, lambda a, b: _in_nodes(nodes[:, a:b], below))
-        n_off = n_off.long()
-    else:
-        s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
-        n_off = torch.zeros((q.shape[0], 1), dtype=torch.int64, device=q.device)
+    # one chunked pass over q_r (computed chunk by chunk for a RegionView: no N-voxel copy of it): the free values
+    # and the children's sum and size (as _masked_sum adds them: the same chunks, the same float64 sums)
+    values = torch.empty(nodes.shape, dtype=q.dtype, device=q.device)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+    n_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+    for a, b in _chunks(nodes.shape[1]):
+        qr = q.row_block(r, a, b) if isinstance(q, RegionView) else q[:, r, a:b]
+        torch.where(free[:, a:b], qr, zero, out=values[:, a:b])
+        if below:
+            m = _in_nodes(nodes[:, a:b], below)
+            s_off += torch.where(m, qr, zero).sum(-1, keepdim=True, dtype=torch.float64)
+            n_off += m.sum(-1, keepdim=True)
+    n_off = n_off.long()
     row = values.unsqueeze(1)
     st = row_statistics(row, device=device, chunk_size=chunk_size)
     on = st.vmax.device
@@ -496,7 +581,9 @@ def _joint_moves(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: tor
     target = torch.empty_like(nodes)
     delta = torch.empty((batch, n_vox), dtype=torch.float32, device=q.device)
     inactive = ~active.unsqueeze(-1)
-    for a, b in _chunks(n_vox):
+    # elementwise per voxel, so any chunking gives the same values: chunks of 1 << 18 float64 values over the
+    # R + 1 rows keep the gain's temporaries a few MB (1 << 20 voxels per chunk peaked at 180 MB)
+    for a, b in _chunks(n_vox, max(1 << 12, (1 << 18) // (num_regions + 1))):
         gain = increment_score(metric, q[..., a:b].double(), S.unsqueeze(-1), n.unsqueeze(-1), mu.unsqueeze(-1),
                                smooth).masked_fill_(inactive, float("-inf"))
         path = torch.zeros((batch, num_regions + 1, b - a), dtype=torch.float64, device=q.device)
@@ -582,11 +669,14 @@ COMPACT_MIN_OUT = 0.25
 COMPACT_MARGIN = 0.5
 
 
-def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
+def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
                   thr: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
                   chunk_size: int | None) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
     """:func:`_ascend` item by item (an item's result never depends on the others in its batch), on the voxels
     that can join a region when that is certified.
+
+    ``rows``: a callable ``(i, a, b) -> (1, R, b - a)``, item ``i``'s region probabilities of voxels ``a`` to ``b``
+    (computed chunk by chunk from class probabilities: no ``R x N`` copy of the volume is needed here).
 
     With Dice ``s = 0`` or IoU, a region's mask at any step is a superlevel set ``{q_r > g(f)}`` of its own
     objective value, so background voxels whose every ``q_r`` lies well below the independent thresholds ``thr``
@@ -599,36 +689,41 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
     compactable = metric == "iou" or smooth == 0
     tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
                       torch.full_like(thr, float("inf")))
-    for i in range(q.shape[0]):
-        qi, si, sl = q[i:i + 1], start[i:i + 1], slice(i, i + 1)
+    batch, n_vox = start.shape
+    for i in range(batch):
+        si, sl = start[i:i + 1], slice(i, i + 1)
         keep = None
         if compactable:
             keep = si[0] != 0
-            outside_max = torch.full((1, q.shape[1]), -1.0, dtype=torch.float64, device=q.device)
-            for a, b in _chunks(q.shape[2]):
-                block = qi[0, :, a:b]
+            outside_max = torch.full((1, len(tree)), -1.0, dtype=torch.float64, device=start.device)
+            block = left = None
+            for a, b in _chunks(n_vox):  # one pass: which voxels can move, and the largest q_r of the others
+                block = rows(i, a, b)[0]
                 keep[a:b] |= (block >= tau[i].unsqueeze(-1).to(block.dtype)).any(0)
-            out_count = int(q.shape[2] - keep.sum())
-            if COMPACT_MIN_OUT * q.shape[2] <= out_count < q.shape[2]:
-                for a, b in _chunks(q.shape[2]):
-                    block = qi[0, :, a:b]
-                    left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
-                    outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
-            else:
+                left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
+                outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
+            del block, left  # chunk-sized, but not kept through the ascent
+            out_count = int(n_vox - keep.sum())
+            if not COMPACT_MIN_OUT * n_vox <= out_count < n_vox:
                 keep = None
         result = None
         if keep is not None:
             idx = torch.nonzero(keep).squeeze(1)
+            if n_vox < 2**31:
+                idx = idx.to(torch.int32)  # int32 indices: half of int64's M values
+            del keep
             try:
-                sub, n_sw, val = _ascend(_gather_voxels(qi, idx), si.index_select(1, idx), tree, mu[sl], active[sl],
-                                         metric, smooth, device, chunk_size, outside_max=outside_max)
+                sub, n_sw, val = _ascend(_gather_voxels(rows, i, idx, n_vox), si.index_select(1, idx), tree, mu[sl],
+                                         active[sl], metric, smooth, device, chunk_size, outside_max=outside_max)
                 full = si.clone()
                 full[0, idx] = sub[0]
-                result = (full, n_sw, val, idx.numel() / q.shape[2])
+                result = (full, n_sw, val, idx.numel() / n_vox)
             except _Uncertified:
                 result = None
         if result is None:
-            full, n_sw, val = _ascend(qi, si, tree, mu[sl], active[sl], metric, smooth, device, chunk_size)
+            whole = rows.item(i) if isinstance(rows, RegionView) else rows(i, 0, n_vox)
+            full, n_sw, val = _ascend(whole, si, tree, mu[sl], active[sl], metric, smooth, device,
+                                      chunk_size)
             result = (full, n_sw, val, 1.0)
         nodes[i] = result[0][0]
         sweeps = max(sweeps, result[1])
@@ -637,13 +732,33 @@ def _ascend_items(q: torch.Tensor, start: torch.Tensor, tree: RegionTree, mu: to
     return nodes, sweeps, torch.cat(values), compacted
 
 
-def _gather_voxels(q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``q.index_select(2, idx)`` for one item ``(1, R, N)``, row by row: a 1-D ``index_select`` per row is about 4x
-    faster than selecting along the last dimension of the 3-D tensor (the same values)."""
-    out = torch.empty((1, q.shape[1], idx.numel()), dtype=q.dtype, device=q.device)
-    for r in range(q.shape[1]):
-        torch.index_select(q[0, r], 0, idx, out=out[0, r])
+def _gather_voxels(rows: Any, i: int, idx: torch.Tensor, n_vox: int) -> torch.Tensor:
+    """Item ``i``'s region probabilities at the sorted voxel indices ``idx``, ``(1, R, M)``, chunk by chunk from
+    ``rows`` (see :func:`_ascend_items`), row by row: a 1-D ``index_select`` per row is about 4x faster than
+    selecting along the last dimension of a 3-D tensor (the same values)."""
+    out = None
+    bounds = torch.searchsorted(idx, torch.tensor([a for a, _ in _chunks(n_vox)] + [n_vox], dtype=idx.dtype,
+                                                 device=idx.device))
+    for k, (a, b) in enumerate(_chunks(n_vox)):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        if lo == hi and out is not None:
+            continue
+        block = rows(i, a, b)[0]
+        if out is None:
+            out = torch.empty((1, block.shape[0], idx.numel()), dtype=block.dtype, device=block.device)
+        local = idx[lo:hi] - a
+        for r in range(block.shape[0]):
+            torch.index_select(block[r], 0, local, out=out[0, r, lo:hi])
     return out
+
+
+def _region_rows(flat: torch.Tensor, tree: RegionTree, region_probs: bool) -> Any:
+    """``(i, a, b) -> (1, R, b - a)``: item ``i``'s region probabilities of voxels ``a`` to ``b`` (a view of region
+    input; the sums of class input computed for those voxels only, the same values as
+    :func:`region_probabilities` of the whole volume: each voxel's sum adds the same classes in the same order)."""
+    if region_probs:
+        return lambda i, a, b: flat[i:i + 1, :, a:b]
+    return RegionView(flat, tree)
 
 
 def _select(candidates: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -681,12 +796,12 @@ def solve_regions(
             pruned region's mask is empty.
         region_probs: the channels are region probabilities (one per region, e.g. sigmoids), not classes.
         device, chunk_size: as for the other solvers (the threshold solves stream through ``device``).
-        return_details: also return a dict: ``q`` (region probabilities), ``mu``, ``active``, ``candidates``
+        return_details: also return a dict: ``mu``, ``active``, ``candidates``
             (name -> summed objective ``(B,)`` of each starting candidate), ``start`` (the chosen one per item),
             ``sweeps`` (the most of any item), ``compacted`` (per item, the fraction of voxels the certified ascent
             worked on; 1.0 for the whole volume) and ``objective`` (the final ``(B, R)`` values).
     """
-    q = flat if region_probs else region_probabilities(flat, tree)
+    q = flat if region_probs else RegionView(flat, tree)  # class input: region probabilities computed where read
     stats = row_statistics(q, device=device, chunk_size=chunk_size)
     on = stats.vmax.device
     mu = stats.mu.to(q.device)
@@ -702,14 +817,18 @@ def solve_regions(
     # the bounds of the top-down steps start from the independent masks (their current masks are empty)
     thr_q = thr.to(q.device)
     independent_thr = thr_q.nan_to_num(posinf=2.0).clamp(min=0.0)
-    independent = q > thr_q.unsqueeze(-1)
-    independent_paint = paint_nodes(independent, tree, given)
-    for r in tree.order:  # each child intersected with its (already intersected) parent, in place
-        if tree.parent[r] >= 0:
-            independent[:, r] &= independent[:, tree.parent[r]]
-    independent_nested = paint_nodes(independent, tree, tree.order)
+    node_dtype = _node_dtype(len(tree))
+    independent_paint = torch.empty((q.shape[0], q.shape[2]), dtype=node_dtype, device=q.device)
+    independent_nested = torch.empty_like(independent_paint)
+    for a, b in _chunks(q.shape[2]):  # chunk by chunk: no R x N masks
+        independent = q[..., a:b] > thr_q.unsqueeze(-1)
+        independent_paint[:, a:b] = paint_nodes(independent, tree, given)
+        for r in tree.order:  # each child intersected with its (already intersected) parent, in place
+            if tree.parent[r] >= 0:
+                independent[:, r] &= independent[:, tree.parent[r]]
+        independent_nested[:, a:b] = paint_nodes(independent, tree, tree.order)
     del independent
-    top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=_node_dtype(len(tree)), device=q.device)
+    top_down = torch.zeros((q.shape[0], q.shape[2]), dtype=node_dtype, device=q.device)
     for r in tree.order:  # each region solved exactly inside its parent's mask
         top_down = _coordinate_step(q, top_down, tree, r, mu, active, metric, smooth, device, chunk_size,
                                     hint=independent_thr[:, r:r + 1])
@@ -732,10 +851,12 @@ def solve_regions(
         same = next((j for j in range(k) if torch.equal(m, maps[j])), None)
         values.append(values[same] if same is not None else region_objective(q, m, tree, mu, metric, smooth).sum(-1))
     start, pick = _select(maps, values)
-    nodes, sweeps, objective, compacted = _ascend_items(q, start, tree, mu, active, thr_q, metric, smooth,
-                                                         device, chunk_size)
+    # the ascent reads the region probabilities chunk by chunk from the input: neither they nor the candidates stay
+    del q, candidates, maps, baseline, independent_paint, independent_nested, top_down
+    nodes, sweeps, objective, compacted = _ascend_items(_region_rows(flat, tree, region_probs), start, tree, mu,
+                                                         active, thr_q, metric, smooth, device, chunk_size)
     if not return_details:
         return nodes
-    return nodes, {"q": q, "mu": mu, "active": active, "candidates": dict(zip(names, values)),
+    return nodes, {"mu": mu, "active": active, "candidates": dict(zip(names, values)),
                    "start": [names[int(i)] for i in pick], "sweeps": sweeps, "compacted": compacted,
                    "objective": objective}

@@ -13,6 +13,7 @@ import torch
 from rankseg_monai.functional import rankseg
 from rankseg_monai.solvers.regions import (
     RegionTree,
+    RegionView,
     labels_from_nodes,
     nodes_from_labels,
     region_masks,
@@ -81,7 +82,7 @@ def test_brute_force_over_all_label_maps(name, spec, num_classes, region_probs, 
         p = _tiny_case(rng, tree, region_probs, num_classes)
         x = torch.from_numpy(p)[None]
         nodes, details = solve_regions(x, tree, metric, s, None, region_probs=region_probs, return_details=True)
-        q = details["q"][0].double().numpy()
+        q = (x if region_probs else region_probabilities(x, tree))[0].double().numpy()
         best = _brute_force(q, tree, metric, s)
         got = _value(q, nodes[0].numpy(), tree, metric, s)
         assert got <= best + 1e-12
@@ -263,6 +264,69 @@ def test_region_probabilities_and_pruning():
     # pruning a region empties everything below it too
     masks = rankseg(p, regions=BRATS, pruning_prob=0.99, output_mode="multilabel")
     assert int(masks.sum()) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_region_probabilities_are_elementwise(threads):
+    """The region probabilities a chunked pass computes (``RegionView``, slices of the input) are the bits of the
+    whole volume's, for regions of one to eight classes; up to four classes they are ``torch.sum``'s over the
+    class axis (the formula before: the same decisions)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(7)
+        for num_classes, n in ((3, 5), (5, 4099), (9, 70001)):
+            labels = list(range(1, num_classes))
+            tree = RegionTree.parse([labels, labels[1:], *([labels[-1:]] if len(labels) > 2 else [])])
+            p = torch.softmax(3 * torch.randn(2, num_classes, n, generator=g), 1)
+            whole = region_probabilities(p, tree)
+            view = RegionView(p, tree)
+            for a, b in ((0, 1), (1, 9), (3, n), (n // 3, n - 2)):
+                if a < b <= n:
+                    assert torch.equal(region_probabilities(p[..., a:b], tree), whole[..., a:b])
+                    assert torch.equal(view[..., a:b], whole[..., a:b])
+                    assert torch.equal(view.row_block(1, a, b), whole[:, 1, a:b])
+            assert torch.equal(view[:, 0], whole[:, 0]) and view.shape == whole.shape and view.dtype == whole.dtype
+            for r, region in enumerate(tree.labels):
+                if len(region) <= 4:
+                    idx = torch.tensor(sorted(region))
+                    assert torch.equal(whole[:, r], torch.sum(p.index_select(1, idx), 1).clamp(max=1.0))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_class_input_never_holds_all_region_probabilities(monkeypatch):
+    """With class input the solver computes region probabilities where it reads them: on a scan-like volume
+    (the ascent works on the voxels that can move) no ``R x N`` tensor of them is made."""
+    from rankseg_monai.solvers import regions
+
+    made = []
+
+    def recording(fn):
+        def wrapper(*args):
+            out = fn(*args)
+            made.append(out.numel())
+            return out
+        return wrapper
+
+    for owner, name in ((regions, "_region_row"), (regions, "region_probabilities"), (RegionView, "row"),
+                        (RegionView, "block")):
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
+    shape = (1, 3, 1600, 1400)  # N > R chunks of the region passes, so all of a row would show
+    z = torch.zeros(shape)
+    z[:, 0] = 6.0  # confident background, an organ over a fifth of the box holding a tumour
+    z[:, 1, 300:900, 300:700] = 12.0
+    z[:, 2, 500:560, 500:570] = 18.0
+    z += torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(z, 1)
+    tree = RegionTree.parse(LITS)
+    nodes, details = solve_regions(p.reshape(1, 3, -1), tree, "dice", 0.0, None, return_details=True)
+    n_vox = p[0, 0].numel()
+    assert details["compacted"][0] < 1.0
+    assert made and max(made) <= len(tree) * regions._CHUNK < n_vox
+    whole = region_probabilities(p.reshape(1, 3, -1), tree)  # the values the ascent's objective was computed on
+    torch.testing.assert_close(details["objective"], region_objective(whole, nodes, tree, details["mu"], "dice", 0.0),
+                               rtol=1e-12, atol=0)
 
 
 def test_region_probabilities_input_brats_channels():
