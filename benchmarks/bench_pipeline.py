@@ -1,6 +1,6 @@
 """RankSEG where users run it, end to end: RankSEG's share of the wall time against the argmax run.
 
-Two paths, each run with argmax and with RankSEG, interleaved (argmax, RankSEG, argmax, ...; medians):
+Three paths, each run with argmax and with RankSEG, interleaved (argmax, RankSEG, argmax, ...; medians):
 
 * ``evaluator``: MONAI's ``SupervisedEvaluator`` on the demo phantoms with the shipped demo UNet and a
   ``SlidingWindowInferer``; ``postprocessing = Compose([Activationsd(softmax), <decision>])`` with the decision
@@ -9,12 +9,10 @@ Two paths, each run with argmax and with RankSEG, interleaved (argmax, RankSEG, 
 * ``export``: what nnU-Net's export workers do while the GPU predicts the next case: ``--workers`` processes, each
   turning saved probability volumes into label maps at the same time (``RankSEG()`` or ``argmax``), default torch
   threads.  On a 2-core machine that is exactly the busy CPU of docs/solvers.md.
+* ``nnunet``: ``rankseg-monai nnunet-predict`` against ``nnUNetv2_predict`` on a tiny nnU-Net model made by
+  nnU-Net's own code (benchmarks/bench_nnunet.py, run as it is; needs nnunetv2).
 
-The nnU-Net path itself (``rankseg-monai nnunet-predict``, its default worker counts) is measured with
-``--nnunet`` once that command exists (it is built on another branch): the hook below runs it when found and says
-so otherwise.
-
-    python benchmarks/bench_pipeline.py                      # both paths, about 2 min on 2 cores
+    python benchmarks/bench_pipeline.py                      # every path, a few minutes on 2 cores
     python benchmarks/bench_pipeline.py --paths evaluator --cases 4 --repeat 3
     python benchmarks/bench_pipeline.py --paths export --workers 3 --shape 1 3 256 256 128
 """
@@ -121,16 +119,19 @@ def export_path(shape: tuple[int, ...], workers: int, cases_per_worker: int, rep
     return runs
 
 
-def nnunet_path() -> list[dict]:
-    """Hook for ``rankseg-monai nnunet-predict`` (default worker counts) against nnU-Net's own export; runs when
-    the command exists."""
-    from rankseg_monai.app import cli
+def nnunet_path(size: tuple[int, int, int]) -> list[dict]:
+    """``rankseg-monai nnunet-predict`` against ``nnUNetv2_predict`` (and ``--save_probabilities`` + ``predict``):
+    benchmarks/bench_nnunet.py, run as it is (its own table: CPU time, peak memory, disk of each pipeline); RankSEG's
+    share is the difference between the nnunet-predict and nnUNetv2_predict rows.  Needs nnunetv2."""
+    import importlib.util
+    import subprocess
 
-    source = open(cli.__file__).read()
-    if "nnunet-predict" not in source:
-        print("nnunet: `rankseg-monai nnunet-predict` is not in this build (built on another branch); skipped")
+    if importlib.util.find_spec("nnunetv2") is None:
+        print('nnunet: nnunetv2 is not installed (pip install "rankseg-monai[nnunet]"); skipped')
         return []
-    print("nnunet: the command exists; its end-to-end measurement is not written yet (see docs/solvers.md)")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_nnunet.py")
+    print(f"nnunet: {script} --size {' '.join(map(str, size))}")
+    subprocess.run([sys.executable, script, "--size", *map(str, size)], check=True)
     return []
 
 
@@ -158,6 +159,8 @@ def main() -> None:
                     "worker count is 3)")
     ap.add_argument("--cases-per-worker", type=int, default=2)
     ap.add_argument("--shape", type=int, nargs=5, default=(1, 3, 256, 256, 128), help="export: probability volume")
+    ap.add_argument("--nnunet-size", type=int, nargs=3, default=(48, 128, 128), metavar=("Z", "Y", "X"),
+                    help="nnunet: the stand-in images of bench_nnunet.py")
     args = ap.parse_args()
     load = os.getloadavg()
     print(f"load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; OMP_WAIT_POLICY "
@@ -168,7 +171,7 @@ def main() -> None:
     if "export" in args.paths:
         runs += export_path(tuple(args.shape), args.workers, args.cases_per_worker, args.repeat)
     if "nnunet" in args.paths:
-        runs += nnunet_path()
+        runs += nnunet_path(tuple(args.nnunet_size))
     summarise(runs)
     load = os.getloadavg()
     print(f"load average at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
