@@ -133,7 +133,6 @@ def _write_nnunet_regions(folder: Path) -> None:
     """``nnunet_out/``: a region-based nnU-Net's --save_probabilities output (BraTS-like: whole tumour, tumour core,
     enhancing tumour as sigmoid probabilities, ``<case>.npz`` + ``<case>.pkl``) and its ``dataset.json``."""
     import json
-    import pickle
 
     out = folder / "nnunet_out"
     out.mkdir(exist_ok=True)
@@ -145,21 +144,27 @@ def _write_nnunet_regions(folder: Path) -> None:
         r = np.sqrt(((grid - centre) ** 2).sum(0))
         q = np.stack([1 / (1 + np.exp(-12 * (rad - r) + rng.normal(0, 1, shape))) for rad in (0.6, 0.4, 0.2)])
         np.savez_compressed(out / f"case_{i}.npz", probabilities=q.astype(np.float32))
-        props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
-                                "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)},
-                 "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape}
-        with open(out / f"case_{i}.pkl", "wb") as fh:
-            pickle.dump(props, fh)
+        _write_unit_pkl(out / f"case_{i}.pkl", shape)
     (out / "dataset.json").write_text(json.dumps({
         "labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
         "regions_class_order": [1, 2, 3]}, indent=1))
+
+
+def _write_unit_pkl(path: Path, shape: tuple[int, ...]) -> None:
+    """nnU-Net's case properties (``.pkl``) of a unit-spacing, identity-direction image of ``shape`` (z, y, x)."""
+    import pickle
+
+    props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                            "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)},
+             "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape}
+    with open(path, "wb") as fh:
+        pickle.dump(props, fh)
 
 
 def _write_nnunet_folds(folder: Path) -> None:
     """nnU-Net's cross-validation layout: ``nnUNet_results/Dataset001_Demo/nnUNetTrainer__nnUNetPlans__3d_fullres/
     fold_K/validation/<case>.npz + .pkl`` (``--npz``) for 5 folds of 2 cases of an under-confident model,
     ``gt_segmentations/`` with their labels, and ``imagesTs_probs/`` (2 new cases to predict)."""
-    import pickle
 
     import SimpleITK as sitk
 
@@ -180,11 +185,7 @@ def _write_nnunet_folds(folder: Path) -> None:
         flat = np.exp(0.5 * z) / np.exp(0.5 * z).sum(0)  # the model: logits x 0.5
         out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out / f"{name}.npz", probabilities=flat.astype(np.float16))
-        props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
-                                "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)},
-                 "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape}
-        with open(out / f"{name}.pkl", "wb") as fh:
-            pickle.dump(props, fh)
+        _write_unit_pkl(out / f"{name}.pkl", shape)
         if with_label:
             sitk.WriteImage(sitk.GetImageFromArray(label), str(gt / f"{name}.nii.gz"))
 
