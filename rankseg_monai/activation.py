@@ -117,16 +117,17 @@ def looks_like_probabilities(values: Any) -> bool:
     """
     from .solvers._stream import CLAMP_TOLERANCE
 
+    # one pass: the extremes carry any NaN (min/max propagate it) or inf, so their finiteness is the array's
     if isinstance(values, torch.Tensor):
-        if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        if values.numel() == 0:
             return False
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = (float(v) for v in torch.aminmax(values))
     else:
         arr = np.asarray(values)
-        if arr.size == 0 or not bool(np.all(np.isfinite(arr))):
+        if arr.size == 0:
             return False
         lo, hi = float(arr.min()), float(arr.max())
-    return lo >= -CLAMP_TOLERANCE and hi <= 1.0 + CLAMP_TOLERANCE
+    return math.isfinite(lo) and math.isfinite(hi) and lo >= -CLAMP_TOLERANCE and hi <= 1.0 + CLAMP_TOLERANCE
 
 
 def check_logits(values: Any, mode: str) -> None:
