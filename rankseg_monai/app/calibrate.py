@@ -149,11 +149,7 @@ def _fit_targets(label: np.ndarray, options: RankSEGOptions, num_channels: int, 
     flat = label.reshape(-1)[idx]
     if kind == "class-probabilities":
         return flat[None].astype(np.int64)
-    if options.regions is not None:
-        return np.stack([np.isin(flat, sorted(labels)) for labels in options.regions.labels]).astype(np.uint8)
-    if num_channels == 1:
-        return (flat > 0)[None].astype(np.uint8)
-    return np.stack([flat == c for c in range(num_channels)]).astype(np.uint8)
+    return _truth(flat, options, num_channels, kind).astype(np.uint8)
 
 
 def fit_calibration(z: Sequence[torch.Tensor], y: Sequence[np.ndarray], activation: str, method: str,
