@@ -522,3 +522,28 @@ def test_guard_is_forwarded_and_default_pruning_is_auto(device):
     assert torch.equal(RankSEG(dtype=torch.int64)(fog)[0], functional_rankseg(fog[None], pruning_prob="auto")[0])
     d = RankSEGd(keys="pred", guard=True, dtype=torch.int64)({"pred": fog.to(device)})
     assert torch.equal(_cpu(d["pred"]), out)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "meta"])
+@pytest.mark.parametrize("spatial", [(9, 8), (6, 5, 7)], ids=["2d", "3d"])
+def test_calibration_on_every_input_type(kind, spatial, device):
+    """RankSEG(calibration=) decides on the calibrated probabilities whatever the input type and device (numpy in,
+    numpy out; MetaTensor keeps its meta), and keeps argmax for the class the calibration recommends it for."""
+    from rankseg_monai.calibrator import Calibration, apply_calibration
+
+    x = _probs((3, *spatial), seed=len(spatial) + 3)
+    cal = Calibration("per-class-temperature", "class-probabilities", [1.0, 0.4, 2.5], channels=[0, 1, 2],
+                      recommendation=["rankseg", "rankseg", "argmax"])
+    out = RankSEG(calibration=cal)(_as(kind, x, device))
+    assert isinstance(out, np.ndarray) == (kind == "numpy") and isinstance(out, MetaTensor) == (kind == "meta")
+    if kind != "numpy":
+        assert out.device.type == torch.device(device).type
+    got = _cpu(out)[0]
+    calibrated = apply_calibration(x, cal)
+    rankseg_labels = RankSEG()(calibrated)[0]  # RankSEG on the calibrated probabilities
+    argmax = calibrated.argmax(0).float()  # argmax of the calibrated probabilities
+    # class 1 (RankSEG's) is RankSEG's decision on the calibrated probabilities
+    assert torch.equal(got == 1, rankseg_labels == 1)
+    # class 2 (argmax recommended) is argmax's, less the voxels RankSEG gives to class 1 (docs/calibration.md)
+    assert torch.equal(got == 2, (argmax == 2) & (rankseg_labels != 1))
+    assert bool(((argmax == 2) != (rankseg_labels == 2)).any())  # the switch changed something: not vacuous
