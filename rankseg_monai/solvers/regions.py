@@ -28,9 +28,12 @@ Algorithm (``docs/regions.md`` has the reasoning):
    ``q_r`` (``rma.rma_thresholds(..., offsets=...)``; tie groups are never split; Dice with ``s > 0`` uses the
    same banded exact search as a plain row).  Every step is exact for its region, so the summed objective never
    decreases; sweeps run in top-down order until a sweep changes nothing.
-4. **Only the voxels that can move** (Dice ``s = 0`` and IoU): background voxels far below every independent
-   threshold are left out of step 3 and the joint moves, under a per-step certificate that none of them would
-   move (:func:`_ascend_items`); an uncertified item is solved again on the whole volume.
+4. **Only the voxels that can move** (Dice ``s = 0`` and IoU): a voxel is left out of step 3 and the joint moves
+   when, for every region, it is either inside the region's mask with ``q_r`` above ``g(F_r)`` (``F_r`` the
+   region's independent optimum, which no mask of it exceeds, so removing the voxel lowers ``f_r`` at any state)
+   or outside it with ``q_r`` well below the independent threshold.  The first kind enter as fixed sums; the
+   second under a per-step certificate that none of them would move (:func:`_ascend_items`); an uncertified item
+   is solved again on the whole volume.
 
 The result is at least as good as each candidate of step 2 (it starts from the best and never decreases) and a
 coordinate-wise optimum.  Passes over the volume: one for the region probabilities' statistics, two or three for
@@ -56,7 +59,8 @@ from .multiclass import argmax_labels
 from .objectives import dinkelbach_threshold, increment_score, rma_score
 from .rma import rma_solve, rma_thresholds
 
-__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "RegionView", "solve_regions",
+__all__ = ["RegionTree", "MAX_LABEL", "check_label", "region_probabilities", "RegionView", "NodeMasks",
+           "solve_regions",
            "region_objective",
            "region_sums", "nodes_from_labels", "labels_from_nodes", "region_masks", "paint_nodes", "MAX_SWEEPS"]
 
@@ -397,6 +401,34 @@ def labels_from_nodes(nodes: torch.Tensor, tree: RegionTree, class_probs: torch.
     return out
 
 
+class NodeMasks:
+    """The bool ``(B, R, N)`` region masks of a node map ``(B, N)``, never stored: ``masks[..., a:b]`` computes
+    those of voxels ``a`` to ``b`` (what every chunked pass takes, e.g. :func:`~._stream.mask_sums`), the same
+    values as :func:`region_masks`.
+
+    >>> import torch
+    >>> tree = RegionTree.parse({"liver": [1, 2], "tumour": [2]})
+    >>> nodes = torch.tensor([[0, 1, 2, 2]], dtype=torch.uint8)
+    >>> torch.equal(NodeMasks(nodes, tree)[..., 1:4], region_masks(nodes, tree)[..., 1:4])
+    True
+    """
+
+    def __init__(self, nodes: torch.Tensor, tree: RegionTree) -> None:
+        self.nodes, self.tree = nodes, tree
+        self.shape = torch.Size((nodes.shape[0], len(tree), nodes.shape[1]))
+
+    def dim(self) -> int:
+        return 3
+
+    def to(self, device: Any) -> NodeMasks:
+        return NodeMasks(self.nodes.to(device), self.tree)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], slice):
+            return region_masks(self.nodes[:, key[1]], self.tree)
+        raise TypeError(f"NodeMasks supports masks[..., a:b], not {key!r}")
+
+
 def region_masks(nodes: torch.Tensor, tree: RegionTree) -> torch.Tensor:
     """bool ``(B, R, N)`` region masks of a node map (region ``r``: the node lies in ``r``'s subtree)."""
     member = torch.zeros((len(tree) + 1, len(tree)), dtype=torch.bool, device=nodes.device)
@@ -518,11 +550,14 @@ def _threshold_bounds(values: torch.Tensor, current: Any, s_off: torch.Tensor, n
 
 def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
                      active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
-                     chunk_size: int | None, return_sums: bool = False, hint: torch.Tensor | None = None) -> Any:
+                     chunk_size: int | None, return_sums: bool = False, hint: torch.Tensor | None = None,
+                     fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
     """Region ``r``'s exact best mask with every other region fixed; returns the new node map (and, with
     ``return_sums``, the float64 ``(B,)`` sum ``S_r`` and size ``n_r`` of the region's new mask).  ``hint``: float64
     ``(B, 1)``, a threshold whose free voxels above it form the feasible set the threshold bounds start from
     (instead of the region's current mask; e.g. the independent threshold when the current mask is empty).
+    ``fixed``: float64 ``(B, R)`` sums and sizes of voxels left out of ``q`` that stay in each region's mask (see
+    :func:`_ascend_items`): for region ``r`` they are forced in, like its children's voxels.
 
     Only voxels whose node is ``r``'s parent or ``r`` itself can move (its children's voxels are forced in, its
     siblings' and everything outside its parent are out), so the best mask is the RMA optimum over those voxels
@@ -544,6 +579,9 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
             m = _in_nodes(nodes[:, a:b], below)
             s_off += torch.where(m, qr, zero).sum(-1, keepdim=True, dtype=torch.float64)
             n_off += m.sum(-1, keepdim=True)
+    if fixed is not None:
+        s_off += fixed[0][:, r:r + 1]
+        n_off += fixed[1][:, r:r + 1]
     n_off = n_off.long()
     row = values.unsqueeze(1)
     st = row_statistics(row, device=device, chunk_size=chunk_size)
@@ -607,21 +645,30 @@ class _Uncertified(Exception):
 
 def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
             metric: str, smooth: float, device: torch.device | None, chunk_size: int | None,
-            outside_max: torch.Tensor | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
+            outside_max: torch.Tensor | None = None, fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Coordinate sweeps (top-down) and joint moves until a sweep changes nothing or raises the summed objective by
     less than :data:`REL_TOL` of it; the objective never drops.  A region is solved again only when a region
     whose voxels its step reads (its parent, siblings or children) moved since its last step.  Returns the node
     map, the number of sweeps and the final ``(B, R)`` region values.
 
-    ``outside_max``: float64 ``(B, R)``, when ``q`` and ``nodes`` hold only some of the voxels and every voxel
-    left out is background with ``q_r`` at most ``outside_max[:, r]``.  Every coordinate step and joint move then
-    checks that it would not take a voxel left out (the step's optimum ``f*`` has Dinkelbach threshold
-    ``g(f*) > outside_max``, and no left-out voxel has a positive first-order gain), so the result is the one of
-    the whole volume; otherwise it raises :class:`_Uncertified`.  Dice with ``s = 0`` and IoU only."""
+    ``outside_max`` and ``fixed``, when ``q`` and ``nodes`` hold only some of the voxels (:func:`_ascend_items`):
+    ``outside_max``, float64 ``(B, R)``, bounds ``q_r`` of every voxel left out that is not in region ``r``;
+    ``fixed``, float64 ``(B, R)`` sums and sizes, are the ``q_r`` sum and count of the voxels left out that are in
+    region ``r`` (each such voxel has ``q_r`` above every threshold ``r`` can have, so it never leaves).  Every
+    coordinate step and joint move then checks that it would not take a voxel left out into a region (the step's
+    optimum ``f*`` has Dinkelbach threshold ``g(f*) > outside_max``; no left-out voxel has a positive first-order
+    gain), so the result is the one of the whole volume; otherwise it raises :class:`_Uncertified`.  Dice with
+    ``s = 0`` and IoU only."""
     neighbours = [{tree.parent[r], *tree.children(r), *(j for j in range(len(tree)) if j != r and tree.parent[j] ==
                                                          tree.parent[r])} - {-1} for r in range(len(tree))]
+
+    def sums(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S, n = region_sums(q, m, tree)
+        return (S, n) if fixed is None else (S + fixed[0], n + fixed[1])
+
     dirty = set(range(len(tree)))
-    values = region_objective(q, nodes, tree, mu, metric, smooth)
+    values = rma_score(metric, *sums(nodes), mu, smooth)
     current = values.sum(-1)
     sweeps = 0
     while sweeps < MAX_SWEEPS and dirty:
@@ -632,24 +679,25 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
                 continue
             dirty.discard(r)
             if outside_max is None:
-                new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size)
+                new = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size,
+                                       fixed=fixed)
             else:
                 new, S_r, n_r = _coordinate_step(q, nodes, tree, r, mu, active, metric, smooth, device, chunk_size,
-                                                 return_sums=True)
+                                                 return_sums=True, fixed=fixed)
                 cut = dinkelbach_threshold(metric, rma_score(metric, S_r, n_r, mu[:, r], smooth))
                 if not bool(((cut > outside_max[:, r]) | ~active[:, r]).all()):
                     raise _Uncertified
             if not torch.equal(new, nodes):
                 dirty |= neighbours[r]
                 nodes = new
-        S, n = region_sums(q, nodes, tree)
+        S, n = sums(nodes)
         values = rma_score(metric, S, n, mu, smooth)
         current = values.sum(-1)
         if outside_max is not None and not bool(((dinkelbach_threshold(metric, values) > outside_max) |
                                                  ~active).all()):
             raise _Uncertified  # a left-out voxel could gain from a joint move
         for trial in _joint_moves(q, nodes, tree, mu, active, metric, smooth, sums=(S, n)):
-            trial_values = region_objective(q, trial, tree, mu, metric, smooth)
+            trial_values = rma_score(metric, *sums(trial), mu, smooth)
             value = trial_values.sum(-1)
             better = value > current
             if bool(better.any()):
@@ -662,46 +710,80 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
     return nodes, sweeps, values
 
 
-#: the ascent works on the voxels that could join a region when it leaves out at least this fraction of them
+#: the ascent works on the voxels that can move when it leaves out at least this fraction of them
 COMPACT_MIN_OUT = 0.25
-#: a voxel is left out when it is background and each ``q_r`` is below this fraction of region ``r``'s independent
-#: threshold (a margin: the ascent's thresholds stay near the independent ones)
-COMPACT_MARGIN = 0.5
+#: a voxel outside region ``r`` is left out only if ``q_r`` is below this fraction of ``r``'s independent threshold
+#: (a margin: the ascent's thresholds stay near the independent ones; the certificate checks it at every step)
+COMPACT_MARGIN = 0.8
+#: a voxel inside region ``r`` is left out only if ``q_r`` exceeds ``g(F_r)`` (``F_r``: the independent optimum,
+#: the largest value any mask of ``r`` can have) by this relative margin (float64 rounding of the solver's sums)
+COMPACT_SAFETY = 1e-6
 
 
 def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
                   thr: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
-                  chunk_size: int | None) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
+                  chunk_size: int | None, upper: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
     """:func:`_ascend` item by item (an item's result never depends on the others in its batch), on the voxels
-    that can join a region when that is certified.
+    that can move when that is certified.
 
     ``rows``: a callable ``(i, a, b) -> (1, R, b - a)``, item ``i``'s region probabilities of voxels ``a`` to ``b``
     (computed chunk by chunk from class probabilities: no ``R x N`` copy of the volume is needed here).
+    ``upper``: float64 ``(B, R)``, the largest value each region's objective can have (the independent optimum;
+    ``inf`` where unknown).
 
     With Dice ``s = 0`` or IoU, a region's mask at any step is a superlevel set ``{q_r > g(f)}`` of its own
-    objective value, so background voxels whose every ``q_r`` lies well below the independent thresholds ``thr``
-    never move.  The ascent runs on the other voxels (a gather of ``R x M`` values) with the certificate of
-    :func:`_ascend` (``outside_max``); the rare item where a step cannot be certified runs again on the whole
-    volume.  Either way the decision is the ascent's on the whole volume (up to float64 rounding of the sums).
+    objective value ``f``, and ``f`` never exceeds the independent optimum ``F_r``.  So a voxel in region ``r``'s
+    mask with ``q_r > g(F_r)`` never leaves it (removing it lowers ``f_r`` at any state), and a voxel outside it
+    with ``q_r`` well below the independent threshold ``thr`` does not join it while the thresholds stay near the
+    independent ones.  A voxel that is one or the other for every region is left out: the ascent runs on the
+    others (a gather of ``R x M`` values), with the left-out voxels' sums in the masks as fixed offsets and the
+    certificate of :func:`_ascend` (``outside_max``); the rare item where a step cannot be certified runs again on
+    the whole volume.  Either way the decision is the ascent's on the whole volume (up to float64 rounding of the
+    sums).
     """
     nodes = start  # the caller's fresh map (written item by item below)
     values, sweeps, compacted = [], 0, []
     compactable = metric == "iou" or smooth == 0
+    num_regions = len(tree)
     tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
                       torch.full_like(thr, float("inf")))
+    if upper is None:
+        inside = torch.full_like(tau, float("inf"))
+    else:
+        inside = dinkelbach_threshold(metric, upper.double()).to(tau.device) * (1.0 + COMPACT_SAFETY)
+        inside = torch.where(active & inside.isfinite(), inside, torch.full_like(inside, float("inf")))
+    member = _membership(tree, start.device).bool()  # (R + 1, R): node j lies in region r
     batch, n_vox = start.shape
     for i in range(batch):
         si, sl = start[i:i + 1], slice(i, i + 1)
         keep = None
         if compactable:
-            keep = si[0] != 0
-            outside_max = torch.full((1, len(tree)), -1.0, dtype=torch.float64, device=start.device)
-            block = left = None
-            for a, b in _chunks(n_vox):  # one pass: which voxels can move, and the largest q_r of the others
-                block = rows(i, a, b)[0]
-                keep[a:b] |= (block >= tau[i].unsqueeze(-1).to(block.dtype)).any(0)
-                left = torch.where(keep[a:b], torch.full_like(block, -1.0), block)
-                outside_max[0] = torch.maximum(outside_max[0], left.amax(-1).double())
+            keep = torch.empty(n_vox, dtype=torch.bool, device=start.device)
+            outside_max = torch.full((1, num_regions), -1.0, dtype=torch.float64, device=start.device)
+            fixed_s = torch.zeros((1, num_regions), dtype=torch.float64, device=start.device)
+            fixed_n = torch.zeros((1, num_regions), dtype=torch.float64, device=start.device)
+            lo, hi = tau[i].unsqueeze(-1), inside[i].unsqueeze(-1)
+            for a, b in _chunks(n_vox):  # one pass: which voxels can move; the sums and bounds of the others
+                block = rows(i, a, b)[0]  # (R, m)
+                nd = si[0, a:b]
+                # a background voxel is left out when every q_r is below its bound (the bulk of a scan: cheap)
+                left = (block < lo.to(block.dtype)).all(0)
+                left &= nd == 0
+                fg = torch.nonzero(nd).squeeze(1)  # the voxels in some region: in r's mask, q_r above g(F_r)
+                if fg.numel():
+                    sub = block.index_select(1, fg)
+                    within = member.index_select(0, nd.index_select(0, fg).long()).T  # (R, k): in r's mask
+                    settled = torch.where(within, sub > hi.to(sub.dtype), sub < lo.to(sub.dtype)).all(0)
+                    left[fg] = settled
+                    fixed = within & settled
+                    fixed_s[0] += torch.where(fixed, sub, 0.0).sum(-1, dtype=torch.float64)
+                    fixed_n[0] += fixed.sum(-1)
+                    outside_max[0] = torch.maximum(outside_max[0], torch.where(
+                        ~within & settled, sub, -1.0).amax(-1).double())
+                keep[a:b] = ~left
+                left &= nd == 0
+                outside_max[0] = torch.maximum(outside_max[0], torch.where(left, block, -1.0).amax(-1).double())
             del block, left  # chunk-sized, but not kept through the ascent
             out_count = int(n_vox - keep.sum())
             if not COMPACT_MIN_OUT * n_vox <= out_count < n_vox:
@@ -714,7 +796,8 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
             del keep
             try:
                 sub, n_sw, val = _ascend(_gather_voxels(rows, i, idx, n_vox), si.index_select(1, idx), tree, mu[sl],
-                                         active[sl], metric, smooth, device, chunk_size, outside_max=outside_max)
+                                         active[sl], metric, smooth, device, chunk_size, outside_max=outside_max,
+                                         fixed=(fixed_s, fixed_n))
                 full = si.clone()
                 full[0, idx] = sub[0]
                 result = (full, n_sw, val, idx.numel() / n_vox)
@@ -808,6 +891,9 @@ def solve_regions(
     independent = rma_solve(q, stats, metric, smooth, stats.vmax > 0, device=device, chunk_size=chunk_size,
                             band_summary=keep is not None)
     thr = independent.thr
+    # the independent optimum of each region: no mask of the region scores more (inf where the solver gave up)
+    upper = torch.where(independent.known, rma_score(metric, independent.S, independent.n.double(), stats.mu.to(on),
+                                                      smooth), torch.full_like(independent.S, float("inf")))
     active = (stats.vmax > 0) if keep is None else keep(q, stats, thr, independent).to(on)
     active = active.to(q.device).clone()
     for r in tree.order:  # a region is kept only when the region above it is kept
@@ -854,7 +940,8 @@ def solve_regions(
     # the ascent reads the region probabilities chunk by chunk from the input: neither they nor the candidates stay
     del q, candidates, maps, baseline, independent_paint, independent_nested, top_down
     nodes, sweeps, objective, compacted = _ascend_items(_region_rows(flat, tree, region_probs), start, tree, mu,
-                                                         active, thr_q, metric, smooth, device, chunk_size)
+                                                         active, thr_q, metric, smooth, device, chunk_size,
+                                                         upper=upper)
     if not return_details:
         return nodes
     return nodes, {"mu": mu, "active": active, "candidates": dict(zip(names, values)),

@@ -231,6 +231,57 @@ def test_the_ascent_on_the_voxels_that_can_move_is_the_ascent_on_the_volume(regi
             assert torch.equal(alone[0], nodes[i])
 
 
+def _dense(seed: int, region_probs: bool, batch: int = 2) -> torch.Tensor:
+    """Dense, uncertain volumes (bench_regions' hard kind, small): smooth noise, every structure over about half the
+    box, ``(batch, 3, 24, 24, 16)`` softmax classes or sigmoid regions."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.avg_pool3d(torch.randn((batch, 3, 24, 24, 16), generator=g), 5, 1, 2) * 12
+    if region_probs:
+        return torch.sigmoid(z - torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1, 1))
+    z[:, 0] += 1.0
+    return torch.softmax(z, 1)
+
+
+@pytest.mark.parametrize("region_probs", [False, True], ids=["classes", "regions"])
+@pytest.mark.parametrize("metric", ["dice", "iou"])
+def test_voxels_left_out_inside_the_regions_keep_the_whole_volume_decision(region_probs, metric, device,
+                                                                           monkeypatch):
+    """On dense volumes most voxels lie inside some region: the ones whose ``q_r`` exceeds ``g(F_r)`` (the
+    independent optimum) in every region holding them, and lie well below the thresholds of the others, are left
+    out of the ascent with their sums as fixed offsets.  The node map and the objective are the whole-volume
+    ascent's; the fixed offsets are really used (voxels inside regions were left out)."""
+    from rankseg_monai.solvers import regions
+
+    spec = BRATS if region_probs else LITS
+    tree = RegionTree.parse(spec)
+    ascend, fixed_sizes = regions._ascend, []
+
+    def recording(*args, fixed=None, **kwargs):
+        if fixed is not None:
+            fixed_sizes.append(float(fixed[1].sum()))
+        return ascend(*args, fixed=fixed, **kwargs)
+
+    monkeypatch.setattr(regions, "_ascend", recording)
+    for seed in range(3):
+        x = _dense(seed, region_probs).to(device)
+        flat = x.reshape(2, 3, -1)
+        fixed_sizes.clear()
+        nodes, details = solve_regions(flat, tree, metric, 0.0, None, region_probs=region_probs,
+                                       return_details=True)
+        assert fixed_sizes and min(fixed_sizes) > 0  # voxels inside regions were left out, every item
+        assert max(details["compacted"]) < 0.8
+        with monkeypatch.context() as m:
+            m.setattr(regions, "COMPACT_MIN_OUT", 2.0)  # never compact
+            whole, whole_details = solve_regions(flat, tree, metric, 0.0, None, region_probs=region_probs,
+                                                 return_details=True)
+        assert whole_details["compacted"] == [1.0, 1.0]
+        assert torch.equal(nodes, whole)
+        torch.testing.assert_close(details["objective"], whole_details["objective"], rtol=1e-12, atol=1e-12)
+        with monkeypatch.context() as m:  # no voxel inside a region left out: the same decision
+            m.setattr(regions, "COMPACT_SAFETY", float("inf"))
+            assert torch.equal(solve_regions(flat, tree, metric, 0.0, None, region_probs=region_probs), whole)
+
+
 def test_tie_groups_are_never_split():
     """Voxels with identical probabilities always get the same label (every step is a per-voxel function of the
     probabilities and the current decision, and starts from such a decision)."""
