@@ -105,6 +105,34 @@ def test_regions():
     assert float(est.sum()) >= float(argmax.sum()) - 1e-12
 
 
+def test_regions_of_class_probabilities_are_never_stored_whole(monkeypatch):
+    """With class input the region probabilities (``R x N`` float32) and the region masks of a label map (``R x N``
+    bool) are computed chunk by chunk where read: the same estimate, bit for bit, as from the stored ones, empty
+    masks and a void label included."""
+    from rankseg_monai.solvers import regions as reg
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(2, 4, 12, 10, 8, generator=g) * 3, 1)
+    spec = {"brain": [1, 2, 3], "tissue": [2, 3], "white_matter": [3]}
+    labels = rankseg(probs, regions=spec)
+    labels[0, 0, 0, :4] = 9  # a void label: in no region
+    labels[1][labels[1] == 3] = 2  # white matter empty in item 1: its estimate is P(truth empty too)
+    q = torch.stack([probs[:, 1:].sum(1), probs[:, 2:].sum(1), probs[:, 3]], 1).clamp(max=1.0)
+    stored = expected_score(q, labels, regions=spec, region_probs=True)  # region input: q stored as given
+    whole = reg.region_probabilities
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("region_probabilities: an R x N copy")
+
+    monkeypatch.setattr(reg, "region_probabilities", refuse)
+    monkeypatch.setattr(reg, "region_masks", lambda nodes, tree, _f=reg.region_masks: (
+        _f(nodes, tree) if nodes.shape[-1] < labels[0].numel() else refuse()))  # a chunk's masks only
+    est = expected_score(probs, labels, regions=spec, chunk_size=128)
+    torch.testing.assert_close(est, stored, rtol=1e-6, atol=1e-9)
+    assert torch.equal(whole(probs.reshape(2, 4, -1), reg.RegionTree.parse(spec)),
+                       reg.RegionView(probs.reshape(2, 4, -1), reg.RegionTree.parse(spec))[..., 0:960])
+
+
 def test_bad_inputs_name_the_fix():
     p = torch.softmax(torch.randn(1, 3, 4, 4), 1)
     with pytest.raises(ValueError, match="label map"):
