@@ -713,11 +713,58 @@ def _ascend(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, mu: torch.Te
 #: the ascent works on the voxels that can move when it leaves out at least this fraction of them
 COMPACT_MIN_OUT = 0.25
 #: a voxel outside region ``r`` is left out only if ``q_r`` is below this fraction of ``r``'s independent threshold
-#: (a margin: the ascent's thresholds stay near the independent ones; the certificate checks it at every step)
-COMPACT_MARGIN = 0.8
+#: (a margin: the ascent's thresholds stay near the independent ones; the certificate checks it at every step);
+#: where a step cannot be certified the next, wider margin is tried, then the whole volume
+COMPACT_MARGINS = (0.8, 0.5)
 #: a voxel inside region ``r`` is left out only if ``q_r`` exceeds ``g(F_r)`` (``F_r``: the independent optimum,
 #: the largest value any mask of ``r`` can have) by this relative margin (float64 rounding of the solver's sums)
 COMPACT_SAFETY = 1e-6
+
+
+def _left_out(rows: Any, i: int, si: torch.Tensor, member_t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over item ``i``: which voxels the ascent must keep (bool ``(N,)``), and of the others the largest
+    ``q_r`` outside each region (``outside_max``, float64 ``(1, R)``) and the ``q_r`` sum and count inside each
+    (``fixed``).  A voxel is left out when, for every region ``r``, it is in ``r``'s mask (``member_t``: node ->
+    regions) with ``q_r > hi_r``, or outside it with ``q_r < lo_r`` (``lo``, ``hi``: ``(R, 1)``)."""
+    n_vox, num_regions = si.shape[1], member_t.shape[0]
+    keep = torch.empty(n_vox, dtype=torch.bool, device=si.device)
+    outside_max = torch.full((1, num_regions), -1.0, dtype=torch.float64, device=si.device)
+    fixed_s = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
+    fixed_n = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
+    for a, b in _chunks(n_vox):
+        block = rows(i, a, b)[0]  # (R, m)
+        nd = si[0, a:b]
+        lo_b, hi_b = lo.to(block.dtype), hi.to(block.dtype)
+        if 8 * int(torch.count_nonzero(nd)) >= nd.numel():  # dense: every voxel's regions at once
+            within = member_t[:, nd.long()]  # (R, m): the voxel is in region r's mask
+            left = torch.where(within, block > hi_b, block < lo_b).all(0)
+            fixed = within & left
+            outside = ~within & left
+            fixed_s[0] += torch.where(fixed, block, 0.0).sum(-1, dtype=torch.float64)
+            fixed_n[0] += fixed.sum(-1)
+            outside_max[0] = torch.maximum(outside_max[0], torch.where(outside, block, -1.0).amax(-1).double())
+            keep[a:b] = ~left
+            continue
+        # sparse (a scan): a background voxel is left out when every q_r is below its bound, and the few voxels in
+        # some region are checked on their own
+        left = (block < lo_b).all(0)
+        left &= nd == 0
+        fg = torch.nonzero(nd).squeeze(1)
+        if fg.numel():
+            sub = block.index_select(1, fg)
+            within = member_t.index_select(1, nd.index_select(0, fg).long())  # (R, k)
+            settled = torch.where(within, sub > hi_b, sub < lo_b).all(0)
+            left[fg] = settled
+            fixed = within & settled
+            fixed_s[0] += torch.where(fixed, sub, 0.0).sum(-1, dtype=torch.float64)
+            fixed_n[0] += fixed.sum(-1)
+            outside_max[0] = torch.maximum(outside_max[0],
+                                           torch.where(~within & settled, sub, -1.0).amax(-1).double())
+        keep[a:b] = ~left
+        left &= nd == 0
+        outside_max[0] = torch.maximum(outside_max[0], torch.where(left, block, -1.0).amax(-1).double())
+    return keep, outside_max, (fixed_s, fixed_n)
 
 
 def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Tensor, active: torch.Tensor,
@@ -738,58 +785,32 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
     with ``q_r`` well below the independent threshold ``thr`` does not join it while the thresholds stay near the
     independent ones.  A voxel that is one or the other for every region is left out: the ascent runs on the
     others (a gather of ``R x M`` values), with the left-out voxels' sums in the masks as fixed offsets and the
-    certificate of :func:`_ascend` (``outside_max``); the rare item where a step cannot be certified runs again on
-    the whole volume.  Either way the decision is the ascent's on the whole volume (up to float64 rounding of the
-    sums).
+    certificate of :func:`_ascend` (``outside_max``).  An item where a step cannot be certified is tried again
+    with the wider margin of :data:`COMPACT_MARGINS`, then on the whole volume.  Either way the decision is the
+    ascent's on the whole volume (up to float64 rounding of the sums).
     """
     nodes = start  # the caller's fresh map (written item by item below)
     values, sweeps, compacted = [], 0, []
     compactable = metric == "iou" or smooth == 0
-    num_regions = len(tree)
-    tau = torch.where(active, COMPACT_MARGIN * thr.nan_to_num(posinf=0.0).clamp(min=0.0),
-                      torch.full_like(thr, float("inf")))
+    base = thr.nan_to_num(posinf=0.0).clamp(min=0.0)
     if upper is None:
-        inside = torch.full_like(tau, float("inf"))
+        inside = torch.full_like(base, float("inf"))
     else:
-        inside = dinkelbach_threshold(metric, upper.double()).to(tau.device) * (1.0 + COMPACT_SAFETY)
+        inside = dinkelbach_threshold(metric, upper.double()).to(base.device) * (1.0 + COMPACT_SAFETY)
         inside = torch.where(active & inside.isfinite(), inside, torch.full_like(inside, float("inf")))
-    member = _membership(tree, start.device).bool()  # (R + 1, R): node j lies in region r
+    member_t = _membership(tree, start.device).bool().T.contiguous()  # (R, R + 1): node j lies in region r
     batch, n_vox = start.shape
     for i in range(batch):
         si, sl = start[i:i + 1], slice(i, i + 1)
-        keep = None
-        if compactable:
-            keep = torch.empty(n_vox, dtype=torch.bool, device=start.device)
-            outside_max = torch.full((1, num_regions), -1.0, dtype=torch.float64, device=start.device)
-            fixed_s = torch.zeros((1, num_regions), dtype=torch.float64, device=start.device)
-            fixed_n = torch.zeros((1, num_regions), dtype=torch.float64, device=start.device)
-            lo, hi = tau[i].unsqueeze(-1), inside[i].unsqueeze(-1)
-            for a, b in _chunks(n_vox):  # one pass: which voxels can move; the sums and bounds of the others
-                block = rows(i, a, b)[0]  # (R, m)
-                nd = si[0, a:b]
-                # a background voxel is left out when every q_r is below its bound (the bulk of a scan: cheap)
-                left = (block < lo.to(block.dtype)).all(0)
-                left &= nd == 0
-                fg = torch.nonzero(nd).squeeze(1)  # the voxels in some region: in r's mask, q_r above g(F_r)
-                if fg.numel():
-                    sub = block.index_select(1, fg)
-                    within = member.index_select(0, nd.index_select(0, fg).long()).T  # (R, k): in r's mask
-                    settled = torch.where(within, sub > hi.to(sub.dtype), sub < lo.to(sub.dtype)).all(0)
-                    left[fg] = settled
-                    fixed = within & settled
-                    fixed_s[0] += torch.where(fixed, sub, 0.0).sum(-1, dtype=torch.float64)
-                    fixed_n[0] += fixed.sum(-1)
-                    outside_max[0] = torch.maximum(outside_max[0], torch.where(
-                        ~within & settled, sub, -1.0).amax(-1).double())
-                keep[a:b] = ~left
-                left &= nd == 0
-                outside_max[0] = torch.maximum(outside_max[0], torch.where(left, block, -1.0).amax(-1).double())
-            del block, left  # chunk-sized, but not kept through the ascent
-            out_count = int(n_vox - keep.sum())
-            if not COMPACT_MIN_OUT * n_vox <= out_count < n_vox:
-                keep = None
         result = None
-        if keep is not None:
+        for margin in (COMPACT_MARGINS if compactable else ()):
+            lo = torch.where(active[i], margin * base[i], torch.full_like(base[i], float("inf"))).unsqueeze(-1)
+            keep, outside_max, fixed = _left_out(rows, i, si, member_t, lo, inside[i].unsqueeze(-1))
+            out_count = n_vox - int(keep.sum())
+            if out_count == n_vox:
+                continue  # nothing left to ascend on: a wider margin leaves out fewer
+            if out_count < COMPACT_MIN_OUT * n_vox:
+                break  # too few voxels left out (a wider margin leaves out fewer still): the whole volume
             idx = torch.nonzero(keep).squeeze(1)
             if n_vox < 2**31:
                 idx = idx.to(torch.int32)  # int32 indices: half of int64's M values
@@ -797,12 +818,13 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
             try:
                 sub, n_sw, val = _ascend(_gather_voxels(rows, i, idx, n_vox), si.index_select(1, idx), tree, mu[sl],
                                          active[sl], metric, smooth, device, chunk_size, outside_max=outside_max,
-                                         fixed=(fixed_s, fixed_n))
-                full = si.clone()
-                full[0, idx] = sub[0]
-                result = (full, n_sw, val, idx.numel() / n_vox)
+                                         fixed=fixed)
             except _Uncertified:
-                result = None
+                continue
+            full = si.clone()
+            full[0, idx] = sub[0]
+            result = (full, n_sw, val, idx.numel() / n_vox)
+            break
         if result is None:
             whole = rows.item(i) if isinstance(rows, RegionView) else rows(i, 0, n_vox)
             full, n_sw, val = _ascend(whole, si, tree, mu[sl], active[sl], metric, smooth, device,

@@ -201,8 +201,24 @@ def test_the_ascent_on_the_voxels_that_can_move_is_the_ascent_on_the_volume(regi
         torch.testing.assert_close(details["objective"], whole_details["objective"], rtol=1e-12, atol=1e-12)
         assert not refused  # the default margin certifies these
         with monkeypatch.context() as m:
-            m.setattr(regions, "COMPACT_MARGIN", 4.0)  # leaves out every background voxel of the start
+            m.setattr(regions, "COMPACT_MARGINS", (4.0,))  # leaves out every background voxel of the start
             assert torch.equal(solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs), whole)
+        refused.clear()
+        if metric == "iou" or smooth == 0:  # an uncertified margin: the next, wider one, still compacted
+            calls: list[int] = []
+
+            def refuse_first_margin(*args, outside_max=None, calls=calls, **kwargs):
+                calls.append(1)  # each item: its first margin refused, its second certified
+                if outside_max is not None and len(calls) % 2 == 1:
+                    refused.append(1)
+                    raise regions._Uncertified
+                return ascend(*args, outside_max=outside_max, **kwargs)
+
+            with monkeypatch.context() as m:
+                m.setattr(regions, "_ascend", refuse_first_margin)
+                retried, retried_details = solve_regions(flat, tree, metric, smooth, None,
+                                                         region_probs=region_probs, return_details=True)
+            assert torch.equal(retried, whole) and len(refused) == 2 and max(retried_details["compacted"]) < 0.5
         refused.clear()
         if metric == "iou" or smooth == 0:
             # a voxel left out that a step would take: the certificate refuses (g(f) <= 1/2 < 0.99 for Dice) ...
@@ -224,7 +240,8 @@ def test_the_ascent_on_the_voxels_that_can_move_is_the_ascent_on_the_volume(regi
                 m.setattr(regions, "_ascend", refuse_compacted)
                 again, again_details = solve_regions(flat, tree, metric, smooth, None, region_probs=region_probs,
                                                      return_details=True)
-            assert torch.equal(again, whole) and len(refused) == 2 and again_details["compacted"] == [1.0, 1.0]
+            assert torch.equal(again, whole) and len(refused) == 2 * len(regions.COMPACT_MARGINS)
+            assert again_details["compacted"] == [1.0, 1.0]
             refused.clear()
         for i in range(2):
             alone = solve_regions(flat[i:i + 1], tree, metric, smooth, None, region_probs=region_probs)
