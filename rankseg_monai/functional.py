@@ -333,43 +333,45 @@ def expected_score(
     if y.is_floating_point() and kind == "labels" and not bool((y == y.round()).all()):
         raise ValueError("pred is a floating-point label map with non-integer values: pass labels or 0/1 masks")
     dev = x.device if opts.device is None else opts.device
-    flat, _ = flat_view(x)
-    stats = row_statistics(flat, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp, half=False)  # checks
-    if tree is not None:
-        source = flat.clamp(0.0, 1.0) if opts.clamp else flat
-        # class input: the region probabilities are computed chunk by chunk where read (no R x N copy), and a
-        # label map's region masks too (the same values as storing them)
-        q = source if opts.region_probs else _regions.RegionView(source, tree)
-        if kind == "labels":
-            labels = y.reshape(batch, -1).to(q.device)
-            top = max(num_classes, tree.max_label + 1)
-            inside = (labels >= 0) & (labels < top)  # other labels (a void label) belong to no region
-            nodes = _regions.nodes_from_labels(torch.where(inside, labels, 0), tree, top)
-            del labels, inside  # outside labels went to node 0, which is in no region
-            masks = _regions.NodeMasks(nodes, tree)
+    # fewer threads where other work holds cores (the same sums: solvers/_threads.py)
+    with solver_threads(x, opts.device):
+        flat, _ = flat_view(x)
+        stats = row_statistics(flat, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp, half=False)  # checks
+        if tree is not None:
+            source = flat.clamp(0.0, 1.0) if opts.clamp else flat
+            # class input: the region probabilities are computed chunk by chunk where read (no R x N copy), and a
+            # label map's region masks too (the same values as storing them)
+            q = source if opts.region_probs else _regions.RegionView(source, tree)
+            if kind == "labels":
+                labels = y.reshape(batch, -1).to(q.device)
+                top = max(num_classes, tree.max_label + 1)
+                inside = (labels >= 0) & (labels < top)  # other labels (a void label) belong to no region
+                nodes = _regions.nodes_from_labels(torch.where(inside, labels, 0), tree, top)
+                del labels, inside  # outside labels went to node 0, which is in no region
+                masks = _regions.NodeMasks(nodes, tree)
+            else:
+                masks = y.reshape(batch, rows, -1).to(q.device) != 0
+            stats = row_statistics(q, device=dev, chunk_size=opts.chunk_size, half=False)
+            S, n = mask_sums(q, masks, device=dev, chunk_size=opts.chunk_size)
+            rows_flat = q
         else:
-            masks = y.reshape(batch, rows, -1).to(q.device) != 0
-        stats = row_statistics(q, device=dev, chunk_size=opts.chunk_size, half=False)
-        S, n = mask_sums(q, masks, device=dev, chunk_size=opts.chunk_size)
-        rows_flat = q
-    else:
-        if kind == "labels" and num_classes == 1:  # one channel: a 0/1 label map marks its foreground (as decide())
-            y, kind = (y == 1).unsqueeze(1), "masks"
-        decision = y.reshape(batch, -1) if kind == "labels" else y.reshape(batch, num_classes, -1)
-        S, n = mask_sums(flat, decision, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
-        rows_flat = flat
-    value = _objectives.rma_score(opts.metric, S, n.double(), stats.mu, opts.smooth)
-    empty = n == 0
-    if bool(empty.any()):  # an empty mask: P(truth empty too), as auto pruning models it
-        b_idx, r_idx = torch.nonzero(empty, as_tuple=True)
-        if isinstance(rows_flat, _regions.RegionView):  # those rows only, computed from the classes
-            sub = torch.stack([rows_flat.item(b).row(r)[0] for b, r in zip(b_idx.tolist(), r_idx.tolist())])[None]
-        else:
-            sub = rows_flat[b_idx.to(rows_flat.device), r_idx.to(rows_flat.device)].unsqueeze(0)  # (1, K, N)
-        inf = torch.full(sub.shape[:2], float("inf"), dtype=sub.dtype, device=sub.device)
-        _, _, logp0 = _pruning.selection_summary(sub, inf, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
-        log_abs = _pruning.log_absence(logp0[0], stats.vmax[b_idx, r_idx], "mixed")
-        value[b_idx, r_idx] = _pruning.empty_value(log_abs, stats.mu[b_idx, r_idx], opts.smooth)
+            if kind == "labels" and num_classes == 1:  # one channel: a 0/1 label map marks its foreground (as decide())
+                y, kind = (y == 1).unsqueeze(1), "masks"
+            decision = y.reshape(batch, -1) if kind == "labels" else y.reshape(batch, num_classes, -1)
+            S, n = mask_sums(flat, decision, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
+            rows_flat = flat
+        value = _objectives.rma_score(opts.metric, S, n.double(), stats.mu, opts.smooth)
+        empty = n == 0
+        if bool(empty.any()):  # an empty mask: P(truth empty too), as auto pruning models it
+            b_idx, r_idx = torch.nonzero(empty, as_tuple=True)
+            if isinstance(rows_flat, _regions.RegionView):  # those rows only, computed from the classes
+                sub = torch.stack([rows_flat.item(b).row(r)[0] for b, r in zip(b_idx.tolist(), r_idx.tolist())])[None]
+            else:
+                sub = rows_flat[b_idx.to(rows_flat.device), r_idx.to(rows_flat.device)].unsqueeze(0)  # (1, K, N)
+            inf = torch.full(sub.shape[:2], float("inf"), dtype=sub.dtype, device=sub.device)
+            _, _, logp0 = _pruning.selection_summary(sub, inf, device=dev, chunk_size=opts.chunk_size, clamp=opts.clamp)
+            log_abs = _pruning.log_absence(logp0[0], stats.vmax[b_idx, r_idx], "mixed")
+            value[b_idx, r_idx] = _pruning.empty_value(log_abs, stats.mu[b_idx, r_idx], opts.smooth)
     value = value.to(x.device)
     return value.cpu().numpy() if was_numpy else value
 

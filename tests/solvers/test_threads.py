@@ -76,6 +76,33 @@ def test_one_thread_and_two_threads_decide_the_same(two_threads, monkeypatch):
         assert torch.equal(both, one), kw
 
 
+def test_the_expected_score_runs_on_the_free_cores_with_the_same_value(two_threads, monkeypatch):
+    """``expected_score`` (the record's expected Dice, a few passes of short ops) takes the solver's thread choice:
+    one thread on a busy machine (it ran 3-10x slower with two threads beside two busy processes), the same
+    values, and the count restored."""
+    from rankseg_monai.functional import expected_score
+
+    seen = []
+    real = _threads.solver_threads
+
+    def spying(x, device=None):
+        seen.append(x.numel())
+        return real(x, device)
+
+    monkeypatch.setattr("rankseg_monai.functional.solver_threads", spying)
+    for x, kw in _cases():
+        kw = {k: v for k, v in kw.items() if k in ("regions", "region_probs", "metric")}
+        decision = rankseg(x, **kw)
+        monkeypatch.setattr(_threads, "free_cores", lambda: None)
+        seen.clear()
+        both = expected_score(x, decision, **kw)
+        assert seen == [x.numel()]  # the whole estimate ran inside the thread choice
+        monkeypatch.setattr(_threads, "free_cores", lambda: 1)
+        one = expected_score(x, decision, **kw)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(both, one), kw
+
+
 def _probe(code: str, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
