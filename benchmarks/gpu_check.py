@@ -26,6 +26,18 @@ What it checks:
   ``safe_screening=True``, its Triton path when triton is installed), with the peak GPU memory above the input
   (``torch.cuda.max_memory_allocated``); our decision on these volumes is compared with the streaming one and with
   the CPU.  0.0.8 is optional: a failure there (not installed, out of memory) is reported, not failed.
+* **nnU-Net conversion** (:func:`check_nnunet_conversion`), the step where ``rankseg-monai nnunet-predict``
+  decides: on the CPU of nnU-Net's export worker (with ``-device cuda`` too) with its torch threads
+  (``--export-threads``; nnU-Net's ``num_threads_torch``, 8 by default).  A case as the worker holds it:
+  probabilities ``(3, Z, Y, X)`` float32 of a crop box inside a ``200 x 512 x 512`` volume (``--quick``
+  ``64 x 192 x 192``, ``--tiny`` ``14 x 16 x 18``) with a non-identity ``transpose_backward``, for a label model
+  (softmax, 3 classes) and a region model (BraTS regions, sigmoid probabilities), options read from each model's
+  dataset.json.  ``decide_probabilities`` must equal ``functional.rankseg`` on the equivalent uncropped volume
+  (as ``--save_probabilities`` + ``predict`` would decide it) bit for bit, and nnU-Net's own
+  ``LabelManager.convert_probabilities_to_segmentation`` (argmax, region painting) must equal rankseg_monai's
+  argmax baseline on the same input (without nnunetv2: reported skipped, not failed).  Timed (median of
+  ``--repeat``): nnU-Net's conversion, ``decide_probabilities`` and ``decide_probabilities`` with the expected-Dice
+  record (what ``nnunet-predict`` runs by default), as ratios to nnU-Net's, with the peak RSS above the input.
 """
 
 from __future__ import annotations
