@@ -1,6 +1,6 @@
 """One command that checks rankseg_monai on a CUDA GPU: same decisions as the CPU, host syncs, speed, memory.
 
-    python benchmarks/gpu_check.py                        # on a CUDA machine (about 2-4 min on an H200)
+    python benchmarks/gpu_check.py                        # on a CUDA machine (about 3-6 min on an H200: estimate)
     python benchmarks/gpu_check.py --quick                # smoke run: small timing volumes, fewer cases
     python benchmarks/gpu_check.py --cpu-dry-run --quick  # no GPU: every code path except the CUDA calls
     python benchmarks/gpu_check.py --cpu-dry-run --tiny   # the same on a tiny corpus (the test suite runs this)

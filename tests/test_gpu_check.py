@@ -67,7 +67,8 @@ def test_nnunet_conversion_without_nnunetv2_is_skipped_not_failed(monkeypatch):
     for name in [n for n in sys.modules if n == "nnunetv2" or n.startswith("nnunetv2.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 -> ImportError
-    conv = module.check_nnunet_conversion("tiny", 0, 1)
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")  # nnU-Net's own setting of its export threads
+    conv = module.check_nnunet_conversion("tiny", 0, None)
     assert conv["nnunetv2"] is None and conv["threads"] == 1
     assert [row["equal"] for row in conv["models"]] == [True, True]
     assert all(set(row["times"]) == {"rankseg", "rankseg_estimates"} for row in conv["models"])
