@@ -1,6 +1,6 @@
 """One command that checks rankseg_monai on a CUDA GPU: same decisions as the CPU, host syncs, speed, memory.
 
-    python benchmarks/gpu_check.py                        # on a CUDA machine (about 2-4 min on an H200)
+    python benchmarks/gpu_check.py                        # on a CUDA machine (about 3-6 min on an H200: estimate)
     python benchmarks/gpu_check.py --quick                # smoke run: small timing volumes, fewer cases
     python benchmarks/gpu_check.py --cpu-dry-run --quick  # no GPU: every code path except the CUDA calls
     python benchmarks/gpu_check.py --cpu-dry-run --tiny   # the same on a tiny corpus (the test suite runs this)
@@ -26,25 +26,40 @@ What it checks:
   ``safe_screening=True``, its Triton path when triton is installed), with the peak GPU memory above the input
   (``torch.cuda.max_memory_allocated``); our decision on these volumes is compared with the streaming one and with
   the CPU.  0.0.8 is optional: a failure there (not installed, out of memory) is reported, not failed.
+* **nnU-Net conversion** (:func:`check_nnunet_conversion`), the step where ``rankseg-monai nnunet-predict``
+  decides: on the CPU of nnU-Net's export worker (with ``-device cuda`` too) with its torch threads
+  (``--export-threads``; nnU-Net's ``num_threads_torch``, 8 by default).  A case as the worker holds it:
+  probabilities ``(3, Z, Y, X)`` float32 of a crop box inside a ``200 x 512 x 512`` volume (``--quick``
+  ``64 x 192 x 192``, ``--tiny`` ``14 x 16 x 18``) with a non-identity ``transpose_backward``, for a label model
+  (softmax, 3 classes) and a region model (BraTS regions, sigmoid probabilities), options read from each model's
+  dataset.json.  ``decide_probabilities`` must equal ``functional.rankseg`` on the equivalent uncropped volume
+  (as ``--save_probabilities`` + ``predict`` would decide it) bit for bit, and nnU-Net's own
+  ``LabelManager.convert_probabilities_to_segmentation`` (argmax, region painting) must equal rankseg_monai's
+  argmax baseline on the same input (without nnunetv2: reported skipped, not failed).  Timed (median of
+  ``--repeat``): nnU-Net's conversion, ``decide_probabilities`` and ``decide_probabilities`` with the expected-Dice
+  record (what ``nnunet-predict`` runs by default), as ratios to nnU-Net's, with the peak RSS above the input.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _bench_util import baseline_method  # noqa: E402
+from _bench_util import baseline_method, median_time, peak_rss_mb, reset_peak_rss, rss_mb, timed  # noqa: E402
 from _phantoms import blob_phantom  # noqa: E402
 
 FULL_SHAPES = ["1,3,512,512,512", "1,105,256,256,256"]
@@ -301,8 +316,181 @@ def check_speed(dev: str, shapes: list[str], repeat: int, methods: list[str], cp
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ nnU-Net conversion
+#: nnU-Net's uncropped volume (its internal array order, after ``transpose_forward``): a CT-like case in the full run
+NNUNET_SHAPES = {"full": (200, 512, 512), "quick": (64, 192, 192), "tiny": (14, 16, 18)}
+#: a non-identity ``transpose_backward`` (nnU-Net's plans), so that the array-order handling is exercised
+NNUNET_TRANSPOSE_BACKWARD = (1, 2, 0)
+#: model -> (dataset.json of the model, bench_regions volume kind of its probabilities)
+NNUNET_MODELS = {
+    "label model (softmax, 3 classes)": ({"labels": {"background": 0, "liver": 1, "tumour": 2}}, "lits-ct"),
+    "region model (sigmoid, BraTS regions)": (
+        {"labels": {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]},
+         "regions_class_order": [1, 2, 3]}, "brats-mri"),
+}
+
+
+def nnunet_export_threads() -> int:
+    """The torch threads of nnU-Net's export worker: ``num_threads_torch`` of ``export_prediction_from_logits``
+    defaults to ``nnunetv2.configuration.default_num_processes`` (8, or ``$nnUNet_def_n_proc``)."""
+    try:
+        from nnunetv2.configuration import default_num_processes
+    except ImportError:
+        return int(os.environ.get("nnUNet_def_n_proc", 8))
+    return int(default_num_processes)
+
+
+def nnunet_case(kind: str, level: str, seed: int = 0) -> tuple[np.ndarray, tuple[list[list[int]], list[int]]]:
+    """One case as nnU-Net's export worker holds it: probabilities ``(C, Z, Y, X)`` float32 of the crop box (nnU-Net's
+    internal order) and ``(bbox_used_for_cropping, shape_before_cropping)``, the box a few voxels inside the volume
+    on every side.  The probabilities are ``bench_regions.volume`` at a quarter of the resolution (``--tiny``: full),
+    trilinearly resampled to the box as nnU-Net's export resamples (cheap at CT size; still probabilities)."""
+    from bench_regions import volume as region_volume
+
+    before = NNUNET_SHAPES[level]
+    bbox = [[max(1, s // 16), s - max(1, s // 20)] for s in before]
+    box = tuple(hi - lo for lo, hi in bbox)
+    factor = 1 if level == "tiny" else 4
+    coarse = region_volume(kind, tuple(max(9, s // factor) for s in box), seed=seed)
+    probs = torch.nn.functional.interpolate(coarse, size=box, mode="trilinear", align_corners=False)[0]
+    return np.ascontiguousarray(probs.numpy(), dtype=np.float32), (bbox, list(before))
+
+
+def nnunet_reference(probs: np.ndarray, crop: tuple[list[list[int]], list[int]], transpose_backward: Sequence[int],
+                     spec: dict, options: Any) -> np.ndarray:
+    """The same decision by ``functional.rankseg`` on the equivalent full volume, as ``--save_probabilities`` +
+    ``rankseg-monai predict`` would take it: the uncropped probabilities (background 1, regions 0 outside the box),
+    in the file's order (``transpose_backward``) read as ``x, y, z`` (spatial axes reversed), then the label map
+    brought back to nnU-Net's order and cut to the box."""
+    from rankseg_monai.functional import rankseg
+
+    bbox, before = crop
+    box = tuple(slice(lo, hi) for lo, hi in bbox)
+    full = np.zeros((probs.shape[0], *before), dtype=np.float32)
+    if not options.region_probs:
+        full[0] = 1.0
+    full[(slice(None), *box)] = probs
+    ndim = len(before)
+    in_file = full.transpose(0, *[a + 1 for a in transpose_backward])
+    as_read = np.ascontiguousarray(in_file.transpose(0, *range(ndim, 0, -1)))
+    regions = {k: v for k, v in spec["labels"].items() if isinstance(v, list)} or None
+    labels = rankseg(torch.from_numpy(as_read)[None], metric=options.metric, smooth=options.smooth,
+                     pruning_prob=options.pruning_prob, regions=regions,
+                     regions_class_order=spec.get("regions_class_order"), region_probs=options.region_probs,
+                     label_dtype=torch.uint8)[0].numpy()
+    forward = np.argsort(transpose_backward)  # nnU-Net's transpose_forward
+    internal = labels.transpose(*range(ndim - 1, -1, -1)).transpose(*forward)
+    return np.ascontiguousarray(internal[box])
+
+
+def _time_cpu(fn: Callable[[], Any], repeat: int) -> dict[str, Any]:
+    """Cold call and median of ``repeat`` warm calls (wall seconds), and the resident peak above the resident size
+    before the first call (``None`` where the kernel cannot reset the high-water mark)."""
+    gc.collect()
+    base = rss_mb()
+    can_reset = reset_peak_rss()
+    cold = timed(fn)[0]
+    median = median_time(fn, repeat, warm=False)[0] if repeat else cold
+    return {"cold": cold, "median": median, "peak_mb": peak_rss_mb() - base if can_reset else None}
+
+
+def check_nnunet_conversion(level: str, repeat: int, threads: int | None) -> dict[str, Any]:
+    """nnU-Net's conversion step, where ``nnunet-predict`` decides: on the CPU of an export worker (with
+    ``-device cuda`` too: nnU-Net hands the logits to CPU export processes), with the worker's torch threads.
+
+    Per model (:data:`NNUNET_MODELS`, options from its dataset.json as ``nnunet-predict`` reads them):
+    ``decide_probabilities`` must equal :func:`nnunet_reference` bit for bit (one decision path); nnU-Net's own
+    ``LabelManager.convert_probabilities_to_segmentation`` (argmax, or region painting) must equal
+    rankseg_monai's argmax baseline on the same input; the three conversions are timed."""
+    from rankseg_monai.app import nnunet as app_nnunet
+    from rankseg_monai.app.decide import decide
+    from rankseg_monai.options import RankSEGOptions
+
+    try:
+        version: str | None = app_nnunet.require_nnunet()
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    except app_nnunet.NnUNetMissing:
+        version, LabelManager = None, None
+    threads = nnunet_export_threads() if threads is None else threads
+    out: dict[str, Any] = {"nnunetv2": version, "threads": threads, "shape_before_cropping": NNUNET_SHAPES[level],
+                           "transpose_backward": list(NNUNET_TRANSPOSE_BACKWARD), "models": []}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed, (name, (spec, kind)) in enumerate(NNUNET_MODELS.items()):
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as model:
+                with open(os.path.join(model, "dataset.json"), "w") as f:
+                    json.dump(spec, f)
+                options = app_nnunet.options_for_model(model, RankSEGOptions())
+            probs, crop = nnunet_case(kind, level, seed=seed)
+            row: dict[str, Any] = {"model": name, "classes": probs.shape[0], "box": list(probs.shape[1:]),
+                                   "input_mb": probs.nbytes / 2**20, "times": {}}
+
+            def ours(estimates: bool = False, probs=probs, crop=crop, options=options) -> np.ndarray:
+                return app_nnunet.decide_probabilities(probs, options, transpose_backward=NNUNET_TRANSPOSE_BACKWARD,
+                                                       estimates=estimates, crop=crop)[0]
+
+            mask = ours()
+            ref = nnunet_reference(probs, crop, NNUNET_TRANSPOSE_BACKWARD, spec, options)
+            row["equal"] = mask.dtype == ref.dtype and mask.shape == ref.shape and bool(np.array_equal(mask, ref))
+            row["dtype"] = str(mask.dtype)
+            row["foreground"] = int(np.count_nonzero(mask))
+            del mask, ref
+            methods: dict[str, Callable[[], Any]] = {}
+            if LabelManager is not None:
+                manager = LabelManager(spec["labels"], spec.get("regions_class_order"))
+                baseline = decide(probs, "argmax", options)
+                row["nnunet_equals_argmax"] = bool(np.array_equal(
+                    manager.convert_probabilities_to_segmentation(probs), baseline))
+                del baseline
+                methods["nnunet"] = lambda manager=manager, probs=probs: \
+                    manager.convert_probabilities_to_segmentation(probs)
+            methods["rankseg"] = ours
+            methods["rankseg_estimates"] = lambda ours=ours: ours(estimates=True)
+            for method, fn in methods.items():
+                row["times"][method] = _time_cpu(fn, repeat)
+            base = row["times"].get("nnunet", {}).get("median")
+            if base:
+                row["ratio"] = {m: row["times"][m]["median"] / base for m in ("rankseg", "rankseg_estimates")}
+            row["seconds"] = time.perf_counter() - t0
+            out["models"].append(row)
+            del probs
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
-def report(env: dict, corpus: dict, syncs: dict, speed: list[dict]) -> bool:
+def nnunet_lines(conv: dict) -> tuple[list[tuple[str, str, str, str]], bool]:
+    """The table rows of :func:`check_nnunet_conversion` and whether its checks passed."""
+    lines, ok = [], True
+    where = (f"box of {tuple(conv['shape_before_cropping'])}, transpose_backward {tuple(conv['transpose_backward'])}, "
+             f"{conv['threads']} torch threads")
+    names = {"nnunet": "nnU-Net LabelManager (argmax/painting)", "rankseg": "RankSEG decide_probabilities",
+             "rankseg_estimates": "  + expected-Dice record (CLI default)"}
+    for row in conv["models"]:
+        case = f"{row['model']} {tuple(row['box'])} fp32"
+        ok = ok and row["equal"]
+        lines.append(("nnU-Net conv", f"{case} vs functional.rankseg on the full volume",
+                      "equal" if row["equal"] else "DIFFER",
+                      f"{row['dtype']}, {row['foreground']} foreground; {where}"))
+        if conv["nnunetv2"] is None:
+            lines.append(("nnU-Net conv", "nnU-Net's own conversion", "skipped", "nnunetv2 not installed: skipped"))
+        else:
+            ok = ok and row["nnunet_equals_argmax"]
+            lines.append(("nnU-Net conv", "nnU-Net's conversion vs rankseg_monai argmax",
+                          "equal" if row["nnunet_equals_argmax"] else "DIFFER", f"nnunetv2 {conv['nnunetv2']}"))
+        for method, r in row["times"].items():
+            ratio = row.get("ratio", {}).get(method)
+            mem = "" if r["peak_mb"] is None else \
+                f"peak RSS +{r['peak_mb']:.0f} MB ({r['peak_mb'] / row['input_mb']:.2f}x in)"
+            lines.append(("nnU-Net conv", f"  {names[method]}", f"{r['median']:.3f} s (cold {r['cold']:.2f})",
+                          "; ".join(v for v in (f"{ratio:.1f}x nnU-Net" if ratio else "", mem) if v)))
+    return lines, ok
+
+
+def report(env: dict, corpus: dict, syncs: dict, speed: list[dict], conv: dict) -> bool:
     lines: list[tuple[str, str, str, str]] = []
     ok = not corpus["mismatches"] and not corpus["errors"]
     lines.append(("decisions", f"corpus, {corpus['cases']} cases x (resident, streamed)",
@@ -344,6 +532,9 @@ def report(env: dict, corpus: dict, syncs: dict, speed: list[dict]) -> bool:
         for what, equal in same.items():
             ok = ok and equal
             lines.append(("decisions", f"{row['shape']} fp16 resident vs {what}", "equal" if equal else "DIFFER", ""))
+    conv_lines, conv_ok = nnunet_lines(conv)
+    lines += conv_lines
+    ok = ok and conv_ok
     widths = [max(len(r[i]) for r in lines + [("section", "case", "result", "detail")]) for i in range(3)]
     print(f"\nrankseg_monai GPU check: {env['device_name']}, torch {env['torch']}, {env['mode']}")
     header = ("section", "case", "result", "detail")
@@ -367,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="warm calls per timed method (median)")
     ap.add_argument("--no-cpu-compare", action="store_true",
                     help="skip deciding the timing volumes on the CPU too (saves time on a slow host)")
+    ap.add_argument("--export-threads", type=int, default=None, metavar="N",
+                    help="torch threads of the nnU-Net conversion step (default: nnU-Net's export worker's, "
+                    "nnunetv2.configuration.default_num_processes: 8 or $nnUNet_def_n_proc)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -392,15 +586,17 @@ def main(argv: list[str] | None = None) -> int:
         corpus = check_corpus(dev, level)
         syncs = check_syncs(dev, level)
         speed = check_speed(dev, shapes, args.repeat, args.methods, cpu_compare=not args.no_cpu_compare)
+        conv = check_nnunet_conversion(level, args.repeat, args.export_threads)
     except Exception:  # noqa: BLE001 - a crash is a FAIL with its traceback
         traceback.print_exc()
         print("FAIL: the check crashed (traceback above)")
         return 1
-    ok = report(env, corpus, syncs, speed)
+    ok = report(env, corpus, syncs, speed, conv)
     total = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "corpus": corpus, "syncs": syncs, "speed": speed, "seconds": total}, f, indent=1)
+            json.dump({"env": env, "corpus": corpus, "syncs": syncs, "speed": speed, "nnunet_conversion": conv,
+                       "seconds": total}, f, indent=1)
     verdict = "PASS" if ok else "FAIL"
     what = "CUDA decisions equal the CPU's bit for bit" if dev == "cuda" else "dry run on the CPU: every check ran"
     print(f"{verdict}: {what if ok else 'see the rows above'} ({total:.0f} s, {mode})")

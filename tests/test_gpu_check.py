@@ -44,6 +44,36 @@ def test_cpu_dry_run_on_a_tiny_corpus_passes(tmp_path):
         for name in ("argmax", "functional", "transform", "stream"):
             assert row["methods"][name]["median"] > 0
         assert row["same"] == {"streamed": True, "cpu": True}
+    conv = result["nnunet_conversion"]
+    assert conv["threads"] >= 1 and conv["transpose_backward"] != sorted(conv["transpose_backward"])
+    assert {row["model"].split()[0] for row in conv["models"]} == {"label", "region"}
+    nnunet = importlib.util.find_spec("nnunetv2") is not None
+    assert (conv["nnunetv2"] is not None) == nnunet
+    for row in conv["models"]:
+        assert row["equal"] is True and row["dtype"] == "uint8" and row["foreground"] > 0
+        # the crop box lies strictly inside nnU-Net's uncropped volume
+        assert all(b < s for b, s in zip(row["box"], conv["shape_before_cropping"], strict=True))
+        assert set(row["times"]) == ({"nnunet"} if nnunet else set()) | {"rankseg", "rankseg_estimates"}
+        for timing in row["times"].values():
+            assert timing["median"] > 0 and timing["cold"] > 0
+        if nnunet:
+            assert row["nnunet_equals_argmax"] is True and row["ratio"]["rankseg"] > 0
+    assert any(line.startswith("nnU-Net conv") for line in lines)
+
+
+def test_nnunet_conversion_without_nnunetv2_is_skipped_not_failed(monkeypatch):
+    """Without nnunetv2 the one-decision-path check still runs; nnU-Net's own conversion is reported skipped."""
+    module = _module()
+    for name in [n for n in sys.modules if n == "nnunetv2" or n.startswith("nnunetv2.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 -> ImportError
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")  # nnU-Net's own setting of its export threads
+    conv = module.check_nnunet_conversion("tiny", 0, None)
+    assert conv["nnunetv2"] is None and conv["threads"] == 1
+    assert [row["equal"] for row in conv["models"]] == [True, True]
+    assert all(set(row["times"]) == {"rankseg", "rankseg_estimates"} for row in conv["models"])
+    lines, ok = module.nnunet_lines(conv)
+    assert ok and sum("nnunetv2 not installed: skipped" in line[3] for line in lines) == 2
 
 
 def test_the_full_corpus_covers_the_issue():
