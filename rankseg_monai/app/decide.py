@@ -14,6 +14,7 @@ from ..activation import activate
 from ..functional import decide as _decide_batch
 from ..functional import expected_score
 from ..options import RankSEGOptions, check_label_capacity, check_label_dtype
+from ..solvers.multiclass import argmax_labels
 from ..solvers.regions import labels_from_nodes, nodes_from_labels, paint_nodes, region_masks
 
 __all__ = ["METHODS", "decide", "activate_case", "estimate", "structure_names"]
@@ -75,14 +76,14 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
             return region_masks(nodes, tree).reshape(num_classes, *probs.shape[1:]).numpy()
         return labels_from_nodes(nodes, tree, None, dtype).reshape(probs.shape[1:]).numpy()
     if method == "argmax" and tree is not None and multilabel:  # argmax of the classes, as region masks
-        labels = torch.from_numpy(np.argmax(probs, axis=0).reshape(1, -1))
-        nodes = nodes_from_labels(labels, tree, max(num_classes, tree.max_label + 1))
+        labels = _argmax(probs, torch.uint8 if num_classes <= 256 else torch.int64)
+        nodes = nodes_from_labels(labels.reshape(1, -1), tree, max(num_classes, tree.max_label + 1))
         return region_masks(nodes, tree).reshape(len(tree), *probs.shape[1:]).numpy()
     if method == "argmax":
         if multilabel:
             masks = probs > 0.5
             return masks[0].astype(np_dtype) if foreground else masks
-        return np.argmax(probs, axis=0).astype(np_dtype, copy=False)
+        return _argmax(probs, dtype).numpy()
     if method != "rankseg":
         raise ValueError(f"unknown method {method!r}: use 'argmax' or 'rankseg'")
     opts = options.replace(output_mode="multilabel") if multilabel and options.output_mode != "multilabel" \
@@ -92,6 +93,13 @@ def decide(probs: np.ndarray, method: str = "rankseg", options: RankSEGOptions |
     out = np.asarray(_decide_batch(probs[None], opts))[0]
     return out[0].astype(np_dtype) if foreground else out
 
+
+
+def _argmax(probs: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``np.argmax(probs, axis=0)`` (first maximum wins) in ``dtype``, without numpy's copy of the volume with the
+    class axis moved last nor its int64 map (the running maximum of ``solvers.multiclass.argmax_labels``)."""
+    flat = torch.from_numpy(np.ascontiguousarray(probs)).reshape(1, probs.shape[0], -1)
+    return argmax_labels(flat, out_dtype=dtype).reshape(probs.shape[1:])
 
 
 def structure_names(num_channels: int, options: RankSEGOptions) -> list[Any]:
