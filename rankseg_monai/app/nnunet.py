@@ -115,19 +115,20 @@ def decide_probabilities(probs: Any, options: RankSEGOptions, *, transpose_backw
 
     arr = probs.numpy() if hasattr(probs, "numpy") else np.asarray(probs)
     ndim = arr.ndim - 1
+    order = _layout(transpose_backward, ndim)
+    axes = (0, *[a + 1 for a in order])
     box = None
     if crop is not None and not options.region_probs:
         bbox, shape = crop
         box = tuple(slice(int(lo), int(hi)) for lo, hi in bbox)
-        if tuple(int(n) for n in shape) != tuple(arr.shape[1:]):
-            full = np.zeros((arr.shape[0], *(int(n) for n in shape)), dtype=np.float32)
-            full[0] = 1.0
-            full[(slice(None), *box)] = arr
-            arr = full
-        else:
+        if tuple(int(n) for n in shape) == tuple(arr.shape[1:]):
             box = None
-    order = _layout(transpose_backward, ndim)
-    view = np.ascontiguousarray(arr.transpose(0, *[a + 1 for a in order]), dtype=np.float32)
+    if box is not None:  # the uncropped volume, built in predict's order at once (one volume-sized copy, not two)
+        view = np.zeros((arr.shape[0], *(int(shape[a]) for a in order)), dtype=np.float32)
+        view[0] = 1.0
+        view[(slice(None), *(box[a] for a in order))] = arr.transpose(axes)
+    else:
+        view = np.ascontiguousarray(arr.transpose(axes), dtype=np.float32)
     if options.calibration is not None:  # as predict --calibration on the probabilities nnU-Net would have saved
         view = np.ascontiguousarray(_calibrate_case(view, options), dtype=np.float32)
     mask = decide(view, "rankseg", options, label_dtype=_narrowest(view.shape[0], options))
