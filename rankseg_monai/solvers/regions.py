@@ -548,6 +548,46 @@ def _threshold_bounds(values: torch.Tensor, current: Any, s_off: torch.Tensor, n
     return dinkelbach_threshold(metric, lam), dinkelbach_threshold(metric, upper)
 
 
+class _FreeValues:
+    """Region ``r``'s probabilities on the voxels a coordinate step may move (node ``par`` or ``r + 1``), 0
+    elsewhere, as a ``(B, N)`` tensor that is never stored (``values[:, a:b]``, and ``unsqueeze(1)``: the ``(B, 1, N)``
+    row every chunked pass reads as ``row[..., a:b]``).  The same values as ``torch.where(free, q_r, 0)``; with class
+    input a step on the whole volume then holds no ``N``-voxel float row (its largest array, 0.33x the input of a
+    3-class volume)."""
+
+    def __init__(self, q: RegionView, nodes: torch.Tensor, r: int, par: int, row: bool = False,
+                 fixed: torch.Tensor | None = None) -> None:
+        self.q, self.nodes, self.r, self.par, self.is_row = q, nodes, r, par, row
+        self.dtype, self.device = q.dtype, q.device
+        batch, n_vox = nodes.shape
+        self.shape = torch.Size((batch, 1, n_vox) if row else (batch, n_vox))
+        # the voxels that cannot move (a byte each: a quarter of the float row it replaces)
+        self.fixed = (nodes != par) & (nodes != r + 1) if fixed is None else fixed
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def unsqueeze(self, dim: int) -> _FreeValues:
+        if self.is_row or dim != 1:
+            raise TypeError("_FreeValues.unsqueeze(1) only, on the (B, N) view")
+        return _FreeValues(self.q, self.nodes, self.r, self.par, row=True, fixed=self.fixed)
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """``(B, b - a)``: the values of voxels ``a`` to ``b`` (a fresh tensor)."""
+        return self.q.row_block(self.r, a, b).masked_fill_(self.fixed[:, a:b], 0.0)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], slice) and key[1].step in (None, 1):
+            if (key[0] is Ellipsis and self.is_row) or (key[0] == slice(None) and not self.is_row):
+                a, b, _ = key[1].indices(self.shape[-1])
+                out = self.block(a, max(a, b))
+                return out.unsqueeze(1) if self.is_row else out
+        raise TypeError(f"_FreeValues supports values[:, a:b] and row[..., a:b], not {key!r}")
+
+
 def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: int, mu: torch.Tensor,
                      active: torch.Tensor, metric: str, smooth: float, device: torch.device | None,
                      chunk_size: int | None, return_sums: bool = False, hint: torch.Tensor | None = None,
@@ -565,16 +605,19 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     """
     par = tree.parent[r] + 1
     below = [j + 1 for j in tree.subtree(r) if j != r]
-    free = (nodes == par) | (nodes == r + 1)
-    # one chunked pass over q_r (computed chunk by chunk for a RegionView: no N-voxel copy of it): the free values
-    # and the children's sum and size (as _masked_sum adds them: the same chunks, the same float64 sums)
-    values = torch.empty(nodes.shape, dtype=q.dtype, device=q.device)
+    # one chunked pass over q_r: the free values and the children's sum and size (as _masked_sum adds them: the
+    # same chunks, the same float64 sums); class input: the free values are computed chunk by chunk where read
+    # (no N-voxel float row, nor an N-voxel mask of the free voxels)
+    lazy = isinstance(q, RegionView)
+    free = None if lazy else (nodes == par) | (nodes == r + 1)
+    values = _FreeValues(q, nodes, r, par) if lazy else torch.empty(nodes.shape, dtype=q.dtype, device=q.device)
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
     n_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
-    for a, b in _chunks(nodes.shape[1]):
-        qr = q.row_block(r, a, b) if isinstance(q, RegionView) else q[:, r, a:b]
-        torch.where(free[:, a:b], qr, zero, out=values[:, a:b])
+    for a, b in _chunks(nodes.shape[1]) if below or not lazy else ():
+        qr = q.row_block(r, a, b) if lazy else q[:, r, a:b]
+        if not lazy:
+            torch.where(free[:, a:b], qr, zero, out=values[:, a:b])
         if below:
             m = _in_nodes(nodes[:, a:b], below)
             s_off += torch.where(m, qr, zero).sum(-1, keepdim=True, dtype=torch.float64)
@@ -597,12 +640,27 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
         bounds = (low.to(on), high.to(on))
     thr = rma_thresholds(row, stats, metric, smooth, active[:, r:r + 1].to(on), device=device, chunk_size=chunk_size,
                          offsets=(s_off.to(on), n_off.to(on)), bounds=bounds).to(values.device)
-    take = values > thr
-    take &= free
-    out = nodes.masked_fill(free, par).masked_fill_(take, r + 1)
-    if not return_sums:
-        return out
-    s_take, n_take = _masked_sum(values, take)
+    if lazy:  # chunk by chunk: the same masks, and the sums of _masked_sum (same chunks, same float64 sums)
+        out = torch.empty_like(nodes)
+        s_take = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+        n_take = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
+        for a, b in _chunks(nodes.shape[1]):
+            block = values.block(a, b)
+            take = block > thr
+            take &= ~values.fixed[:, a:b]
+            out[:, a:b] = torch.where(values.fixed[:, a:b], nodes[:, a:b], par).masked_fill_(take, r + 1)
+            if return_sums:
+                s_take += torch.where(take, block, zero).sum(-1, keepdim=True, dtype=torch.float64)
+                n_take += take.sum(-1, keepdim=True)
+        if not return_sums:
+            return out
+    else:
+        take = values > thr
+        take &= free
+        out = nodes.masked_fill(free, par).masked_fill_(take, r + 1)
+        if not return_sums:
+            return out
+        s_take, n_take = _masked_sum(values, take)
     return out, (s_off + s_take)[:, 0], (n_off.double() + n_take)[:, 0]
 
 
@@ -721,6 +779,11 @@ COMPACT_MARGINS = (0.8, 0.5)
 COMPACT_SAFETY = 1e-6
 
 
+#: voxels per chunk of the pass that picks the voxels the ascent leaves out (its temporaries: about 30 bytes per
+#: voxel and region)
+_LEFT_OUT_CHUNK = 1 << 18
+
+
 def _left_out(rows: Any, i: int, si: torch.Tensor, member_t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One pass over item ``i``: which voxels the ascent must keep (bool ``(N,)``), and of the others the largest
@@ -732,7 +795,7 @@ def _left_out(rows: Any, i: int, si: torch.Tensor, member_t: torch.Tensor, lo: t
     outside_max = torch.full((1, num_regions), -1.0, dtype=torch.float64, device=si.device)
     fixed_s = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
     fixed_n = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
-    for a, b in _chunks(n_vox):
+    for a, b in _chunks(n_vox, _LEFT_OUT_CHUNK):  # chunk temporaries: a few R x m arrays, some of them float64
         block = rows(i, a, b)[0]  # (R, m)
         nd = si[0, a:b]
         lo_b, hi_b = lo.to(block.dtype), hi.to(block.dtype)
@@ -806,7 +869,7 @@ def _ascend_items(rows: Any, start: torch.Tensor, tree: RegionTree, mu: torch.Te
         for margin in (COMPACT_MARGINS if compactable else ()):
             lo = torch.where(active[i], margin * base[i], torch.full_like(base[i], float("inf"))).unsqueeze(-1)
             keep, outside_max, fixed = _left_out(rows, i, si, member_t, lo, inside[i].unsqueeze(-1))
-            out_count = n_vox - int(keep.sum())
+            out_count = n_vox - int(torch.count_nonzero(keep))  # (keep.sum() would make an int64 copy of keep)
             if out_count == n_vox:
                 continue  # nothing left to ascend on: a wider margin leaves out fewer
             if out_count < COMPACT_MIN_OUT * n_vox:

@@ -299,6 +299,33 @@ def test_voxels_left_out_inside_the_regions_keep_the_whole_volume_decision(regio
             assert torch.equal(solve_regions(flat, tree, metric, 0.0, None, region_probs=region_probs), whole)
 
 
+@pytest.mark.parametrize("metric,smooth", SETTINGS)
+def test_a_step_on_class_input_holds_no_float_row_and_decides_as_on_stored_region_probabilities(metric, smooth):
+    """With class input a coordinate step computes its free values chunk by chunk where read
+    (``regions._FreeValues``): the same node map and float64 sums, bit for bit, as the step on stored region
+    probabilities, with a chunk size that splits the volume."""
+    from rankseg_monai.solvers import regions
+
+    g = torch.Generator().manual_seed(11)
+    flat = torch.softmax(torch.randn((2, 4, 3000), generator=g) * 3, 1)
+    tree = RegionTree.parse({"brain": [1, 2, 3], "tissue": [2, 3], "white": [3]})
+    view, stored = RegionView(flat, tree), region_probabilities(flat, tree)
+    mu = stored.double().sum(-1)
+    active = torch.ones((2, 3), dtype=torch.bool)
+    nodes = nodes_from_labels(flat.argmax(1), tree, 4)
+    for r in tree.order:
+        lazy = regions._coordinate_step(view, nodes, tree, r, mu, active, metric, smooth, None, 700,
+                                        return_sums=True)
+        kept = regions._coordinate_step(stored, nodes, tree, r, mu, active, metric, smooth, None, 700,
+                                        return_sums=True)
+        assert torch.equal(lazy[0], kept[0]) and torch.equal(lazy[1], kept[1]) and torch.equal(lazy[2], kept[2])
+        nodes = lazy[0]
+    values = regions._FreeValues(view, nodes, 1, 1)
+    assert torch.equal(values[:, 100:2500], torch.where((nodes == 1) | (nodes == 2), stored[:, 1], 0.0)[:, 100:2500])
+    with pytest.raises(TypeError):
+        values[0]
+
+
 def test_tie_groups_are_never_split():
     """Voxels with identical probabilities always get the same label (every step is a per-voxel function of the
     probabilities and the current decision, and starts from such a decision)."""
