@@ -420,9 +420,6 @@ class NodeMasks:
     def dim(self) -> int:
         return 3
 
-    def to(self, device: Any) -> NodeMasks:
-        return NodeMasks(self.nodes.to(device), self.tree)
-
     def __getitem__(self, key: Any) -> torch.Tensor:
         if isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], slice):
             return region_masks(self.nodes[:, key[1]], self.tree)
@@ -614,7 +611,8 @@ def _coordinate_step(q: torch.Tensor, nodes: torch.Tensor, tree: RegionTree, r: 
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     s_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
     n_off = torch.zeros((q.shape[0], 1), dtype=torch.float64, device=q.device)
-    for a, b in _chunks(nodes.shape[1]) if below or not lazy else ():
+    chunks = _chunks(nodes.shape[1]) if below or not lazy else ()  # lazy and no children: nothing to read here
+    for a, b in chunks:
         qr = q.row_block(r, a, b) if lazy else q[:, r, a:b]
         if not lazy:
             torch.where(free[:, a:b], qr, zero, out=values[:, a:b])
@@ -795,38 +793,33 @@ def _left_out(rows: Any, i: int, si: torch.Tensor, member_t: torch.Tensor, lo: t
     outside_max = torch.full((1, num_regions), -1.0, dtype=torch.float64, device=si.device)
     fixed_s = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
     fixed_n = torch.zeros((1, num_regions), dtype=torch.float64, device=si.device)
+
+    def settle(values: torch.Tensor, within: torch.Tensor, lo_b: torch.Tensor, hi_b: torch.Tensor) -> torch.Tensor:
+        """Which of these voxels (``values``, ``within``: ``(R, k)``) are left out; adds their sums and bounds."""
+        left = torch.where(within, values > hi_b, values < lo_b).all(0)
+        fixed = within & left
+        fixed_s[0] += torch.where(fixed, values, 0.0).sum(-1, dtype=torch.float64)
+        fixed_n[0] += fixed.sum(-1)
+        outside_max[0] = torch.maximum(outside_max[0], torch.where(~within & left, values, -1.0).amax(-1).double())
+        return left
+
     for a, b in _chunks(n_vox, _LEFT_OUT_CHUNK):  # chunk temporaries: a few R x m arrays, some of them float64
         block = rows(i, a, b)[0]  # (R, m)
         nd = si[0, a:b]
         lo_b, hi_b = lo.to(block.dtype), hi.to(block.dtype)
         if 8 * int(torch.count_nonzero(nd)) >= nd.numel():  # dense: every voxel's regions at once
-            within = member_t[:, nd.long()]  # (R, m): the voxel is in region r's mask
-            left = torch.where(within, block > hi_b, block < lo_b).all(0)
-            fixed = within & left
-            outside = ~within & left
-            fixed_s[0] += torch.where(fixed, block, 0.0).sum(-1, dtype=torch.float64)
-            fixed_n[0] += fixed.sum(-1)
-            outside_max[0] = torch.maximum(outside_max[0], torch.where(outside, block, -1.0).amax(-1).double())
-            keep[a:b] = ~left
+            keep[a:b] = ~settle(block, member_t[:, nd.long()], lo_b, hi_b)
             continue
         # sparse (a scan): a background voxel is left out when every q_r is below its bound, and the few voxels in
-        # some region are checked on their own
+        # some region are settled on their own
         left = (block < lo_b).all(0)
         left &= nd == 0
+        outside_max[0] = torch.maximum(outside_max[0], torch.where(left, block, -1.0).amax(-1).double())
         fg = torch.nonzero(nd).squeeze(1)
         if fg.numel():
-            sub = block.index_select(1, fg)
-            within = member_t.index_select(1, nd.index_select(0, fg).long())  # (R, k)
-            settled = torch.where(within, sub > hi_b, sub < lo_b).all(0)
-            left[fg] = settled
-            fixed = within & settled
-            fixed_s[0] += torch.where(fixed, sub, 0.0).sum(-1, dtype=torch.float64)
-            fixed_n[0] += fixed.sum(-1)
-            outside_max[0] = torch.maximum(outside_max[0],
-                                           torch.where(~within & settled, sub, -1.0).amax(-1).double())
+            left[fg] = settle(block.index_select(1, fg), member_t.index_select(1, nd.index_select(0, fg).long()),
+                              lo_b, hi_b)
         keep[a:b] = ~left
-        left &= nd == 0
-        outside_max[0] = torch.maximum(outside_max[0], torch.where(left, block, -1.0).amax(-1).double())
     return keep, outside_max, (fixed_s, fixed_n)
 
 
